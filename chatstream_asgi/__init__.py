@@ -1,0 +1,54 @@
+"""chatstream_asgi: stream LLM chat replies from any ASGI app.
+
+``import chatstream_asgi`` stays light: torch and transformers load only when
+``TransformersEngine`` is first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .admission import Draining, QueueFull, QueueTimeout, Rejected
+from .engines.base import Engine, GenerationChunk, SamplingParams
+from .engines.mock import MockEngine
+from .errors import ChatStreamError, ConfigurationError, EngineError, HistoryStoreError
+from .history import HistoryStore, MemoryHistoryStore
+from .middleware import ChatStreamMiddleware
+
+if TYPE_CHECKING:
+    from .engines.openai_upstream import OpenAIUpstreamEngine
+    from .engines.transformers import TransformersEngine
+
+__version__ = "0.1.0"
+__all__ = [
+    "ChatStreamError",
+    "ChatStreamMiddleware",
+    "ConfigurationError",
+    "Draining",
+    "Engine",
+    "EngineError",
+    "GenerationChunk",
+    "HistoryStore",
+    "HistoryStoreError",
+    "MemoryHistoryStore",
+    "MockEngine",
+    "OpenAIUpstreamEngine",
+    "QueueFull",
+    "QueueTimeout",
+    "Rejected",
+    "SamplingParams",
+    "TransformersEngine",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TransformersEngine":
+        from .engines.transformers import TransformersEngine
+
+        return TransformersEngine
+    if name == "OpenAIUpstreamEngine":
+        from .engines.openai_upstream import OpenAIUpstreamEngine
+
+        return OpenAIUpstreamEngine
+    raise AttributeError(f"module 'chatstream_asgi' has no attribute {name!r}")

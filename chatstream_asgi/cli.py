@@ -1,0 +1,89 @@
+"""``python -m chatstream_asgi serve``: a demo app behind the middleware, on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .engines.base import Engine
+from .engines.mock import MockEngine
+from .errors import ChatStreamError
+from .middleware import ChatStreamMiddleware
+
+logger = logging.getLogger("chatstream_asgi.cli")
+SECRET_ENV = "CHATSTREAM_SECRET_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m chatstream_asgi", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve a demo app with the chat routes")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="DIR", help="a transformers model folder (default: embedded SmolLM2)")
+    source.add_argument("--gguf", metavar="FILE", help="a GGUF model file")
+    source.add_argument("--mock", action="store_true", help="no model: stream a scripted reply")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-concurrency", type=int, default=4, help="generations at once (= engine batch size)")
+    serve.add_argument("--max-queue", type=int, default=8)
+    serve.add_argument("--secret-key", default=os.environ.get(SECRET_ENV), help=f"cookie key (or ${SECRET_ENV})")
+    serve.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if present)")
+    serve.add_argument("--system-prompt", default=None)
+    return parser
+
+
+def load_engine(args: argparse.Namespace) -> Engine:
+    if args.mock:
+        return MockEngine(token_delay=0.05, max_batch_size=args.max_concurrency)
+    from .engines.transformers import TransformersEngine
+
+    options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_concurrency}
+    if args.model:
+        return TransformersEngine.from_pretrained(args.model, **options)
+    if args.gguf:
+        gguf = os.path.abspath(args.gguf)
+        return TransformersEngine.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), **options)
+    from .embedded import smollm2_gguf
+
+    path = smollm2_gguf()
+    return TransformersEngine.from_pretrained(str(path.parent), gguf_file=path.name, **options)
+
+
+def secret_key(args: argparse.Namespace) -> str:
+    if args.secret_key:
+        return str(args.secret_key)
+    logger.warning("no --secret-key or $%s: sessions are signed with a random key and end on restart", SECRET_ENV)
+    return secrets.token_urlsafe(32)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from .demo import demo_app
+
+    engine = load_engine(args)
+    app = ChatStreamMiddleware(
+        demo_app(),
+        engine=engine,
+        secret_key=secret_key(args),
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        system_prompt=args.system_prompt,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        serve(args)
+    except ChatStreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,113 @@
+"""The running batch: sequences that share one left-padded KV cache, and the forward calls on it.
+
+Every row's real tokens are right-aligned in the cache: row ``i`` holds ``lengths[i]`` real
+columns at the right end and padding on the left. That keeps the attention mask a function of
+``lengths`` alone (rebuilt each step, O(rows x width) integers, no state) and makes trimming
+simple: when rows leave, the leftmost ``width - max(lengths)`` columns are padding for every
+remaining row and are cut. The cache tensors are re-copied only when rows join or leave (see
+``_cache.GrowingLayer`` for the steps in between).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence as Seq
+from typing import Any, cast
+
+import torch
+from transformers import DynamicCache
+
+from ._cache import append_rows, keep_rows, new_cache
+from ._sequence import Sequence
+
+
+class ModelRunner:
+    """Calls the model's forward with the keyword names this transformers version expects."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.device: torch.device = model.device
+        params = inspect.signature(type(model).forward).parameters
+        # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either generation.
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._keep_last = "logits_to_keep" in params
+        new_cache(model.config)  # raises ConfigurationError for caches it cannot batch
+
+    def new_cache(self) -> DynamicCache:
+        return new_cache(self.model.config)
+
+    def forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Run the model; return the float32 logits of each row's last position (``[rows, vocab]``)."""
+        kwargs: dict[str, Any] = {self._cache_kw: cache}
+        if self._keep_last:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
+        return cast(torch.Tensor, out.logits[:, -1, :].float())
+
+
+def prefill(runner: ModelRunner, prompts: Seq[Seq[int]], pad_id: int) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill whole prompts as one left-padded batch; return the new cache and last logits."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = runner.new_cache()
+    dev = runner.device
+    logits = runner.forward(ids.to(dev), mask.to(dev), positions.to(dev), cache)
+    return cache, logits
+
+
+def prefill_chunk(runner: ModelRunner, cache: DynamicCache, chunk: Seq[int], offset: int) -> torch.Tensor:
+    """Prefill the next ``chunk`` of one long prompt whose first ``offset`` tokens are cached."""
+    dev = runner.device
+    ids = torch.tensor([list(chunk)], dtype=torch.long, device=dev)
+    mask = torch.ones((1, offset + len(chunk)), dtype=torch.long, device=dev)
+    positions = torch.arange(offset, offset + len(chunk), device=dev).unsqueeze(0)
+    return runner.forward(ids, mask, positions, cache)
+
+
+class KVBatch:
+    """Rows decoding together; ``next_tokens[i]`` is row i's last sampled token, not yet cached."""
+
+    def __init__(self, seqs: list[Sequence], cache: DynamicCache, lengths: list[int], next_tokens: list[int]) -> None:
+        self.seqs = seqs
+        self.cache = cache
+        self.lengths = lengths
+        self.next_tokens = next_tokens
+        self.width = max(lengths)
+
+    def step(self, runner: ModelRunner) -> torch.Tensor:
+        """One decode forward for every row; return the ``[rows, vocab]`` logits."""
+        dev, width = runner.device, self.width
+        lengths = torch.tensor(self.lengths, dtype=torch.long, device=dev)
+        tokens = torch.tensor(self.next_tokens, dtype=torch.long, device=dev).unsqueeze(1)
+        columns = torch.arange(width + 1, device=dev)
+        mask = (columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)).long()
+        logits = runner.forward(tokens, mask, lengths.unsqueeze(1), self.cache)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.width = width + 1
+        return logits
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (ascending) and cut the columns that became padding for all of them."""
+        lengths = [self.lengths[i] for i in rows]
+        cut = self.width - max(lengths)
+        keep_rows(self.cache, rows, cut)
+        self.seqs = [self.seqs[i] for i in rows]
+        self.next_tokens = [self.next_tokens[i] for i in rows]
+        self.lengths = lengths
+        self.width -= cut
+
+    def merge(self, other: KVBatch) -> None:
+        """Append ``other``'s rows, left-padding whichever cache is narrower."""
+        width = max(self.width, other.width)
+        append_rows(self.cache, other.cache, width)
+        self.seqs = self.seqs + other.seqs
+        self.next_tokens = self.next_tokens + other.next_tokens
+        self.lengths = self.lengths + other.lengths
+        self.width = width

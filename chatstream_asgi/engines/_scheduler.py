@@ -1,0 +1,250 @@
+"""The worker thread: iteration-level (continuous) batching over one model.
+
+Each step: drop finished and cancelled sequences, run ONE decode forward over every running
+sequence, then at most one prefill forward (a left-padded group of waiting prompts bounded by
+``prefill_chunk_tokens``, or the next chunk of a prompt longer than that). Prefilled sequences
+emit their first token at once and join the running batch for the next step; nobody waits for a
+batch to drain. A failure in a forward pass fails only the sequences of that forward (their cache
+may be half-updated) and the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import EngineError, EngineNotReady
+from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk
+from ._sampling import choose_tokens
+from ._sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for load reporting and tests.
+
+    Args:
+        running: unfinished sequences holding a batch slot (decoding, or prefilling a long prompt).
+        waiting: sequences queued inside the engine for a slot.
+        batch_rows: rows in the running batch's KV cache; finished or cancelled sequences leave it
+            at the worker's next step, so this lags ``running`` by at most one step.
+        steps: worker steps taken since start.
+        cache_width: columns in the running batch's KV cache (max real length of its rows).
+    """
+
+    running: int
+    waiting: int
+    batch_rows: int
+    steps: int
+    cache_width: int
+
+
+@dataclass
+class _Partial:
+    """A prompt longer than one prefill chunk, half-way through its prefill."""
+
+    seq: Sequence
+    cache: DynamicCache
+    offset: int = 0
+
+
+def _fail(seqs: list[Sequence], exc: BaseException) -> None:
+    logger.error("generation step failed for %d sequence(s)", len(seqs), exc_info=exc)
+    for seq in seqs:
+        # One instance per stream: each consumer raises it and gets its own traceback.
+        error = EngineError(f"Generation failed in the model worker: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        seq.fail(error)
+
+
+class Scheduler:
+    """Owns the model on one daemon thread; ``submit`` is the only way in."""
+
+    def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk_tokens: int, pad_id: int) -> None:
+        self._runner = runner
+        self._max_batch = max_batch_size
+        self._chunk = prefill_chunk_tokens
+        self._pad_id = pad_id
+        self._intake: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
+        self._pending: deque[Sequence] = deque()
+        self._partial: _Partial | None = None
+        self._batch: KVBatch | None = None
+        self._steps = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if self._closed:
+                raise EngineNotReady("The engine is closed; call start() again before streaming.")
+            self._intake.put(seq)
+
+    def stop(self) -> None:
+        """Ask the worker to finish its current step, fail what is left and exit."""
+        self._stopping.set()
+        self._intake.put(None)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._closed
+
+    @property
+    def stats(self) -> SchedulerStats:
+        batch, partial = self._batch, self._partial  # one read each: the worker may swap them
+        rows = batch.seqs if batch else []
+        return SchedulerStats(
+            running=sum(not s.finished for s in rows) + (partial is not None and not partial.seq.finished),
+            waiting=len(self._pending) + self._intake.qsize(),
+            batch_rows=len(rows),
+            steps=self._steps,
+            cache_width=batch.width if batch else 0,
+        )
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self._take_new(block=self._batch is None and self._partial is None and not self._pending)
+                    try:
+                        self._step()
+                    except Exception as exc:  # a bug outside a forward: lose the batch, not the worker
+                        self._recover(exc)
+        finally:
+            self._shutdown()
+
+    def _take_new(self, *, block: bool) -> None:
+        try:
+            item = self._intake.get(block=block)
+            while True:
+                if item is not None:
+                    self._pending.append(item)
+                item = self._intake.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _step(self) -> None:
+        self._drop_finished()
+        if self._batch is None and self._partial is None and not self._pending:
+            return
+        if self._batch is not None:
+            self._decode(self._batch)
+        self._prefill_next()
+        self._drop_finished()
+        self._steps += 1
+
+    def _decode(self, batch: KVBatch) -> None:
+        try:
+            tokens = choose_tokens(batch.step(self._runner), [s.sampler for s in batch.seqs])
+            batch.next_tokens = tokens
+            for seq, token in zip(batch.seqs, tokens, strict=True):
+                seq.accept(token)
+        except Exception as exc:  # the cache may be half-updated: every row of it is lost
+            self._batch = None
+            _fail(batch.seqs, exc)
+
+    def _prefill_next(self) -> None:
+        if self._partial is not None:
+            self._continue_partial(self._partial)
+            return
+        free = self._max_batch - (len(self._batch.seqs) if self._batch else 0)
+        group = self._take_group(free)
+        if len(group) == 1 and len(group[0].prompt_ids) > self._chunk:
+            self._partial = _Partial(group[0], self._runner.new_cache())
+            self._continue_partial(self._partial)
+        elif group:
+            try:
+                cache, logits = prefill(self._runner, [s.prompt_ids for s in group], self._pad_id)
+                self._admit(group, cache, logits)
+            except Exception as exc:
+                _fail(group, exc)
+
+    def _take_group(self, free: int) -> list[Sequence]:
+        """FIFO prompts whose padded batch fits the prefill budget (the first one always goes)."""
+        group: list[Sequence] = []
+        width = 0
+        while self._pending and len(group) < free:
+            widest = max(width, len(self._pending[0].prompt_ids))
+            if group and widest * (len(group) + 1) > self._chunk:
+                break
+            group.append(self._pending.popleft())
+            width = widest
+        return group
+
+    def _continue_partial(self, part: _Partial) -> None:
+        prompt = part.seq.prompt_ids
+        chunk = prompt[part.offset : part.offset + self._chunk]
+        try:
+            logits = prefill_chunk(self._runner, part.cache, chunk, part.offset)
+            part.offset += len(chunk)
+            if part.offset == len(prompt):
+                self._partial = None
+                self._admit([part.seq], part.cache, logits)
+        except Exception as exc:
+            self._partial = None
+            _fail([part.seq], exc)
+
+    def _admit(self, seqs: list[Sequence], cache: DynamicCache, logits: torch.Tensor) -> None:
+        """Emit each prefilled sequence's first token and move the unfinished ones into the batch."""
+        tokens = choose_tokens(logits, [s.sampler for s in seqs])
+        joined = KVBatch(seqs, cache, [len(s.prompt_ids) for s in seqs], tokens)
+        rows = [i for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not seq.accept(token)]
+        if not rows:
+            return
+        if len(rows) < len(seqs):
+            joined.keep(rows)
+        batch = self._batch
+        if batch is None:
+            self._batch = joined
+            return
+        try:
+            batch.merge(joined)
+        except Exception as exc:  # a half-merged cache is lost for the running rows too
+            self._batch = None
+            _fail(batch.seqs, exc)
+            raise
+
+    def _drop_finished(self) -> None:
+        if any(s.finished for s in self._pending):
+            self._pending = deque(s for s in self._pending if not s.finished)
+        if self._partial is not None and self._partial.seq.finished:
+            self._partial = None
+        batch = self._batch
+        if batch is not None:
+            rows = [i for i, s in enumerate(batch.seqs) if not s.finished]
+            if not rows:
+                self._batch = None
+            elif len(rows) < len(batch.seqs):
+                batch.keep(rows)
+
+    def _in_flight(self) -> list[Sequence]:
+        return (self._batch.seqs if self._batch else []) + ([self._partial.seq] if self._partial else [])
+
+    def _recover(self, exc: Exception) -> None:
+        seqs = self._in_flight()
+        self._batch = self._partial = None
+        _fail(seqs, exc)
+
+    def _shutdown(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._take_new(block=False)
+        for seq in [*self._pending, *self._in_flight()]:
+            seq.fail(EngineNotReady("The engine was closed while this request was in flight; retry on a running one."))
+        self._pending.clear()
+        self._partial = self._batch = None

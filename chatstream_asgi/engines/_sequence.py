@@ -1,0 +1,88 @@
+"""One request's life inside the engine: its prompt, sampler, reply text and event sink.
+
+The worker thread owns every field but ``cancelled``, which the event loop sets when the consumer
+goes away; the worker reads it once per step. Events leave through ``sink``, which hands them to
+the event loop thread-safely.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
+
+from ._sampling import RowSampler
+from .base import FinishReason, GenerationChunk, SamplingParams
+from .detokenizer import DecoderSpec, ReplyText
+
+Event = GenerationChunk | BaseException
+Sink = Callable[[Event], None]
+
+
+class Sequence:
+    """A request as the worker sees it; ``accept`` feeds it one generated token at a time."""
+
+    def __init__(
+        self,
+        prompt_ids: Seq[int],
+        params: SamplingParams,
+        sink: Sink,
+        *,
+        decoder: DecoderSpec,
+        eos_ids: frozenset[int],
+    ) -> None:
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.sampler = RowSampler(params, self.prompt_ids)
+        self.completion_tokens = 0
+        self.done = False
+        self._text = ReplyText(decoder, params.stop)
+        self._eos = frozenset() if params.ignore_eos else eos_ids
+        self._sink = sink
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more to compute for this sequence: it ended, failed or its consumer left."""
+        return self.done or self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Thread-safe: the worker drops the sequence at its next step."""
+        self._cancelled.set()
+
+    def accept(self, token_id: int) -> bool:
+        """Take one generated token, emit the text it completes; True when the reply is over."""
+        self.completion_tokens += 1
+        if token_id in self._eos:
+            return self._finish("stop", self._text.finish())
+        text = self._text.push(token_id)
+        if self._text.stopped:
+            return self._finish("stop", text)
+        if self.completion_tokens >= self.params.max_new_tokens:
+            text += self._text.finish()
+            return self._finish("stop" if self._text.stopped else "length", text)
+        if text:
+            self._emit(GenerationChunk(text))
+        return False
+
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error`` (raised by the consumer); no-op once the reply is over."""
+        if not self.done:
+            self.done = True
+            self._emit(error)
+
+    def _finish(self, reason: FinishReason, text: str) -> bool:
+        self.done = True
+        self._emit(GenerationChunk(text, reason, len(self.prompt_ids), self.completion_tokens))
+        return True
+
+    def _emit(self, event: Event) -> None:
+        try:
+            self._sink(event)
+        except RuntimeError:
+            # The consumer's event loop is closed: nobody is listening any more.
+            self._cancelled.set()

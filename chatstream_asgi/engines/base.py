@@ -1,0 +1,88 @@
+"""The engine protocol: what the middleware needs from anything that generates text.
+
+An engine turns a list of chat messages into an async stream of text deltas. The stream is
+an async generator: the consumer cancels a generation simply by closing it (``aclose()``) or by
+cancelling the task that iterates it; the engine must then drop the sequence at its next step.
+Engines never run model code on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+#: ``{"role": "user" | "assistant" | "system", "content": str}``
+ChatMessage = dict[str, str]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation parameters.
+
+    Args:
+        max_new_tokens: upper bound on generated tokens; the finish reason is ``"length"`` when hit.
+        temperature: 0 means greedy decoding.
+        top_p: nucleus sampling mass, in (0, 1].
+        top_k: keep the k most likely tokens; 0 disables.
+        repetition_penalty: 1.0 disables; > 1 penalises tokens already in prompt or reply.
+        seed: makes sampling reproducible for this request, independent of other requests.
+        stop: strings that end the reply; the matched stop string is not part of the reply.
+        ignore_eos: keep generating past EOS (benchmarks use it to get fixed-length replies).
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One piece of a streamed reply.
+
+    Every chunk but the last has ``finish_reason is None``; the last one carries the reason and
+    the token counts of the whole request (its ``text`` may be empty).
+    """
+
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the middleware needs from a text generator."""
+
+    #: the name served by ``/v1/models`` and put in OpenAI responses.
+    model_name: str
+    #: how many sequences the engine generates at once; admission should not exceed it.
+    max_batch_size: int
+
+    async def start(self) -> None:
+        """Load or warm up; idempotent. Called from the ASGI lifespan or on first use."""
+
+    async def close(self) -> None:
+        """Stop workers and cancel running sequences; idempotent."""
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and the engine accepts work."""
+
+    def render_prompt(self, messages: Sequence[ChatMessage], params: SamplingParams) -> str:
+        """The exact prompt text the engine would generate from (for ``/get_prompt``)."""
+
+    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """Generate a reply to ``messages``; closing the iterator cancels the generation."""

@@ -1,0 +1,256 @@
+"""OpenAIUpstreamEngine: generate on any OpenAI-compatible server (vLLM, TGI, Ollama, another chatstream_asgi).
+
+The middleware keeps sessions, history, admission and streaming to the browser; each reply is one streamed
+``POST {base_url}/chat/completions`` upstream. Closing the engine's stream closes that HTTP response, and
+an unread streaming response is never put back in httpx's pool: the connection closes, so the upstream
+sees the disconnect and frees its slot. Upstream failures become ``UpstreamError`` with an HTTP ``status``
+(502 bad answer or refused connection, 503 overloaded, 504 timeout): before the first token the client
+gets that status and a JSON error, after it an in-band error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigurationError, EngineError
+from .base import ChatMessage, FinishReason, GenerationChunk, SamplingParams
+
+if TYPE_CHECKING:
+    import httpx
+
+DEFAULT_TIMEOUT = 60.0
+MAX_ERROR_BODY = 2000  # characters of an upstream error body quoted in our message
+RETRY_STATUSES = {429: 503, 503: 503, 408: 504, 504: 504}  # upstream status -> ours
+STATUS_HINTS = {
+    401: "check api_key",
+    403: "check api_key",
+    404: "check base_url (it usually ends in /v1) and model",
+}
+
+
+class UpstreamError(EngineError):
+    """The upstream server failed; ``status`` and ``error_type`` say how the middleware answers.
+
+    Args:
+        message: what went wrong upstream and what to check.
+        status: the HTTP status for our client: 502, 503 or 504.
+        error_type: a stable name such as ``upstream_unreachable`` or ``upstream_timeout``.
+        retry_after: seconds for a ``Retry-After`` header (an overloaded upstream).
+    """
+
+    def __init__(self, message: str, *, status: int = 502, error_type: str = "upstream_error", retry_after: int = 0):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.headers = {"Retry-After": str(retry_after)} if retry_after else {}
+
+
+def import_httpx() -> Any:
+    try:
+        import httpx
+    except ImportError as exc:
+        raise ImportError("OpenAIUpstreamEngine needs httpx: pip install 'chatstream-asgi[upstream]'") from exc
+    return httpx
+
+
+class OpenAIUpstreamEngine:
+    """An engine that streams replies from an OpenAI-compatible ``/chat/completions`` server.
+
+    Args:
+        base_url: the API root, e.g. ``"http://127.0.0.1:8001/v1"``.
+        model: the model name the upstream serves (``--served-model-name`` in vLLM).
+        api_key: sent as ``Authorization: Bearer <api_key>``.
+        timeout: seconds to connect, and the longest silence allowed between two upstream bytes.
+        max_batch_size: upstream requests at once (set the middleware's ``max_concurrency`` to it).
+        model_name: the name served to our clients; default ``model``.
+        sampling_extensions: also send ``top_k``, ``repetition_penalty`` and ``ignore_eos`` (vLLM and
+            chatstream_asgi accept them; OpenAI itself rejects them).
+        extra_body: more fields for every upstream request body.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_batch_size: int = 64,
+        model_name: str | None = None,
+        sampling_extensions: bool = False,
+        extra_body: Mapping[str, Any] | None = None,
+    ) -> None:
+        import_httpx()
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigurationError(
+                f"base_url must be an http(s) URL such as 'http://127.0.0.1:8001/v1'; got {base_url!r}"
+            )
+        if not timeout > 0 or max_batch_size < 1:
+            raise ConfigurationError("timeout must be > 0 seconds and max_batch_size >= 1")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.model_name = model_name or model
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_batch_size = max_batch_size
+        self.sampling_extensions = sampling_extensions
+        self.extra_body = dict(extra_body or {})
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        if self._client is None:
+            httpx = import_httpx()
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url + "/",
+                headers=headers,
+                timeout=httpx.Timeout(self.timeout),
+                limits=httpx.Limits(max_connections=self.max_batch_size, max_keepalive_connections=self.max_batch_size),
+            )
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    @property
+    def ready(self) -> bool:
+        return self._client is not None
+
+    def render_prompt(self, messages: Sequence[ChatMessage], params: SamplingParams) -> str:
+        """A readable rendering: the upstream applies its own chat template, which is not visible from here."""
+        turns = [f"[{m['role']}]\n{m['content']}" for m in messages]
+        return "\n\n".join([f"(sent to {self.model} at {self.base_url})", *turns, "[assistant]\n"])
+
+    def request_body(self, messages: Sequence[ChatMessage], params: SamplingParams) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+        }
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if self.sampling_extensions:
+            extensions = {"top_k": params.top_k, "repetition_penalty": params.repetition_penalty}
+            body.update(extensions, ignore_eos=params.ignore_eos)
+        return {**body, **self.extra_body}
+
+    async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        httpx = import_httpx()
+        await self.start()
+        assert self._client is not None
+        body = self.request_body(messages, params)
+        try:
+            async with self._client.stream("POST", "chat/completions", json=body) as response:
+                await check_response(response)
+                async for chunk in read_chunks(response):
+                    yield chunk
+        except httpx.TimeoutException as exc:
+            message = f"the upstream at {self.base_url} sent nothing for {self.timeout} s ({type(exc).__name__})"
+            raise UpstreamError(message, status=504, error_type="upstream_timeout") from exc
+        except httpx.ConnectError as exc:
+            message = f"cannot connect to the upstream at {self.base_url}: {exc}; is it running?"
+            raise UpstreamError(message, error_type="upstream_unreachable") from exc
+        except httpx.TransportError as exc:
+            message = f"the connection to the upstream at {self.base_url} failed: {type(exc).__name__}: {exc}"
+            raise UpstreamError(message, error_type="upstream_disconnected") from exc
+
+
+async def check_response(response: httpx.Response) -> None:
+    """Raise ``UpstreamError`` unless the upstream answered 200 with an event stream."""
+    if response.status_code == 200:
+        if "text/event-stream" not in response.headers.get("content-type", ""):
+            content_type = response.headers.get("content-type")
+            raise protocol_error(f"expected a text/event-stream response, got {content_type!r}")
+        return
+    detail = (await response.aread()).decode("utf-8", "replace")
+    with_message = json_error_message(detail) or detail[:MAX_ERROR_BODY]
+    status = response.status_code
+    hint = STATUS_HINTS.get(status, "")
+    message = f"the upstream answered {status}: {with_message}" + (f" ({hint})" if hint else "")
+    if status in RETRY_STATUSES:
+        ours = RETRY_STATUSES[status]
+        kind = "upstream_overloaded" if ours == 503 else "upstream_timeout"
+        raise UpstreamError(
+            message, status=ours, error_type=kind, retry_after=retry_after(response) if ours == 503 else 0
+        )
+    raise UpstreamError(message, error_type="upstream_rejected" if status < 500 else "upstream_error")
+
+
+def json_error_message(text: str) -> str | None:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else error  # TGI sends {"error": "..."}
+    return message if isinstance(message, str) else None
+
+
+def retry_after(response: httpx.Response) -> int:
+    value = response.headers.get("retry-after", "")
+    return max(1, min(300, int(value))) if value.isdigit() else 1
+
+
+def protocol_error(message: str) -> UpstreamError:
+    return UpstreamError(
+        f"the upstream broke the OpenAI stream format: {message}", error_type="upstream_protocol_error"
+    )
+
+
+async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk]:
+    """Text deltas from the upstream's ``chat.completion.chunk`` events, then one chunk with the finish and usage."""
+    finish_reason: FinishReason | None = None
+    counts: dict[str, int] = {}
+    sent = 0
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue  # blank lines, ": ping" comments, "event:" and "id:" fields
+        payload = line[len("data:") :].strip()
+        if payload == "[DONE]":
+            break
+        text, reason, usage = parse_chunk(payload)
+        if text:
+            sent += 1
+            yield GenerationChunk(text)
+        finish_reason = reason or finish_reason
+        counts = usage or counts
+    if finish_reason is None:
+        raise protocol_error("the stream ended before a finish_reason")
+    prompt_tokens, completion_tokens = counts.get("prompt_tokens", 0), counts.get("completion_tokens", sent)
+    yield GenerationChunk("", finish_reason, prompt_tokens, completion_tokens)
+
+
+def parse_chunk(payload: str) -> tuple[str, FinishReason | None, dict[str, int] | None]:
+    """``(text, finish_reason, usage)`` of one event; an in-band upstream error raises ``UpstreamError``."""
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        raise protocol_error(f"an event is not JSON: {payload[:200]!r}") from None
+    if not isinstance(data, dict):
+        raise protocol_error(f"an event is not a JSON object: {payload[:200]!r}")
+    if data.get("error"):
+        raise UpstreamError(f"the upstream failed mid-reply: {json_error_message(payload) or payload[:MAX_ERROR_BODY]}")
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise protocol_error(f"an event has no 'choices' list: {payload[:200]!r}")
+    raw_usage = data.get("usage")
+    usage = {str(k): v for k, v in raw_usage.items() if isinstance(v, int)} if isinstance(raw_usage, dict) else None
+    text = ""
+    reason: FinishReason | None = None
+    for choice in choices:
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        text += content if isinstance(content, str) else ""
+        if choice.get("finish_reason"):
+            # TGI says "eos_token" / "stop_sequence", others "content_filter" or "tool_calls": all end the reply
+            reason = "length" if choice["finish_reason"] == "length" else "stop"
+    return text, reason, usage

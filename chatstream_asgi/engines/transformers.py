@@ -1,0 +1,225 @@
+"""``TransformersEngine``: a transformers causal LM served with continuous batching.
+
+The model lives on one worker thread (``_scheduler.Scheduler``); the event loop only renders
+prompts (in a thread), submits sequences and awaits their events, which the worker delivers
+through ``loop.call_soon_threadsafe``. Closing a stream marks its sequence cancelled and the worker
+drops it at its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError, EngineNotReady
+from ..prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
+from ._batch import ModelRunner
+from ._sampling import check_params
+from ._scheduler import Scheduler, SchedulerStats
+from ._sequence import Event, Sequence
+from .base import ChatMessage, GenerationChunk, SamplingParams
+from .detokenizer import DecoderSpec
+
+ENGINE_KWARGS = frozenset(
+    {"device", "dtype", "max_batch_size", "context_len", "prefill_chunk_tokens", "model_name", "system_prompt"}
+)
+
+
+def _positive(name: str, value: int) -> int:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ConfigurationError(f"dtype={dtype!r} is not a torch dtype; pass e.g. 'float32' or torch.bfloat16")
+    return resolved
+
+
+def _placed(model: Any, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
+    """``model`` moved or cast only where asked and needed (quantized models refuse a no-op cast)."""
+    if device is not None and torch.device(device) != model.device:
+        model = model.to(device)
+    if dtype is not None and dtype != model.dtype:
+        model = model.to(dtype=dtype)
+    return model
+
+
+def eos_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    """The tokenizer's EOS plus every id in ``model.generation_config.eos_token_id`` (int or list)."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    return frozenset(ids)
+
+
+def _default_name(model: Any) -> str:
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    return Path(name.rstrip("/")).name or "model"
+
+
+class TransformersEngine:
+    """Streams chat replies from a transformers causal LM, batching requests at the iteration level.
+
+    Args:
+        model: a loaded ``AutoModelForCausalLM`` with a full-attention KV cache.
+        tokenizer: its tokenizer; its chat template renders the prompts.
+        device: move the model there (``"cpu"``, ``"cuda:0"``); default: where it already is.
+        dtype: cast the model (``torch.bfloat16`` or ``"bfloat16"``); default: keep its dtype.
+        max_batch_size: sequences decoded together; more wait inside the engine, first come first served.
+        context_len: token budget of prompt plus reply; default ``model.config.max_position_embeddings``.
+        prefill_chunk_tokens: padded prompt tokens per prefill forward; longer prompts are prefilled
+            in chunks between decode steps so running streams keep flowing.
+        model_name: the name served to clients; default the basename of ``model.config.name_or_path``.
+        system_prompt: prepended to conversations that carry no system message.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        max_batch_size: int = 8,
+        context_len: int | None = None,
+        prefill_chunk_tokens: int = 512,
+        model_name: str | None = None,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.max_batch_size = _positive("max_batch_size", max_batch_size)
+        self.prefill_chunk_tokens = _positive("prefill_chunk_tokens", prefill_chunk_tokens)
+        self.context_len = _positive("context_len", model_context_len(model, context_len))
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigurationError(
+                "The tokenizer has no chat template; set tokenizer.chat_template to a Jinja template "
+                "(see transformers' chat templating docs) before building the engine."
+            )
+        self.model = _placed(model, device, _as_dtype(dtype)).eval()
+        self.tokenizer = tokenizer
+        self.model_name = model_name or _default_name(model)
+        self.system_prompt = system_prompt
+        self._runner = ModelRunner(self.model)
+        self._decoder = DecoderSpec(tokenizer)
+        self._eos_ids = eos_token_ids(tokenizer, self.model)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self._pad_id = int(pad if pad is not None else next(iter(self._eos_ids), 0))
+        self._scheduler: Scheduler | None = None
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(
+        cls, path_or_dir: str | Path, *, gguf_file: str | None = None, **kwargs: Any
+    ) -> TransformersEngine:
+        """Load model and tokenizer with transformers' ``from_pretrained``.
+
+        Engine arguments (``device``, ``dtype``, ``max_batch_size``, ...) go to the engine; every
+        other keyword goes to ``AutoModelForCausalLM.from_pretrained``. With ``gguf_file`` the
+        weights are dequantized from that GGUF file inside ``path_or_dir``.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        engine_kwargs = {k: v for k, v in kwargs.items() if k in ENGINE_KWARGS}
+        load_kwargs = {k: v for k, v in kwargs.items() if k not in ENGINE_KWARGS}
+        if gguf_file is not None:
+            load_kwargs["gguf_file"] = gguf_file
+            engine_kwargs.setdefault("model_name", Path(gguf_file).stem)
+        if engine_kwargs.get("dtype") is not None:
+            load_kwargs.setdefault("dtype", _as_dtype(engine_kwargs["dtype"]))
+        tokenizer = AutoTokenizer.from_pretrained(path_or_dir, **({"gguf_file": gguf_file} if gguf_file else {}))
+        model = AutoModelForCausalLM.from_pretrained(path_or_dir, **load_kwargs)
+        return cls(model, tokenizer, **engine_kwargs)
+
+    @property
+    def ready(self) -> bool:
+        return self._scheduler is not None and self._scheduler.alive
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """Running and waiting sequences, steps taken and KV-cache width (all zero before ``start``)."""
+        scheduler = self._scheduler
+        return scheduler.stats if scheduler is not None else SchedulerStats(0, 0, 0, 0, 0)
+
+    @property
+    def running_count(self) -> int:
+        return self.stats.running
+
+    async def start(self) -> None:
+        if self._scheduler is not None:
+            return
+        scheduler = Scheduler(
+            self._runner,
+            max_batch_size=self.max_batch_size,
+            prefill_chunk_tokens=self.prefill_chunk_tokens,
+            pad_id=self._pad_id,
+        )
+        scheduler.start()
+        self._scheduler, self._closed = scheduler, False
+
+    async def close(self) -> None:
+        scheduler, self._scheduler = self._scheduler, None
+        self._closed = True
+        if scheduler is not None:
+            scheduler.stop()
+            # The worker finishes its current forward first; wait for it off the event loop.
+            await asyncio.to_thread(scheduler.join)
+
+    def fit_prompt(self, messages: Seq[ChatMessage], params: SamplingParams) -> Prompt:
+        """The prompt (text and ids) that ``stream`` would generate from, after truncation."""
+        messages = with_system_prompt(messages, self.system_prompt)
+        return fit_prompt(self.tokenizer, messages, max_new_tokens=params.max_new_tokens, context_len=self.context_len)
+
+    def render_prompt(self, messages: Seq[ChatMessage], params: SamplingParams) -> str:
+        return self.fit_prompt(messages, params).text
+
+    async def stream(self, messages: Seq[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """Generate a reply to ``messages``; closing the iterator cancels the generation.
+
+        Raises:
+            PromptTooLong: the conversation cannot fit the context even truncated.
+            EngineError: the model failed while generating this reply.
+            EngineNotReady: the engine was closed before or during the generation.
+        """
+        check_params(params)
+        scheduler = await self._running_scheduler()
+        prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:  # called on the worker thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seq = Sequence(prompt.token_ids, params, sink, decoder=self._decoder, eos_ids=self._eos_ids)
+        scheduler.submit(seq)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            seq.cancel()
+
+    async def _running_scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            if self._closed:
+                raise EngineNotReady("The engine is closed; call start() again before streaming.")
+            await self.start()
+        assert self._scheduler is not None
+        return self._scheduler

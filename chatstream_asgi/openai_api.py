@@ -1,0 +1,218 @@
+"""The OpenAI-compatible routes: ``POST {prefix}/chat/completions`` and ``GET {prefix}/models``.
+
+They are stateless (the client sends the whole conversation; no session cookie) and share the chat
+routes' engine, admission and streaming: the same slots and queue, 429/503 with ``Retry-After``, the
+same disconnect cancellation. Every error is in OpenAI's shape. The server's ``system_prompt`` is not
+added here: an OpenAI client sends its own system message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from ._asgi import header, read_body, send_json
+from ._types import Receive, Scope, Send
+from .admission import Admission, Rejected
+from .engines.base import Engine, GenerationChunk
+from .errors import ConfigurationError, HTTPError
+from .openai_schema import (
+    CompletionRequest,
+    OpenAIStreamEncoder,
+    ReplyHeader,
+    completion_id,
+    error_body,
+    models_body,
+    parse_completion_request,
+)
+from .requests import require_json
+from .routes import ChatSettings, queue_headers, wait_for_slot
+from .streaming import StreamOptions, StreamResult, as_http_error, stream_reply
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+Routes = dict[str, tuple[str, Handler]]
+Chunks = AsyncIterator[GenerationChunk]
+BEARER = "bearer "
+
+
+async def send_openai_error(send: Send, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
+    await send_json(send, error.status, error_body(error), [*extra, *(headers or [])])
+
+
+def rejection_error(rejection: Rejected) -> HTTPError:
+    return HTTPError(rejection.status, rejection.reason, str(rejection), {"Retry-After": str(rejection.retry_after)})
+
+
+def openai_route_table(
+    routes: OpenAIRoutes, prefix: str | None, api_keys: str | Sequence[str] | None, taken: Routes
+) -> Routes:
+    """The OpenAI routes under ``prefix`` (none when it is None), checked against the routes already ``taken``."""
+    if prefix is None:
+        if api_keys is not None:
+            raise ConfigurationError("api_keys protects the OpenAI routes; set openai_prefix (e.g. '/v1') too")
+        return {}
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        raise ConfigurationError(f"openai_prefix must start with '/' and not end with one (e.g. '/v1'); got {prefix!r}")
+    table: Routes = {
+        f"{prefix}/chat/completions": ("POST", routes.guarded(routes.chat_completions)),
+        f"{prefix}/models": ("GET", routes.guarded(routes.models)),
+    }
+    clash = sorted(set(table) & set(taken))
+    if clash:
+        raise ConfigurationError(f"the OpenAI routes {clash} clash with the chat routes; change openai_prefix")
+    return table
+
+
+def check_api_keys(api_keys: str | Sequence[str] | None) -> list[bytes]:
+    keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
+    if api_keys is not None and (not keys or not all(isinstance(k, str) and k.strip() for k in keys)):
+        raise ConfigurationError("api_keys must be None (no auth) or a list of non-empty strings, e.g. ['sk-...']")
+    return [key.encode("utf-8") for key in keys]
+
+
+class CollectingEncoder:
+    """Writes nothing: a non-streaming reply is built from the ``StreamResult`` once generation is over."""
+
+    content_type = b"application/json"
+    ping_interval: float | None = None
+
+    def delta(self, text: str) -> bytes:
+        return b""
+
+    def done(self, summary: dict[str, Any]) -> bytes:
+        return b""
+
+    def error(self, error_type: str, message: str) -> bytes:
+        return b""
+
+    def ping(self) -> bytes:
+        return b""
+
+
+async def discard(message: Any) -> None:
+    return None
+
+
+class OpenAIRoutes:
+    """The OpenAI-compatible handlers, sharing the middleware's engine, admission and settings.
+
+    Args:
+        engine: the engine that generates; its ``model_name`` is the served model.
+        admission: the middleware's ``Admission`` (the chat routes use the same slots and queue).
+        settings: the middleware's limits and timeouts.
+        api_keys: Bearer keys accepted on these routes; None accepts any request.
+    """
+
+    def __init__(
+        self, engine: Engine, admission: Admission, settings: ChatSettings, api_keys: str | Sequence[str] | None = None
+    ) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.settings = settings
+        self.api_keys = check_api_keys(api_keys)
+        self.created = int(time.time())
+
+    def guarded(self, handler: Handler) -> Handler:
+        """``handler`` behind the API key check, with every error sent in OpenAI's shape."""
+
+        async def guarded_handler(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                self.check_api_key(scope)
+                await handler(scope, receive, send)
+            except HTTPError as error:
+                await send_openai_error(send, error)
+            except Rejected as rejection:
+                await send_openai_error(send, rejection_error(rejection))
+
+        return guarded_handler
+
+    def check_api_key(self, scope: Scope) -> None:
+        if not self.api_keys:
+            return
+        value = header(scope, b"authorization") or ""
+        given = value[len(BEARER) :].strip().encode("latin-1") if value.lower().startswith(BEARER) else b""
+        # compare with every key, so the time taken does not tell which key came close
+        matches = [hmac.compare_digest(given, key) for key in self.api_keys]
+        if not given or not any(matches):
+            error = HTTPError(401, "invalid_api_key", "missing or wrong API key; send 'Authorization: Bearer <key>'")
+            error.headers["WWW-Authenticate"] = "Bearer"
+            raise error
+
+    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, models_body(self.engine.model_name, self.created))
+
+    async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        require_json(scope)
+        s = self.settings
+        body = await read_body(scope, receive, s.max_body_bytes)
+        request = parse_completion_request(body, s.default_params, s.max_new_tokens_limit)
+        ticket = self.admission.try_enter()
+        try:
+            if not await wait_for_slot(ticket, receive):
+                return
+            reply = ReplyHeader(completion_id(), int(time.time()), self.engine.model_name)
+            headers = [(b"x-request-id", reply.id.encode()), *queue_headers(ticket.position)]
+            chunks = release_when_done(self.engine.stream(request.messages, request.params), ticket.release)
+            if request.stream:
+                await self.stream(send, receive, chunks, request, reply, headers)
+            else:
+                await self.complete(send, receive, chunks, reply, headers)
+        finally:
+            ticket.release()
+
+    async def stream(
+        self,
+        send: Send,
+        receive: Receive,
+        chunks: Chunks,
+        request: CompletionRequest,
+        reply: ReplyHeader,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        encoder = OpenAIStreamEncoder(reply, request.include_usage, self.settings.ping_interval)
+        options = self.stream_options(headers)
+        options.send_error = send_openai_error
+        await stream_reply(send, receive, chunks, encoder, options)
+
+    async def complete(
+        self, send: Send, receive: Receive, chunks: Chunks, reply: ReplyHeader, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        result = await collect_reply(receive, chunks, self.stream_options([]))
+        if result.outcome == "disconnected":
+            return
+        if result.outcome == "timeout":
+            raise HTTPError(504, "generation_timeout", "the reply took longer than the generation deadline")
+        if result.outcome == "error":
+            raise as_http_error(result.error or RuntimeError("generation failed"))
+        finish_reason = result.finish_reason or "stop"
+        body = reply.completion(result.text, finish_reason, result.prompt_tokens, result.completion_tokens)
+        await send_json(send, 200, body, headers)
+
+    def stream_options(self, headers: list[tuple[bytes, bytes]]) -> StreamOptions:
+        timeout = self.settings.generation_timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        return StreamOptions(headers=headers, send_timeout=self.settings.send_timeout, deadline=deadline)
+
+
+async def release_when_done(chunks: Chunks, release: Callable[[], None]) -> Chunks:
+    """Pass the engine's chunks on and free the slot the moment the engine is done, before the sender writes the
+    last byte: a client that has the whole reply and sends its next request at once must find the slot free.
+    Closing this iterator closes the engine's."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    finally:
+        closer = getattr(chunks, "aclose", None)
+        if closer is not None:
+            await closer()
+        release()
+
+
+async def collect_reply(receive: Receive, chunks: Chunks, options: StreamOptions) -> StreamResult:
+    """The whole reply, gathered while a disconnect still cancels the generation (``stream_reply`` sending nothing)."""
+    options.send_timeout = None
+    return await stream_reply(discard, receive, chunks, CollectingEncoder(), options)

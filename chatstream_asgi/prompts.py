@@ -1,0 +1,126 @@
+"""Chat prompts: render messages with the tokenizer's chat template, within the token budget.
+
+The budget is the model's context: ``prompt_tokens + max_new_tokens <= context_len``. When a
+conversation is over it, whole turns are dropped from the oldest on (a turn is a user message and
+the replies up to the next user message), so the template always sees a history that starts with a
+user turn. System messages and the last user turn with what follows it are never dropped; when
+they alone are over budget, ``PromptTooLong`` says by how many tokens.
+
+Nothing here imports torch: the helpers take a tokenizer and a model duck-typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .engines.base import ChatMessage
+from .errors import ChatStreamError
+
+
+class PromptTooLong(ChatStreamError):
+    """Even the system messages and the last user turn leave no room for ``max_new_tokens``."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_len: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_len = context_len
+        self.over_by = prompt_tokens + max_new_tokens - context_len
+        super().__init__(
+            f"The prompt is {self.over_by} tokens over the model's context of {context_len} tokens "
+            f"({prompt_tokens} prompt tokens + max_new_tokens={max_new_tokens}); "
+            "shorten the last message or the system prompt, or lower max_new_tokens."
+        )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt and what was kept to build it.
+
+    Args:
+        text: the chat-template output, generation prompt included.
+        token_ids: ``text`` tokenized without extra special tokens (the template adds its own).
+        messages: the messages that made it into the prompt.
+        dropped: how many messages were dropped to fit the budget.
+    """
+
+    text: str
+    token_ids: list[int]
+    messages: list[ChatMessage]
+    dropped: int
+
+
+def model_context_len(model: Any, override: int | None = None) -> int:
+    """The context length: ``override`` if given, else ``model.config.max_position_embeddings``."""
+    if override is not None:
+        return override
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(value, int):
+        raise ChatStreamError("The model config has no max_position_embeddings; pass context_len=... explicitly.")
+    return value
+
+
+def with_system_prompt(messages: Sequence[ChatMessage], system_prompt: str | None) -> list[ChatMessage]:
+    """Prepend ``system_prompt`` unless it is empty or the conversation already has a system message."""
+    if not system_prompt or any(m.get("role") == "system" for m in messages):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def render_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> str:
+    """The chat template applied to ``messages``, ending with the assistant's generation prompt."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return str(text)
+
+
+def _encode(tokenizer: Any, messages: Sequence[ChatMessage]) -> tuple[str, list[int]]:
+    text = render_chat(tokenizer, messages)
+    return text, list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _droppable_turns(messages: Sequence[ChatMessage]) -> list[list[int]]:
+    """Indices of the droppable turns, oldest first: every non-system message before the last user one."""
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    anchor = users[-1] if users else len(messages) - 1
+    turns: list[list[int]] = []
+    for i, message in enumerate(messages[: max(anchor, 0)]):
+        if message.get("role") == "system":
+            continue
+        if not turns or message.get("role") == "user":
+            turns.append([])
+        turns[-1].append(i)
+    return turns
+
+
+def fit_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, max_new_tokens: int, context_len: int) -> Prompt:
+    """Render ``messages``, dropping the oldest turns until the prompt plus reply fits ``context_len``.
+
+    Raises:
+        PromptTooLong: when even the system messages and the last user turn do not fit.
+    """
+    turns = _droppable_turns(messages)
+    budget = context_len - max_new_tokens
+
+    def attempt(drop: int) -> tuple[list[ChatMessage], str, list[int]]:
+        dropped = {i for turn in turns[:drop] for i in turn}
+        kept = [m for i, m in enumerate(messages) if i not in dropped]
+        return (kept, *_encode(tokenizer, kept))
+
+    kept, text, ids = attempt(0)
+    if len(ids) <= budget:
+        return Prompt(text, ids, kept, 0)
+    # Fewer turns never means more tokens, so the smallest drop that fits is found by bisection.
+    low, high = 1, len(turns)
+    best = attempt(high)
+    if len(best[2]) > budget:
+        raise PromptTooLong(len(best[2]), max_new_tokens, context_len)
+    while low < high:
+        middle = (low + high) // 2
+        candidate = attempt(middle)
+        if len(candidate[2]) <= budget:
+            high, best = middle, candidate
+        else:
+            low = middle + 1
+    kept, text, ids = best
+    return Prompt(text, ids, kept, len(messages) - len(kept))

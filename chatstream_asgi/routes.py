@@ -1,0 +1,248 @@
+"""One small handler per chat route. Handlers raise ``HTTPError`` before a response starts;
+the middleware turns it into a JSON error."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._asgi import listen_for_disconnect, read_body, send_json
+from ._types import Receive, Scope, Send
+from .admission import Admission
+from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
+from .errors import HistoryStoreError, HTTPError
+from .history import HistoryStore
+from .requests import ChatTurn, parse_chat_turn, require_json
+from .session import SessionCookie
+from .streaming import StreamOptions, choose_encoder, stream_reply
+
+logger = logging.getLogger("chatstream_asgi")
+Finish = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """The middleware's per-route knobs, checked by ``ChatStreamMiddleware``."""
+
+    default_params: SamplingParams = field(default_factory=SamplingParams)
+    system_prompt: str | None = None
+    max_body_bytes: int = 64 * 1024
+    max_input_chars: int = 16_000
+    max_new_tokens_limit: int = 4096
+    generation_timeout: float | None = 300.0
+    send_timeout: float | None = 30.0
+    ping_interval: float | None = 15.0
+
+
+class ChatRoutes:
+    """The chat routes, sharing one engine, admission, cookie signer and history store."""
+
+    def __init__(
+        self, engine: Engine, admission: Admission, sessions: SessionCookie, store: HistoryStore, settings: ChatSettings
+    ) -> None:
+        self.engine = engine
+        self.admission = admission
+        self.sessions = sessions
+        self.store = store
+        self.settings = settings
+        # Sessions with a turn streaming right now (id -> the turn's token): a second concurrent turn
+        # would corrupt history.
+        self.active_sessions: dict[str, object] = {}
+
+    async def chat_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+        require_json(scope)
+        s = self.settings
+        body = await read_body(scope, receive, s.max_body_bytes)
+        turn = parse_chat_turn(
+            body, s.default_params, max_new_tokens_limit=s.max_new_tokens_limit, max_input_chars=s.max_input_chars
+        )
+        session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
+        headers = []
+        if session_id is None:
+            session_id = self.sessions.new_session_id()
+            headers.append(self.sessions.set_cookie_header(session_id))
+        with self.exclusive_turn(session_id) as end_turn:
+            base, user_input = previous_turns(await self.load_history(session_id), turn)
+            messages = [*base, user_message(user_input)]
+            await self.generate(scope, receive, send, session_id, messages, turn, headers, end_turn)
+
+    async def generate(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        session_id: str,
+        messages: list[ChatMessage],
+        turn: ChatTurn,
+        headers: list[tuple[bytes, bytes]],
+        end_turn: Callable[[], None],
+    ) -> None:
+        """Admit, then stream (nothing if the client leaves while queued)."""
+        ticket = self.admission.try_enter()
+
+        async def finish(reply: str) -> None:
+            try:
+                await self.save_reply(session_id, messages, reply)
+            finally:
+                end_turn()
+                ticket.release()
+
+        async def cut(reply: str) -> None:
+            await self.save_cut_reply(session_id, messages, reply)
+            end_turn()
+            ticket.release()
+
+        try:
+            if not await wait_for_slot(ticket, receive):
+                return
+            request_id = uuid.uuid4().hex
+            headers = [*headers, (b"x-request-id", request_id.encode()), *queue_headers(ticket.position)]
+            chunks = self.engine.stream(self.with_system_prompt(messages), turn.params)
+            chunks = finish_before_last_byte(chunks, finish, cut)
+            encoder = choose_encoder(scope, self.settings.ping_interval)
+            options = self.stream_options(headers, {"request_id": request_id, "queue_wait_s": ticket.queue_wait})
+            await stream_reply(send, receive, chunks, encoder, options)
+        finally:
+            ticket.release()
+
+    def stream_options(self, headers: list[tuple[bytes, bytes]], summary: dict[str, Any]) -> StreamOptions:
+        timeout = self.settings.generation_timeout
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        return StreamOptions(
+            headers=headers, send_timeout=self.settings.send_timeout, deadline=deadline, summary=summary
+        )
+
+    async def clear_context(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
+        if session_id is not None:
+            with self.exclusive_turn(session_id):
+                await self.store_call(self.store.clear(session_id))
+        await send_json(send, 200, {"cleared": True})
+
+    async def get_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
+        session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
+        history = [] if session_id is None else await self.load_history(session_id)
+        params = self.settings.default_params
+        prompt = await asyncio.to_thread(self.engine.render_prompt, self.with_system_prompt(history), params)
+        await send_json(send, 200, {"messages": history, "prompt": prompt})
+
+    async def get_load(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send_json(send, 200, {**self.admission.snapshot(), "model": self.engine.model_name})
+
+    @contextlib.contextmanager
+    def exclusive_turn(self, session_id: str) -> Iterator[Callable[[], None]]:
+        """Hold the session for one turn; yields ``end_turn`` to let it go early (it is let go at exit anyway)."""
+        if session_id in self.active_sessions:
+            raise HTTPError(409, "turn_in_progress", "a reply is still streaming for this session; wait or stop it")
+        token = self.active_sessions[session_id] = object()
+
+        def end_turn() -> None:
+            if self.active_sessions.get(session_id) is token:  # never end the next turn's claim
+                del self.active_sessions[session_id]
+
+        try:
+            yield end_turn
+        finally:
+            end_turn()
+
+    def with_system_prompt(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+        system = self.settings.system_prompt
+        return [{"role": "system", "content": system}, *messages] if system else list(messages)
+
+    async def load_history(self, session_id: str) -> list[ChatMessage]:
+        history: list[ChatMessage] = await self.store_call(self.store.load(session_id))
+        return history
+
+    async def save_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> None:
+        # A failed generation saves nothing (the caller never gets here), nor does an empty reply.
+        if reply:
+            assistant: ChatMessage = {"role": "assistant", "content": reply}
+            await self.store_call(self.store.save(session_id, [*messages, assistant]))
+
+    async def save_cut_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> None:
+        """Keep a reply cut by a disconnect or the deadline as far as it was sent. The reply is over, so a store
+        failure is only logged: it must not replace the error the client is about to get (or send a second one)."""
+        try:
+            await self.save_reply(session_id, messages, reply)
+        except HTTPError as error:
+            logger.warning("could not save a cut reply: %s", error.message)
+
+    @staticmethod
+    async def store_call(call: Any) -> Any:
+        try:
+            return await call
+        except HistoryStoreError as exc:
+            raise HTTPError(
+                503, "history_unavailable", f"the history store failed: {exc}", {"Retry-After": "5"}
+            ) from exc
+
+
+def user_message(text: str) -> ChatMessage:
+    return {"role": "user", "content": text}
+
+
+def previous_turns(history: list[ChatMessage], turn: ChatTurn) -> tuple[list[ChatMessage], str]:
+    """The history the new turn builds on, and the user input to answer."""
+    if not turn.regenerate:
+        assert turn.user_input is not None
+        return history, turn.user_input
+    for index in range(len(history) - 1, -1, -1):
+        if history[index]["role"] == "user":
+            return history[:index], history[index]["content"]
+    raise HTTPError(400, "invalid_request", "nothing to regenerate: this session has no user turn yet")
+
+
+async def finish_before_last_byte(
+    chunks: AsyncIterator[GenerationChunk], finish: Finish, cut: Finish | None = None
+) -> AsyncIterator[GenerationChunk]:
+    """Pass the engine's chunks on, and end the request before the sender writes the response's last byte,
+    whatever the outcome: ``finish(reply)`` once the engine is done; ``cut(reply as far as it was sent)`` when the
+    stream is closed or cancelled (a disconnect, the deadline, a slow client), or ``cut("")`` when the engine
+    fails (``cut`` defaults to ``finish``). Ending after the last byte lost races against the client's very next
+    request: 409, 429, or a history without the reply it had just read."""
+    parts: list[str] = []
+    try:
+        async for chunk in chunks:
+            yield chunk
+            parts.append(chunk.text)  # the sender came back for more: this chunk was written
+    except Exception:  # the engine failed: its reply is not kept
+        await (cut or finish)("")
+        raise
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await aclose(chunks)  # stop the engine before anything else
+        await (cut or finish)("".join(parts))
+        raise
+    await finish("".join(parts))
+
+
+async def aclose(chunks: AsyncIterator[GenerationChunk]) -> None:
+    closer = getattr(chunks, "aclose", None)
+    if closer is not None:
+        await closer()
+
+
+def queue_headers(position: int) -> list[tuple[bytes, bytes]]:
+    return [(b"x-queue-position", str(position).encode())] if position else []
+
+
+async def wait_for_slot(ticket: Any, receive: Receive) -> bool:
+    """Wait for the ticket's slot; ``False`` if the client disconnects first (it then leaves the queue)."""
+    waiter = asyncio.ensure_future(ticket.wait())
+    listener = asyncio.ensure_future(listen_for_disconnect(receive))
+    try:
+        await asyncio.wait({waiter, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (waiter, listener):
+            if not task.done():
+                task.cancel()
+        await asyncio.wait({waiter, listener})
+    if not listener.cancelled():
+        return False
+    waiter.result()  # raises QueueTimeout / Draining
+    return True

@@ -1,0 +1,286 @@
+"""Streaming a reply to the client: wire encoders and the send loop that races a disconnect.
+
+Deliberate choices, in the manner of sse-starlette:
+- The response starts with the first chunk, not before: an error raised before any text (a prompt
+  that cannot fit, an engine failure) still gets a proper status and JSON body, never ``200``
+  followed by an in-stream error. Admission is decided even earlier, in the route.
+- After the start, errors go in-band (an SSE ``error`` event or a final plain-text line).
+- A sibling task listens for ``http.disconnect`` because uvicorn's ``send`` does not raise after the
+  client leaves; whichever ends first cancels the other, which closes the engine stream.
+- A client that stops reading is treated as gone after ``send_timeout`` (back-pressure).
+- A ``send`` that raises ``OSError`` (what ASGI 2.4 servers do once the client is gone) is a disconnect,
+  not an engine error: the reply is kept as far as it was sent.
+- SSE sends a comment ping while the model is silent so proxies keep the connection open; a ping
+  starts the response, so an SSE error after ``ping_interval`` of silence goes in-band too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ._asgi import error_body, header, listen_for_disconnect, send_error
+from ._types import Receive, Scope, Send
+from .engines.base import GenerationChunk
+from .errors import ChatStreamError, HTTPError
+
+STREAM_HEADERS = [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
+Outcome = Literal["completed", "disconnected", "error", "timeout"]
+ErrorSender = Callable[[Send, HTTPError, list[tuple[bytes, bytes]] | None], Awaitable[None]]
+
+
+class StreamEncoder(Protocol):
+    content_type: bytes
+    ping_interval: float | None
+
+    def delta(self, text: str) -> bytes: ...
+    def done(self, summary: dict[str, Any]) -> bytes: ...
+    def error(self, error_type: str, message: str) -> bytes: ...
+    def ping(self) -> bytes: ...
+
+
+class PlainTextEncoder:
+    """ChatStream-compatible: the body is the concatenation of the reply's text deltas."""
+
+    content_type = b"text/plain; charset=utf-8"
+    ping_interval: float | None = None
+
+    def delta(self, text: str) -> bytes:
+        return text.encode("utf-8")
+
+    def done(self, summary: dict[str, Any]) -> bytes:
+        return b""
+
+    def error(self, error_type: str, message: str) -> bytes:
+        return f"\n\n[error: {error_type}] {message}\n".encode()
+
+    def ping(self) -> bytes:
+        return b""
+
+
+class SSEEncoder:
+    """``event: delta`` / ``event: done`` / ``event: error`` server-sent events with JSON data."""
+
+    content_type = b"text/event-stream; charset=utf-8"
+
+    def __init__(self, ping_interval: float | None = 15.0) -> None:
+        self.ping_interval = ping_interval
+
+    def delta(self, text: str) -> bytes:
+        return self.event("delta", {"text": text})
+
+    def done(self, summary: dict[str, Any]) -> bytes:
+        return self.event("done", summary)
+
+    def error(self, error_type: str, message: str) -> bytes:
+        return self.event("error", error_body(error_type, message))
+
+    def ping(self) -> bytes:
+        return b": ping\n\n"
+
+    @staticmethod
+    def event(name: str, data: dict[str, Any]) -> bytes:
+        return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+def choose_encoder(scope: Scope, ping_interval: float | None = 15.0) -> StreamEncoder:
+    accept = (header(scope, b"accept") or "").lower()
+    return SSEEncoder(ping_interval) if "text/event-stream" in accept else PlainTextEncoder()
+
+
+@dataclass
+class StreamResult:
+    """What happened to one streamed reply; ``text`` is the reply as far as it was sent."""
+
+    outcome: Outcome = "completed"
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    started: bool = False
+    time_to_first_token: float | None = None
+    error: BaseException | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass
+class StreamOptions:
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    send_timeout: float | None = 30.0
+    deadline: float | None = None  # loop.time() after which the generation is cut
+    summary: dict[str, Any] = field(default_factory=dict)  # extra fields for the ``done`` event
+    send_error: ErrorSender = send_error  # how an error before the first byte is answered (OpenAI routes: their shape)
+
+
+async def stream_reply(
+    send: Send, receive: Receive, chunks: AsyncIterator[GenerationChunk], encoder: StreamEncoder, options: StreamOptions
+) -> StreamResult:
+    """Stream ``chunks`` to the client until done, failed, timed out or disconnected."""
+    result = StreamResult()
+    sender = ReplySender(send, encoder, options, result)
+    producer = asyncio.create_task(sender.run(chunks))
+    listener = asyncio.create_task(listen_for_disconnect(receive))
+    try:
+        await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not producer.done():
+            result.outcome = "disconnected"
+            producer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await producer
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    return result
+
+
+class ClientGone(ChatStreamError):
+    """``send`` raised an ``OSError``: ASGI 2.4 servers do that once the client has disconnected."""
+
+
+class ClientTooSlow(ClientGone):
+    """The client did not accept a chunk within ``send_timeout``."""
+
+
+class ReplySender:
+    """Pulls chunks from the engine and writes them to the client; one instance per request."""
+
+    def __init__(self, send: Send, encoder: StreamEncoder, options: StreamOptions, result: StreamResult) -> None:
+        self.send = send
+        self.encoder = encoder
+        self.options = options
+        self.result = result
+        self.started_at = time.perf_counter()
+
+    async def run(self, chunks: AsyncIterator[GenerationChunk]) -> None:
+        try:
+            await self.pump(chunks)
+        except ClientGone:
+            self.result.outcome = "disconnected"
+        except TimeoutError:
+            self.result.outcome = "timeout"
+            await self.fail(HTTPError(504, "generation_timeout", "the reply took longer than the generation deadline"))
+        except Exception as exc:  # an engine failure must end the stream cleanly, not crash the server
+            self.result.outcome, self.result.error = "error", exc
+            await self.fail(as_http_error(exc))
+
+    async def pump(self, chunks: AsyncIterator[GenerationChunk]) -> None:
+        iterator = aiter(chunks)
+        pending: asyncio.Future[GenerationChunk] | None = None
+        try:
+            while True:
+                # checked on every turn, not only on silence: an engine that always has a chunk ready never goes silent
+                self.check_deadline()
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                done, _ = await asyncio.wait({pending}, timeout=self.wait_timeout())
+                if not done:
+                    await self.on_silence()
+                    continue
+                try:
+                    chunk = pending.result()
+                except StopAsyncIteration:
+                    break
+                pending = None
+                await self.on_chunk(chunk)
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                # aclose() on a generator that is still running raises: let the cancel land first.
+                await asyncio.wait({pending})
+            closer = getattr(iterator, "aclose", None)
+            if closer is not None:
+                await closer()
+        await self.finish()
+
+    def wait_timeout(self) -> float | None:
+        timeouts = [t for t in (self.encoder.ping_interval, self.remaining()) if t is not None]
+        return max(0.0, min(timeouts)) if timeouts else None
+
+    def remaining(self) -> float | None:
+        deadline = self.options.deadline
+        return None if deadline is None else deadline - asyncio.get_running_loop().time()
+
+    def check_deadline(self) -> None:
+        remaining = self.remaining()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError
+
+    async def on_silence(self) -> None:
+        self.check_deadline()
+        await self.start()
+        await self.write(self.encoder.ping())
+
+    async def on_chunk(self, chunk: GenerationChunk) -> None:
+        if chunk.text:
+            await self.start()
+            if self.result.time_to_first_token is None:
+                self.result.time_to_first_token = time.perf_counter() - self.started_at
+            await self.write(self.encoder.delta(chunk.text))
+            self.result.parts.append(chunk.text)
+        if chunk.finish_reason is not None:
+            self.result.finish_reason = chunk.finish_reason
+            self.result.prompt_tokens = chunk.prompt_tokens
+            self.result.completion_tokens = chunk.completion_tokens
+
+    async def finish(self) -> None:
+        await self.start()
+        await self.write(self.encoder.done(self.summary()), more_body=False)
+
+    def summary(self) -> dict[str, Any]:
+        r = self.result
+        return {
+            "finish_reason": r.finish_reason,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "time_to_first_token_s": r.time_to_first_token,
+            "duration_s": time.perf_counter() - self.started_at,
+            **self.options.summary,
+        }
+
+    async def fail(self, error: HTTPError) -> None:
+        with contextlib.suppress(ClientGone, OSError):
+            if not self.result.started:
+                self.result.started = True
+                await self.options.send_error(self.send, error, self.options.headers)
+                return
+            await self.write(self.encoder.error(error.error_type, error.message), more_body=False)
+
+    async def start(self) -> None:
+        if self.result.started:
+            return
+        self.result.started = True
+        headers = [(b"content-type", self.encoder.content_type), *STREAM_HEADERS, *self.options.headers]
+        await self.timed_send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def write(self, body: bytes, more_body: bool = True) -> None:
+        if body or not more_body:
+            await self.timed_send({"type": "http.response.body", "body": body, "more_body": more_body})
+
+    async def timed_send(self, message: dict[str, Any]) -> None:
+        try:
+            await asyncio.wait_for(self.send(message), self.options.send_timeout)
+        except TimeoutError:  # a subclass of OSError, so it comes first
+            raise ClientTooSlow("the client stopped reading") from None
+        except OSError as exc:
+            raise ClientGone("the client disconnected") from exc
+
+
+def as_http_error(exc: BaseException) -> HTTPError:
+    """Map an exception raised by an engine to the error the client sees."""
+    if isinstance(exc, HTTPError):
+        return exc
+    status = getattr(exc, "status", None)
+    if isinstance(status, int) and 400 <= status < 600:
+        headers = getattr(exc, "headers", None)  # e.g. an upstream's Retry-After
+        error_type = getattr(exc, "error_type", "generation_error")
+        return HTTPError(status, error_type, str(exc), headers if isinstance(headers, dict) else None)
+    return HTTPError(500, "generation_error", f"generation failed: {type(exc).__name__}: {exc}")

@@ -1,0 +1,421 @@
+"""Unit tests for ``chatstream_asgi.streaming``: encoders and ``stream_reply`` against raw ASGI fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import pytest
+
+from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
+from chatstream_asgi.engines.mock import MockEngine
+from chatstream_asgi.errors import EngineError, HTTPError
+from chatstream_asgi.streaming import (
+    PlainTextEncoder,
+    SSEEncoder,
+    StreamEncoder,
+    StreamOptions,
+    StreamResult,
+    as_http_error,
+    choose_encoder,
+    stream_reply,
+)
+
+from .asgi_fakes import RecordingSend, ScriptedReceive, http_scope, wait_until, with_hang_guard
+
+COOKIE = (b"set-cookie", b"chatstream_session=abc; Path=/")
+
+
+class ScriptedChunks:
+    """An engine stream: yields ``chunks`` (a float means "sleep that long"), then blocks or raises.
+
+    Records whether its cleanup ran and whether ``aclose()`` was called, like an engine that must
+    drop its sequence when the consumer goes away.
+    """
+
+    def __init__(self, chunks: Iterable[GenerationChunk | float], *, then: BaseException | None = None) -> None:
+        self.script = list(chunks)
+        self.then = then
+        self.hang_at_end = False
+        self.cleaned_up = asyncio.Event()
+        self.aclose_calls = 0
+        self.yielded = 0
+        self._gen = self._run()
+
+    @classmethod
+    def hanging(cls, chunks: Iterable[GenerationChunk | float]) -> ScriptedChunks:
+        """Yields ``chunks``, then waits forever (a model that went quiet)."""
+        stream = cls(chunks)
+        stream.hang_at_end = True
+        return stream
+
+    async def _run(self) -> AsyncIterator[GenerationChunk]:
+        try:
+            for item in self.script:
+                if isinstance(item, float):
+                    await asyncio.sleep(item)
+                    continue
+                self.yielded += 1
+                yield item
+            if self.then is not None:
+                raise self.then
+            if self.hang_at_end:
+                await asyncio.Event().wait()
+        finally:
+            self.cleaned_up.set()
+
+    def __aiter__(self) -> ScriptedChunks:
+        return self
+
+    async def __anext__(self) -> GenerationChunk:
+        return await self._gen.__anext__()
+
+    async def aclose(self) -> None:
+        self.aclose_calls += 1
+        await self._gen.aclose()
+
+
+def text(*parts: str, finish: str = "stop", prompt_tokens: int = 3) -> list[GenerationChunk]:
+    final = GenerationChunk("", finish, prompt_tokens, len(parts))  # type: ignore[arg-type]
+    return [*(GenerationChunk(p) for p in parts), final]
+
+
+async def run_stream(
+    chunks: AsyncIterator[GenerationChunk],
+    *,
+    encoder: StreamEncoder | None = None,
+    send: RecordingSend | None = None,
+    receive: ScriptedReceive | None = None,
+    **options: Any,
+) -> tuple[StreamResult, RecordingSend]:
+    send = send or RecordingSend()
+    receive = receive or ScriptedReceive(wait_for_disconnect=True)
+    options.setdefault("send_timeout", 1.0)
+    result = await with_hang_guard(
+        stream_reply(send, receive, chunks, encoder or PlainTextEncoder(), StreamOptions(**options))
+    )
+    return result, send
+
+
+def disconnect_after_body_chunks(receive: ScriptedReceive, count: int) -> Any:
+    def hook(send: RecordingSend) -> None:
+        if len(send.body_chunks) >= count:
+            receive.disconnect()
+
+    return hook
+
+
+# --- encoders -----------------------------------------------------------------------------------------------
+
+
+def test_plain_text_encoder_writes_bare_utf8_deltas() -> None:
+    encoder = PlainTextEncoder()
+    assert encoder.content_type == b"text/plain; charset=utf-8"
+    assert encoder.delta("héllo ✓") == "héllo ✓".encode()
+    assert encoder.done({"finish_reason": "stop"}) == b""
+    assert encoder.ping() == b""
+    assert encoder.ping_interval is None
+    assert encoder.error("generation_error", "boom") == b"\n\n[error: generation_error] boom\n"
+
+
+def test_sse_encoder_writes_named_events_with_json_data() -> None:
+    encoder = SSEEncoder(ping_interval=3.0)
+    assert encoder.content_type == b"text/event-stream; charset=utf-8"
+    assert encoder.ping_interval == 3.0
+    assert encoder.delta("hé\n") == 'event: delta\ndata: {"text": "hé\\n"}\n\n'.encode()
+    assert encoder.done({"finish_reason": "length"}) == b'event: done\ndata: {"finish_reason": "length"}\n\n'
+    assert encoder.error("t", "m") == b'event: error\ndata: {"error": {"type": "t", "message": "m"}}\n\n'
+    assert encoder.ping() == b": ping\n\n"
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, PlainTextEncoder),
+        (b"*/*", PlainTextEncoder),
+        (b"text/plain", PlainTextEncoder),
+        (b"text/event-stream", SSEEncoder),
+        (b"Text/Event-Stream", SSEEncoder),
+        (b"application/json, text/event-stream;q=0.9", SSEEncoder),
+    ],
+)
+def test_choose_encoder_picks_sse_only_when_accept_asks_for_it(accept: bytes | None, expected: type) -> None:
+    headers = [] if accept is None else [(b"accept", accept)]
+    encoder = choose_encoder(http_scope("POST", headers=headers), ping_interval=2.5)
+    assert type(encoder) is expected
+    if expected is SSEEncoder:
+        assert encoder.ping_interval == 2.5
+
+
+# --- a complete stream ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_plain_stream_sends_200_headers_then_each_delta_then_ends_the_body() -> None:
+    result, send = await run_stream(ScriptedChunks(text("Hel", "lo")), headers=[COOKIE])
+    assert send.status == 200
+    assert send.header("content-type") == "text/plain; charset=utf-8"
+    assert send.header("cache-control") == "no-store"
+    assert send.header("x-accel-buffering") == "no"
+    assert send.header("set-cookie") == COOKIE[1].decode()
+    assert send.body_chunks == [b"Hel", b"lo"]
+    assert send.messages[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert (result.outcome, result.text, result.finish_reason) == ("completed", "Hello", "stop")
+    assert (result.prompt_tokens, result.completion_tokens) == (3, 2)
+    assert result.started and result.time_to_first_token is not None
+
+
+@pytest.mark.asyncio
+async def test_sse_done_event_carries_finish_reason_token_counts_and_summary() -> None:
+    chunks = ScriptedChunks(text("a", "b", "c", finish="length", prompt_tokens=9))
+    result, send = await run_stream(chunks, encoder=SSEEncoder(None), summary={"request_id": "r1"})
+    assert send.header("content-type") == "text/event-stream; charset=utf-8"
+    events = send.sse_events()
+    assert [name for name, _ in events] == ["delta", "delta", "delta", "done"]
+    assert "".join(data["text"] for name, data in events if name == "delta") == "abc"
+    done = events[-1][1]
+    assert done["finish_reason"] == "length"
+    assert (done["prompt_tokens"], done["completion_tokens"]) == (9, 3)
+    assert done["request_id"] == "r1"
+    assert done["duration_s"] >= 0 and done["time_to_first_token_s"] is not None
+    assert send.complete and result.outcome == "completed"
+
+
+@pytest.mark.asyncio
+async def test_text_in_the_final_chunk_is_sent_and_counted() -> None:
+    chunks = ScriptedChunks([GenerationChunk("a"), GenerationChunk("b", "stop", 1, 2)])
+    result, send = await run_stream(chunks)
+    assert send.body == b"ab" and result.text == "ab" and result.finish_reason == "stop"
+
+
+@pytest.mark.asyncio
+async def test_headers_go_out_with_the_first_text_not_before() -> None:
+    send = RecordingSend()
+    seen_before_text: list[int] = []
+
+    async def chunks() -> AsyncIterator[GenerationChunk]:
+        yield GenerationChunk("")  # an empty delta (e.g. a held-back UTF-8 byte) starts nothing
+        await asyncio.sleep(0.01)
+        seen_before_text.append(len(send.messages))
+        yield GenerationChunk("hi")
+        yield GenerationChunk("", "stop")
+
+    result, _ = await run_stream(chunks(), send=send)
+    assert seen_before_text == [0]
+    assert [m["type"] for m in send.messages[:2]] == ["http.response.start", "http.response.body"]
+    assert result.text == "hi"
+
+
+@pytest.mark.asyncio
+async def test_empty_reply_still_sends_a_complete_200() -> None:
+    result, send = await run_stream(ScriptedChunks(text()))
+    assert send.status == 200 and send.body == b"" and send.complete
+    assert result.outcome == "completed" and result.text == ""
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_engine_error_before_any_text_is_a_json_500_not_a_200() -> None:
+    boom = EngineError("the model fell over")
+    result, send = await run_stream(ScriptedChunks([GenerationChunk("")], then=boom), headers=[COOKIE])
+    assert send.status == 500
+    assert send.header("content-type") == "application/json"
+    assert send.header("set-cookie") == COOKIE[1].decode()  # a new session keeps its cookie
+    assert send.json()["error"]["type"] == "generation_error"
+    assert "the model fell over" in send.json()["error"]["message"]
+    assert send.complete
+    assert result.outcome == "error" and result.error is boom and result.text == ""
+
+
+@pytest.mark.asyncio
+async def test_http_error_from_the_engine_keeps_its_status_before_the_start() -> None:
+    error = HTTPError(400, "prompt_too_long", "the prompt does not fit")
+    _, send = await run_stream(ScriptedChunks([], then=error), encoder=SSEEncoder(None))
+    assert send.status == 400
+    assert send.json() == {"error": {"type": "prompt_too_long", "message": "the prompt does not fit"}}
+
+
+def test_as_http_error_maps_status_attribute_and_defaults_to_500() -> None:
+    class Upstream(Exception):
+        status = 502
+        error_type = "upstream_error"
+
+    assert (as_http_error(Upstream("bad gateway")).status, as_http_error(Upstream("x")).error_type) == (
+        502,
+        "upstream_error",
+    )
+    assert as_http_error(ValueError("x")).status == 500
+    weird = ValueError("x")
+    weird.status = 200  # type: ignore[attr-defined]
+    assert as_http_error(weird).status == 500
+
+
+@pytest.mark.asyncio
+async def test_sse_error_after_start_is_an_in_band_error_event_and_the_body_ends() -> None:
+    chunks = ScriptedChunks([GenerationChunk("par"), GenerationChunk("tial")], then=EngineError("died"))
+    result, send = await run_stream(chunks, encoder=SSEEncoder(None))
+    assert send.status == 200
+    events = send.sse_events()
+    assert [name for name, _ in events] == ["delta", "delta", "error"]
+    assert events[-1][1]["error"]["type"] == "generation_error"
+    assert send.messages[-1]["more_body"] is False and send.complete
+    assert result.outcome == "error" and result.text == "partial"
+    assert chunks.cleaned_up.is_set()
+
+
+@pytest.mark.asyncio
+async def test_plain_error_after_start_is_a_final_line_and_the_body_ends() -> None:
+    chunks = ScriptedChunks([GenerationChunk("part")], then=EngineError("died"))
+    result, send = await run_stream(chunks)
+    assert send.status == 200
+    assert send.body.startswith(b"part\n\n[error: generation_error] ")
+    assert send.body.endswith(b"\n")
+    assert send.messages[-1]["more_body"] is False
+    assert result.outcome == "error"
+
+
+# --- disconnects and slow clients --------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_disconnect_mid_stream_cancels_and_closes_the_engine_stream() -> None:
+    receive = ScriptedReceive(wait_for_disconnect=True)
+    send = RecordingSend(hook=disconnect_after_body_chunks(receive, 2))
+    chunks = ScriptedChunks.hanging([GenerationChunk("one "), GenerationChunk("two "), 0.01, GenerationChunk("x")])
+    result, _ = await run_stream(chunks, send=send, receive=receive)
+    assert result.outcome == "disconnected"
+    assert result.text == "one two "
+    assert chunks.cleaned_up.is_set()
+    assert chunks.aclose_calls == 1
+    assert not send.complete  # nothing is written after the client left
+
+
+@pytest.mark.asyncio
+async def test_disconnect_while_the_engine_is_silent_closes_the_stream() -> None:
+    receive = ScriptedReceive(wait_for_disconnect=True)
+    chunks = ScriptedChunks.hanging([GenerationChunk("one ")])
+    task = asyncio.create_task(run_stream(chunks, receive=receive))
+    await wait_until(lambda: chunks.yielded == 1)
+    receive.disconnect()
+    result, send = await task
+    assert result.outcome == "disconnected" and result.text == "one "
+    assert chunks.cleaned_up.is_set()
+
+
+@pytest.mark.asyncio
+async def test_disconnect_cancels_a_mock_engine_sequence() -> None:
+    engine = MockEngine("a b c d e f g h", token_delay=0.01)
+    receive = ScriptedReceive(wait_for_disconnect=True)
+    send = RecordingSend(hook=disconnect_after_body_chunks(receive, 2))
+    stream = engine.stream([{"role": "user", "content": "hi"}], SamplingParams())
+    result, _ = await run_stream(stream, send=send, receive=receive)
+    assert result.outcome == "disconnected" and result.text == "a b "
+    assert engine.cancelled == 1 and engine.running == 0
+
+
+@pytest.mark.asyncio
+async def test_disconnect_before_any_text_sends_nothing() -> None:
+    receive = ScriptedReceive([{"type": "http.disconnect"}])
+    chunks = ScriptedChunks.hanging([])
+    result, send = await run_stream(chunks, receive=receive)
+    assert result.outcome == "disconnected" and send.messages == []
+    assert chunks.cleaned_up.is_set()
+
+
+@pytest.mark.asyncio
+async def test_send_blocked_longer_than_send_timeout_counts_as_disconnected() -> None:
+    send = RecordingSend(block=asyncio.Event())  # a client that never reads
+    chunks = ScriptedChunks.hanging([GenerationChunk("stuck")])
+    result, _ = await run_stream(chunks, send=send, send_timeout=0.05)
+    assert result.outcome == "disconnected"
+    assert result.text == ""  # the chunk never went out
+    assert chunks.cleaned_up.is_set()
+
+
+@pytest.mark.asyncio
+async def test_send_raising_oserror_counts_as_disconnected_and_keeps_the_sent_text() -> None:
+    # ASGI 2.4 servers raise an OSError subclass from send() once the client is gone.
+    def hook(send: RecordingSend) -> None:
+        if len(send.body_chunks) == 1:
+            send.hook = raise_oserror
+
+    def raise_oserror(send: RecordingSend) -> None:
+        raise ConnectionResetError("client gone")
+
+    chunks = ScriptedChunks.hanging([GenerationChunk("kept "), GenerationChunk("lost")])
+    result, send = await run_stream(chunks, send=RecordingSend(hook=hook))
+    assert result.outcome == "disconnected"
+    assert result.text == "kept "
+    assert chunks.cleaned_up.is_set()
+
+
+# --- deadline and pings ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_deadline_cuts_a_silent_engine_with_an_in_band_timeout_error() -> None:
+    chunks = ScriptedChunks.hanging([GenerationChunk("so far")])
+    deadline = asyncio.get_running_loop().time() + 0.05
+    result, send = await run_stream(chunks, encoder=SSEEncoder(None), deadline=deadline)
+    assert result.outcome == "timeout" and result.text == "so far"
+    events = send.sse_events()
+    assert [name for name, _ in events] == ["delta", "error"]
+    assert events[-1][1]["error"]["type"] == "generation_timeout"
+    assert send.complete and chunks.cleaned_up.is_set()
+
+
+@pytest.mark.asyncio
+async def test_deadline_cuts_an_engine_that_never_goes_silent() -> None:
+    closed = asyncio.Event()
+
+    async def endless() -> AsyncIterator[GenerationChunk]:
+        try:
+            while True:
+                await asyncio.sleep(0)
+                yield GenerationChunk("x")
+        finally:
+            closed.set()
+
+    deadline = asyncio.get_running_loop().time() + 0.05
+    result, send = await run_stream(endless(), deadline=deadline)
+    assert result.outcome == "timeout"
+    assert b"[error: generation_timeout]" in send.body
+    assert closed.is_set()
+
+
+@pytest.mark.asyncio
+async def test_deadline_before_any_text_is_a_json_504() -> None:
+    deadline = asyncio.get_running_loop().time() + 0.02
+    result, send = await run_stream(ScriptedChunks.hanging([]), deadline=deadline)
+    assert result.outcome == "timeout"
+    assert send.status == 504 and send.json()["error"]["type"] == "generation_timeout"
+
+
+@pytest.mark.asyncio
+async def test_sse_pings_while_the_engine_is_silent() -> None:
+    chunks = ScriptedChunks([0.12, *text("late")])
+    result, send = await run_stream(chunks, encoder=SSEEncoder(ping_interval=0.02))
+    assert send.status == 200
+    assert send.body_chunks[0] == b": ping\n\n"
+    assert send.body.count(b": ping\n\n") >= 2
+    assert [name for name, _ in send.sse_events()] == ["delta", "done"]
+    assert result.outcome == "completed" and result.text == "late"
+
+
+@pytest.mark.asyncio
+async def test_plain_text_never_pings() -> None:
+    chunks = ScriptedChunks([0.05, *text("late")])
+    _, send = await run_stream(chunks, encoder=PlainTextEncoder())
+    assert send.body == b"late"
+
+
+@pytest.mark.asyncio
+async def test_sse_done_event_is_valid_json_for_non_ascii_text() -> None:
+    _, send = await run_stream(ScriptedChunks(text("日本", "語")), encoder=SSEEncoder(None))
+    raw = send.body.decode("utf-8")
+    assert "日本" in raw
+    assert json.loads(raw.split("data: ", 1)[1].split("\n", 1)[0]) == {"text": "日本"}
