@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def free_port() -> int:
 
 
 class Sampler:
-    """Samples a process tree's RSS every 100 ms and its CPU time, and the machine's CPU time, for 'other load'."""
+    """Samples a process tree's RSS every 100 ms; gives its CPU time (with the driver's) for 'other load'."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
@@ -539,8 +540,8 @@ def render(report: Report, ns: list[int]) -> str:
     late = find(report.rows, 1, max(ns))
     if late is not None and late.late_ttft_p50 is not None:
         parts.append(
-            f"In the closed loop itself, contender 1's requests sent while others were streaming had a TTFT p50 "
-            f"of {ms(late.late_ttft_p50)} at N={max(ns)}."
+            f"In the closed loop itself, contender 1's later requests (sent while the other clients' replies streamed) "
+            f"had a TTFT p50 of {ms(late.late_ttft_p50)} at N={max(ns)}."
         )
     if notes:
         parts += ["", "Notes:", "", *notes]
@@ -607,6 +608,7 @@ def concurrency_levels(args: argparse.Namespace) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind, so every server process is killed
     if args.setup_only:
         print(original_python())
         return 0

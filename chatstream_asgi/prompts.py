@@ -20,7 +20,13 @@ from .errors import ChatStreamError
 
 
 class PromptTooLong(ChatStreamError):
-    """Even the system messages and the last user turn leave no room for ``max_new_tokens``."""
+    """Even the system messages and the last user turn leave no room for ``max_new_tokens``.
+
+    A client error: ``streaming.as_http_error`` answers it with ``status`` and ``error_type``.
+    """
+
+    status = 400
+    error_type = "prompt_too_long"
 
     def __init__(self, prompt_tokens: int, max_new_tokens: int, context_len: int) -> None:
         self.prompt_tokens = prompt_tokens

@@ -40,8 +40,8 @@ def chat_server(serve: Callable[..., UvicornThread]) -> Callable[..., tuple[Uvic
 def chat_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
     """``chat_engine_factory(**options)``: a TransformersEngine on the tiny random Llama.
 
-    Skips until both ``chatstream_asgi.engines.transformers`` and ``tests/tiny_model.py`` exist. Once
-    ``tests/conftest.py`` provides ``tiny_model_dir``, this can take the model folder from it instead.
+    Skips where ``chatstream_asgi.engines.transformers`` or ``tests/tiny_model.py`` is missing. It builds its
+    own model folder; ``tests/conftest.py``'s ``tiny_model_dir`` could provide it instead.
     """
     if importlib.util.find_spec("chatstream_asgi.engines.transformers") is None:
         pytest.skip("chatstream_asgi.engines.transformers (TransformersEngine) does not exist yet")

@@ -308,3 +308,13 @@ async def test_engine_failure_before_first_token_is_a_json_error(chat_server: Ch
     assert response.status_code == 500
     error = response.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "generation_error" and "param" in error
+
+
+def test_back_to_back_requests_find_the_slot_free(chat_server: ChatServer, open_sync: SyncFactory) -> None:
+    """The slot is released before the last byte, so a client's next request never races its own last one."""
+    server, _ = chat_server({"reply": REPLY}, max_concurrency=1, max_queue=0)
+    client = open_sync(server, max_retries=0)
+    for _ in range(10):
+        assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content == REPLY  # type: ignore[arg-type]
+        stream = client.chat.completions.create(model="m", messages=USER, stream=True)  # type: ignore[arg-type]
+        assert "".join(c.choices[0].delta.content or "" for c in stream) == REPLY

@@ -500,10 +500,6 @@ async def test_a_passthrough_endpoint_stays_fast_while_max_concurrency_chats_str
     assert p99(busy) <= p99(idle) * 10 + 0.050, f"the event loop was blocked while chats streamed: {figures}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="prompts.PromptTooLong has no status/error_type, so streaming.as_http_error answers 500 generation_error",
-)
 @pytest.mark.asyncio
 async def test_a_prompt_that_cannot_fit_the_context_is_a_client_error(
     serve: Callable[..., UvicornThread], chat_engine_factory: Callable[..., Any]
@@ -511,5 +507,5 @@ async def test_a_prompt_that_cannot_fit_the_context_is_a_client_error(
     server = serve(chat_app(ping_app(), chat_engine_factory(max_batch_size=1, device="cpu")))
     async with client_for(server) as client:
         response = await client.post("/chat_stream", json={"user_input": "hi", "max_new_tokens": 4000})
-    assert 400 <= response.status_code < 500, response.text
-    assert response.json()["error"]["type"] != "generation_error"
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "prompt_too_long"

@@ -4,6 +4,7 @@ shows, and how it reads upstream events (the wire behaviour is in ``tests/integr
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -91,3 +92,9 @@ def test_parse_chunk_errors_map_to_a_502(payload: str, error_type: str) -> None:
 def test_retry_after_travels_to_the_http_error() -> None:
     error = as_http_error(UpstreamError("busy", status=503, error_type="upstream_overloaded", retry_after=4))
     assert (error.status, error.headers) == (503, {"Retry-After": "4"})
+
+
+def test_missing_httpx_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "httpx", None)  # what `import httpx` meets when it is not installed
+    with pytest.raises(ImportError, match=r"chatstream-asgi\[upstream\]"):
+        OpenAIUpstreamEngine("http://h/v1", model="m")
