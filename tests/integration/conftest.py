@@ -4,7 +4,6 @@ tiny TransformersEngine for the one test that needs a real model."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,22 +36,11 @@ def chat_server(serve: Callable[..., UvicornThread]) -> Callable[..., tuple[Uvic
 
 
 @pytest.fixture(scope="session")
-def chat_engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Any]:
-    """``chat_engine_factory(**options)``: a TransformersEngine on the tiny random Llama.
-
-    Skips where ``chatstream_asgi.engines.transformers`` or ``tests/tiny_model.py`` is missing. It builds its
-    own model folder; ``tests/conftest.py``'s ``tiny_model_dir`` could provide it instead.
-    """
-    if importlib.util.find_spec("chatstream_asgi.engines.transformers") is None:
-        pytest.skip("chatstream_asgi.engines.transformers (TransformersEngine) does not exist yet")
-    if importlib.util.find_spec("tests.tiny_model") is None:
-        pytest.skip("tests/tiny_model.py (build_tiny_model) does not exist yet")
+def chat_engine_factory(tiny_model_dir: Path) -> Callable[..., Any]:
+    """``chat_engine_factory(**options)``: a TransformersEngine on the tiny random Llama, loaded from disk."""
     from chatstream_asgi import TransformersEngine
-    from tests.tiny_model import build_tiny_model
-
-    model_dir: Path = build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
     def build(**options: Any) -> Any:
-        return TransformersEngine.from_pretrained(str(model_dir), **options)
+        return TransformersEngine.from_pretrained(str(tiny_model_dir), **options)
 
     return build
