@@ -3,8 +3,9 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # A plain `torch` requirement pulls several GB of CUDA wheels; pin the CPU build first.
 TORCH_PIN ?= torch==2.13.0
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench
+.PHONY: install install-test demo test lint typecheck bench soak
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -14,6 +15,10 @@ install:
 
 install-test: install
 	$(PIP) install -q -e ".[test]"
+	# The Redis history store is tested against a real server (Debian package); skipped when already there.
+	command -v redis-server >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server)
+	# The chat page is tested in Debian's headless Chromium (no `playwright install`: no browser downloads).
+	[ -x /usr/bin/chromium ] || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
 demo: install
 	$(PYTHON) -m chatstream_asgi serve --host 127.0.0.1 --port 8000
@@ -28,6 +33,11 @@ lint:
 
 typecheck:
 	$(PYTHON) -m mypy
+
+# Thousands of chats with random disconnects against the mock and tiny engines, bounded in time, 127.0.0.1
+# only; writes its figures between the soak markers of benchmarks/RESULTS.md.
+soak: install-test
+	$(PYTHON) benchmarks/soak.py
 
 bench: install
 	$(PIP) install -q -e ".[bench]"

@@ -1,9 +1,9 @@
-"""The load side of ``serving.py``: closed-loop streaming clients, the passthrough poller, the TTFT probe.
+"""The load side of ``serving.py``: closed-loop streaming clients, the passthrough poller's process, the TTFT probe.
 
 Two wire formats: ``SSEWire`` for this project (``Accept: text/event-stream``; each ``delta`` event is
 one text delta and the ``done`` event carries the exact ``completion_tokens``) and ``CumulativeWire``
-for the original ChatStream (each chunk is the whole reply so far followed by ``<::EOS::>``; its
-tokens are counted by re-tokenizing the final reply).
+for the original ChatStream (each chunk is the whole reply so far followed by ``<::EOS::>``, one per
+generation step; its final reply is also re-tokenized as a cross-check).
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ import asyncio
 import contextlib
 import http.cookiejar
 import json
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
-from _bench_common import HELLO_PATH, PROMPTS, SEED
+from _bench_common import PROMPTS, SEED
 
 CHAT_PATH = "/chat_stream"
 ORIGINAL_EOS = "<::EOS::>"
-HELLO_INTERVAL = 0.020
+POLLER = str(Path(__file__).resolve().parent / "_hello_poller.py")
 # Queued requests of the sequential contenders wait long for their first byte.
 TIMEOUT = httpx.Timeout(connect=10.0, read=600.0, write=10.0, pool=600.0)
 
@@ -42,6 +44,7 @@ class RequestResult:
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)  # between consecutive text events
     tokens: int = 0
+    retokenized: int | None = None  # the original's final reply re-tokenized, as a cross-check of ``tokens``
     events: int = 0
     error: str | None = None
     joined_running: bool = False  # sent while other requests of the run were streaming
@@ -122,16 +125,23 @@ class CumulativeWire:
 
 
 class CumulativeParser:
+    """Counts generated tokens exactly: ``chat_core.process_chat`` yields once per generation step (its
+    ``stream_interval`` is 1 and we configure no stop strings) and ``ChatGenerator.generate`` adds one
+    final segment, so a reply of k tokens is k + 1 segments. Re-tokenizing the final reply is kept as a
+    cross-check (``retokenized``): it can differ by a token or two from what the model generated."""
+
     def __init__(self, count_tokens: Callable[[str], int]) -> None:
         self.count_tokens = count_tokens
         self.buffer = ""
         self.reply = ""
+        self.segments = 0
         self.error: str | None = None
 
     def feed(self, text: str) -> list[str]:
-        """The new text of each completed segment (one segment per generation step)."""
+        """The new text of each completed segment whose text grew."""
         self.buffer += text
         *segments, self.buffer = self.buffer.split(ORIGINAL_EOS)
+        self.segments += len(segments)
         deltas = []
         for segment in segments:
             if segment != self.reply:
@@ -140,6 +150,9 @@ class CumulativeParser:
         return deltas
 
     def tokens(self) -> int:
+        return max(0, self.segments - 1)
+
+    def retokenized(self) -> int:
         return self.count_tokens(self.reply) if self.reply else 0
 
 
@@ -175,6 +188,8 @@ async def stream_one(
         return finish(result)
     result.error = parser.error
     result.tokens = parser.tokens()
+    if isinstance(parser, CumulativeParser):
+        result.retokenized = parser.retokenized()
     return finish(result)
 
 
@@ -198,7 +213,6 @@ async def closed_loop(base_url: str, wire: Wire, n: int, per_client: int, time_c
     """``n`` clients, each sending its next request when the previous one ends, while ``/hello`` is polled."""
     hello_idle = poll_hello_idle(base_url)
     poller = HelloPoller(base_url)
-    poller.start()
     started = time.perf_counter()
     deadline = started + time_cap
     limits = httpx.Limits(max_connections=n)
@@ -225,44 +239,21 @@ async def client_loop(
 
 def poll_hello_idle(base_url: str, samples: int = 150) -> list[float]:
     """``/hello`` latencies on the idle server, polled as during load."""
-    latencies = []
-    with httpx.Client(base_url=base_url, timeout=30.0) as client:
-        for _ in range(samples):
-            latencies.append(timed_get(client))
-            time.sleep(HELLO_INTERVAL)
-    return latencies
-
-
-def timed_get(client: httpx.Client) -> float:
-    """Seconds for one ``GET /hello``; a failure counts as the time it took to fail (a stalled server is slow)."""
-    started = time.perf_counter()
-    with contextlib.suppress(httpx.HTTPError):
-        client.get(HELLO_PATH).raise_for_status()
-    return time.perf_counter() - started
+    done = subprocess.run([sys.executable, POLLER, base_url, str(samples)], capture_output=True, text=True, check=True)
+    return list(json.loads(done.stdout))
 
 
 class HelloPoller:
-    """Polls the wrapped app's ``/hello`` every ~20 ms from a thread, so the streaming clients' loop can't delay it."""
+    """Polls ``/hello`` from a process of its own (``_hello_poller.py``) until ``stop()``."""
 
     def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.latencies: list[float] = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="hello-poller", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.base_url, timeout=30.0) as client:
-            while not self.stopping.is_set():
-                self.latencies.append(timed_get(client))
-                self.stopping.wait(HELLO_INTERVAL)
+        self.process = subprocess.Popen(
+            [sys.executable, POLLER, base_url, "0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def stop(self) -> list[float]:
-        self.stopping.set()
-        self.thread.join()
-        return self.latencies
+        out, _ = self.process.communicate("", timeout=120)
+        return list(json.loads(out))
 
 
 @dataclass

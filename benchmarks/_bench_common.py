@@ -69,4 +69,3 @@ def runtime_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "executable": sys.executable,
     }
-

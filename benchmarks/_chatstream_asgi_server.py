@@ -1,7 +1,8 @@
 """Contenders 1 and 2 of ``serving.py``: this project's middleware with ``TransformersEngine`` on uvicorn.
 
 The wrapped app is a tiny Starlette app with the passthrough route the driver polls (``/hello``)
-and ``/bench_info`` (torch threads and versions, for RESULTS.md).
+and ``/bench_info`` (torch threads and versions, for RESULTS.md). With ``--hello-only`` it serves that
+app alone, without model or middleware: the reference for ``/hello`` while another process loads the CPU.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without `pip install -e .`
@@ -26,7 +28,7 @@ from chatstream_asgi.engines.transformers import TransformersEngine  # noqa: E40
 SECRET_KEY = "serving-benchmark-secret-key"
 
 
-def wrapped_app(info: dict[str, object]) -> Starlette:
+def wrapped_app(info: dict[str, Any]) -> Starlette:
     async def hello(request: Request) -> JSONResponse:
         return JSONResponse({"hello": "from the wrapped app"})
 
@@ -53,11 +55,13 @@ def build_app(args: argparse.Namespace) -> ChatStreamMiddleware:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--batch-size", type=int, required=True)
-    parser.add_argument("--max-concurrency", type=int, required=True)
-    parser.add_argument("--max-queue", type=int, required=True)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-concurrency", type=int, default=1)
+    parser.add_argument("--max-queue", type=int, default=1)
+    parser.add_argument("--hello-only", action="store_true")
     args = parser.parse_args()
-    uvicorn.run(build_app(args), host="127.0.0.1", port=args.port, log_level="warning")
+    app = wrapped_app({"contender": "hello-only"}) if args.hello_only else build_app(args)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":

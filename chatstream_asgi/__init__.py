@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .admission import Draining, QueueFull, QueueTimeout, Rejected
 from .engines.base import Engine, GenerationChunk, SamplingParams
 from .engines.mock import MockEngine
+from .engines.replicas import EngineReplicas
 from .errors import ChatStreamError, ConfigurationError, EngineError, HistoryStoreError
 from .history import HistoryStore, MemoryHistoryStore
 from .middleware import ChatStreamMiddleware
@@ -18,6 +19,7 @@ from .middleware import ChatStreamMiddleware
 if TYPE_CHECKING:
     from .engines.openai_upstream import OpenAIUpstreamEngine
     from .engines.transformers import TransformersEngine
+    from .redis_store import RedisHistoryStore
 
 __version__ = "0.1.0"
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "GenerationChunk",
+    "EngineReplicas",
     "HistoryStore",
     "HistoryStoreError",
     "MemoryHistoryStore",
@@ -35,6 +38,7 @@ __all__ = [
     "OpenAIUpstreamEngine",
     "QueueFull",
     "QueueTimeout",
+    "RedisHistoryStore",
     "Rejected",
     "SamplingParams",
     "TransformersEngine",
@@ -47,6 +51,10 @@ def __getattr__(name: str) -> Any:
         from .engines.transformers import TransformersEngine
 
         return TransformersEngine
+    if name == "RedisHistoryStore":
+        from .redis_store import RedisHistoryStore
+
+        return RedisHistoryStore
     if name == "OpenAIUpstreamEngine":
         from .engines.openai_upstream import OpenAIUpstreamEngine
 

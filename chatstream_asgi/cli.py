@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--secret-key", default=os.environ.get(SECRET_ENV), help=f"cookie key (or ${SECRET_ENV})")
     serve.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if present)")
     serve.add_argument("--system-prompt", default=None)
+    serve.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
+    serve.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
     return parser
 
 
@@ -74,6 +76,7 @@ def serve(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         system_prompt=args.system_prompt,
+        ui_path=args.ui_path,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

@@ -1,7 +1,7 @@
 """Server-side chat history, keyed by the session id from the signed cookie.
 
 ``HistoryStore`` is the extension point: any object with these three async methods works. A store for
-many replicas (the planned ``RedisHistoryStore``) implements the same protocol and should reuse
+many replicas (``redis_store.RedisHistoryStore``) implements the same protocol and should reuse
 ``copy_messages`` and ``trim_turns`` so every store keeps and trims history the same way.
 """
 

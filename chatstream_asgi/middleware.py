@@ -9,11 +9,19 @@ from ._asgi import route_path, send_error
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .admission import Admission, Rejected
 from .engines.base import Engine, SamplingParams
+from .engines.replicas import as_engine
 from .errors import ClientDisconnected, ConfigurationError, HTTPError
+from .health import OperationsRoutes, drain
 from .history import HistoryStore, MemoryHistoryStore
+from .hooks import ChatHooks, Interceptor, OnFinish
+from .metrics import ChatMetrics, Observer, metrics_available
 from .openai_api import OpenAIRoutes, openai_route_table
 from .routes import ChatRoutes, ChatSettings
+from .security import RequestGuard
 from .session import SessionCookie
+from .session_routes import OnFeedback, SessionRoutes
+from .session_state import SessionStateStore
+from .streaming import Wire
 
 logger = logging.getLogger("chatstream_asgi")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -35,7 +43,8 @@ class ChatStreamMiddleware:
 
     Args:
         app: the wrapped ASGI application.
-        engine: what generates replies (``TransformersEngine``, ``MockEngine``, ...).
+        engine: what generates replies (``TransformersEngine``, ``MockEngine``, ...); a list of engines (one per
+            device) becomes an ``EngineReplicas`` that sends each new chat to the least loaded one.
         secret_key: signs the session cookie; a list rotates keys (the first signs, all verify).
         path: the chat route; the other routes keep their default paths unless given in ``paths``.
         paths: route name -> path, for ``chat_stream``, ``clear_context``, ``get_prompt``, ``get_load``.
@@ -54,13 +63,37 @@ class ChatStreamMiddleware:
         openai_prefix: where the OpenAI-compatible routes live (``{prefix}/chat/completions``,
             ``{prefix}/models``); None turns them off.
         api_keys: Bearer keys the OpenAI routes require (``Authorization: Bearer <key>``); None requires none.
+        metrics_path: where Prometheus metrics are served (needs the ``metrics`` extra; without it they are
+            off); None turns them off.
+        metrics_registry: a ``prometheus_client.CollectorRegistry`` to register in; default a new one.
+        health_path, ready_path: liveness and readiness routes; None turns one off.
+        log_text: put user input and reply text in the request log (never by default).
+        require_api_key: the chat routes too need ``Authorization: Bearer <key>`` from ``api_keys``
+            (non-browser deployments); otherwise browsers use the session cookie.
+        allowed_origins: origins besides this server's own allowed to POST with the session cookie (CSRF check).
+        csrf: set False to turn the ``Origin``/``Sec-Fetch-Site`` check off.
+        max_input_chars: the longest ``user_input`` accepted (400 beyond).
+        max_history_turns: user/assistant pairs of history sent to the model with a new turn; None sends all
+            (the engine still truncates to its context).
+        max_input_tokens: the most tokens one ``user_input`` may have, counted with the engine's tokenizer (engines
+            without one, like the mock or an upstream, are limited by ``max_input_chars`` only).
+        ui_path: where the built-in chat page is served (e.g. ``"/"``); None (the default) turns it off.
+        wire: ``"delta"`` (text deltas) or ``"chatstream-0.3"`` (each chunk the whole reply + ``<::EOS::>``,
+            for ChatStream 0.3 clients); SSE clients get SSE either way.
+        on_finish: ``on_finish(session_id, user_input, reply, stats)``, after each turn; errors are logged.
+        request_interceptor: ``interceptor(scope, session_id, body_dict)`` before a turn is validated;
+            return a replacement dict or None.
+        on_feedback: ``on_feedback(session_id, feedback)`` for each ``POST /set_feedback``.
+        session_state: where per-session generation params and feedback live; bounded in memory by default.
+        extra_paths: paths for ``set_generation_params``, ``get_generation_params``, ``set_feedback``,
+            ``get_resource_usage`` (default ``/<name>``).
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        engine: Engine,
+        engine: Engine | Sequence[Engine],
         secret_key: str | bytes | Sequence[str | bytes],
         path: str = "/chat_stream",
         paths: dict[str, str] | None = None,
@@ -81,10 +114,32 @@ class ChatStreamMiddleware:
         drain_timeout: float = 30.0,
         openai_prefix: str | None = "/v1",
         api_keys: str | Sequence[str] | None = None,
+        metrics_path: str | None = "/metrics",
+        metrics_registry: object | None = None,
+        health_path: str | None = "/healthz",
+        ready_path: str | None = "/readyz",
+        log_text: bool = False,
+        require_api_key: bool = False,
+        allowed_origins: Sequence[str] = (),
+        csrf: bool = True,
+        max_input_chars: int = 16_000,
+        max_history_turns: int | None = None,
+        max_input_tokens: int | None = None,
+        ui_path: str | None = None,
+        wire: Wire = "delta",
+        on_finish: OnFinish | None = None,
+        request_interceptor: Interceptor | None = None,
+        on_feedback: OnFeedback | None = None,
+        session_state: SessionStateStore | None = None,
+        extra_paths: dict[str, str] | None = None,
     ) -> None:
         check_positive(max_body_bytes=max_body_bytes, max_new_tokens_limit=max_new_tokens_limit)
+        check_positive(max_input_chars=max_input_chars)
+        for name, limit in {"max_history_turns": max_history_turns, "max_input_tokens": max_input_tokens}.items():
+            if limit is not None:
+                check_positive(**{name: limit})
         self.app = app
-        self.engine = engine
+        self.engine = engine = as_engine(engine)
         self.admission = Admission(max_concurrency, max_queue, queue_timeout)
         sessions = SessionCookie(
             secret_key, cookie_name=cookie_name, max_age=cookie_max_age, https_only=https_only, same_site=same_site
@@ -94,15 +149,39 @@ class ChatStreamMiddleware:
             system_prompt=system_prompt,
             max_body_bytes=max_body_bytes,
             max_new_tokens_limit=max_new_tokens_limit,
+            max_input_chars=max_input_chars,
+            max_history_turns=max_history_turns,
+            max_input_tokens=max_input_tokens,
             generation_timeout=generation_timeout,
             send_timeout=send_timeout,
         )
         store = history_store if history_store is not None else MemoryHistoryStore()
-        self.routes = ChatRoutes(engine, self.admission, sessions, store, settings)
+        extras = session_state if session_state is not None else SessionStateStore()
+        hooks = ChatHooks(on_finish=on_finish, request_interceptor=request_interceptor, wire=wire, extras=extras)
+        self.routes = ChatRoutes(engine, self.admission, sessions, store, settings, hooks)
         self.drain_timeout = drain_timeout
-        self.table = self.route_table({**DEFAULT_PATHS, "chat_stream": path, **(paths or {})})
+        chat_paths = {**DEFAULT_PATHS, "chat_stream": path, **(paths or {})}
+        self.table = self.route_table(chat_paths)
         openai_routes = OpenAIRoutes(engine, self.admission, settings, api_keys)
-        self.table.update(openai_route_table(openai_routes, openai_prefix, api_keys, self.table))
+        # with require_api_key the keys guard the chat routes too, so they are no longer only the OpenAI routes'
+        openai_keys = None if require_api_key else api_keys
+        openai_table = openai_route_table(openai_routes, openai_prefix, openai_keys, self.table)
+        self.table.update(openai_table)
+        if metrics_path is not None and metrics_registry is None and not metrics_available():
+            logger.warning("prometheus-client is not installed, so %s is not served; pip install it", metrics_path)
+            metrics_path = None
+        metrics = None if metrics_path is None else ChatMetrics(self.admission, registry=metrics_registry)
+        self.observer = self.routes.observer = openai_routes.observer = Observer(metrics, log_text=log_text)
+        operations = OperationsRoutes(engine, self.admission, metrics)
+        ops_paths = {"healthz": health_path, "readyz": ready_path, "metrics": metrics_path}
+        ops_table = operations.table(ops_paths, self.table)
+        self.table.update(ops_table)
+        self.guard = RequestGuard(api_keys, require_api_key=require_api_key, allowed_origins=allowed_origins, csrf=csrf)
+        session_routes = SessionRoutes(self.routes, on_feedback, chat_paths)
+        self.table.update(session_routes.table(extra_paths or {}, ui_path, self.table))
+        # API keys and the CSRF check cover the session routes; the OpenAI routes check their own keys, and health,
+        # metrics and the page stay open
+        self.guarded = set(self.table) - set(openai_table) - set(ops_table) - {ui_path}
 
     def route_table(self, paths: dict[str, str]) -> dict[str, tuple[str, Handler]]:
         unknown = set(paths) - set(DEFAULT_PATHS)
@@ -124,13 +203,18 @@ class ChatStreamMiddleware:
             await self.app(scope, receive, send)
             return
         method, handler = route
+        send = self.observer.counting_send(route_path(scope), send)
         try:
             if scope["method"] != method:
                 raise HTTPError(405, "method_not_allowed", f"use {method} for this route", {"Allow": method})
+            if route_path(scope) in self.guarded:
+                self.guard.check(scope)
             await handler(scope, receive, send)
         except HTTPError as error:
+            self.observer.http_error(error)
             await send_error(send, error)
         except Rejected as rejection:
+            self.observer.rejected(rejection.reason)
             await send_error(send, rejection_error(rejection))
         except ClientDisconnected:
             return
@@ -149,10 +233,20 @@ class ChatStreamMiddleware:
         return wrapped
 
     async def shutdown(self) -> None:
-        self.admission.drain()
-        if not await self.admission.wait_idle(self.drain_timeout):
-            logger.warning("chat streams still running after %.0f s of drain; closing the engine", self.drain_timeout)
+        await self.drain()
         await self.engine.close()
+        closer = getattr(self.routes.store, "aclose", None)  # e.g. RedisHistoryStore's connection pool
+        if closer is not None:
+            await closer()
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Stop admitting (503 + ``Retry-After``; ``/readyz`` says 503), let running streams finish for ``grace``
+        seconds (default ``drain_timeout``), then end them with an in-band error. True if all ended in time."""
+        grace = self.drain_timeout if grace is None else grace
+        if await drain(self.admission, self.observer, grace):
+            return True
+        logger.warning("chat streams still running after %.0f s of drain and a cancel; closing anyway", grace)
+        return False
 
 
 def rejection_error(rejection: Rejected) -> HTTPError:

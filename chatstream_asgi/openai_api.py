@@ -19,6 +19,7 @@ from ._types import Receive, Scope, Send
 from .admission import Admission, Rejected
 from .engines.base import Engine, GenerationChunk
 from .errors import ConfigurationError, HTTPError
+from .metrics import GenerationProbe, Observer
 from .openai_schema import (
     CompletionRequest,
     OpenAIStreamEncoder,
@@ -115,6 +116,7 @@ class OpenAIRoutes:
         self.settings = settings
         self.api_keys = check_api_keys(api_keys)
         self.created = int(time.time())
+        self.observer = Observer()  # the middleware puts its own here
 
     def guarded(self, handler: Handler) -> Handler:
         """``handler`` behind the API key check, with every error sent in OpenAI's shape."""
@@ -124,8 +126,10 @@ class OpenAIRoutes:
                 self.check_api_key(scope)
                 await handler(scope, receive, send)
             except HTTPError as error:
+                self.observer.http_error(error)
                 await send_openai_error(send, error)
             except Rejected as rejection:
+                self.observer.rejected(rejection.reason)
                 await send_openai_error(send, rejection_error(rejection))
 
         return guarded_handler
@@ -153,14 +157,16 @@ class OpenAIRoutes:
         ticket = self.admission.try_enter()
         try:
             if not await wait_for_slot(ticket, receive):
+                self.observer.left_queue()
                 return
             reply = ReplyHeader(completion_id(), int(time.time()), self.engine.model_name)
+            probe = self.observer.start("chat_completions", reply.id, ticket.queue_wait)
             headers = [(b"x-request-id", reply.id.encode()), *queue_headers(ticket.position)]
             chunks = release_when_done(self.engine.stream(request.messages, request.params), ticket.release)
             if request.stream:
-                await self.stream(send, receive, chunks, request, reply, headers)
+                probe.done(await self.stream(send, receive, chunks, request, reply, headers, probe.on_token))
             else:
-                await self.complete(send, receive, chunks, reply, headers)
+                await self.complete(send, receive, chunks, reply, headers, probe)
         finally:
             ticket.release()
 
@@ -172,16 +178,27 @@ class OpenAIRoutes:
         request: CompletionRequest,
         reply: ReplyHeader,
         headers: list[tuple[bytes, bytes]],
-    ) -> None:
+        on_token: Callable[[], None] | None = None,
+    ) -> StreamResult:
         encoder = OpenAIStreamEncoder(reply, request.include_usage, self.settings.ping_interval)
         options = self.stream_options(headers)
-        options.send_error = send_openai_error
-        await stream_reply(send, receive, chunks, encoder, options)
+        options.send_error, options.on_token = send_openai_error, on_token
+        return await stream_reply(send, receive, chunks, encoder, options)
 
     async def complete(
-        self, send: Send, receive: Receive, chunks: Chunks, reply: ReplyHeader, headers: list[tuple[bytes, bytes]]
+        self,
+        send: Send,
+        receive: Receive,
+        chunks: Chunks,
+        reply: ReplyHeader,
+        headers: list[tuple[bytes, bytes]],
+        probe: GenerationProbe | None = None,
     ) -> None:
-        result = await collect_reply(receive, chunks, self.stream_options([]))
+        options = self.stream_options([])
+        options.on_token = None if probe is None else probe.on_token
+        result = await collect_reply(receive, chunks, options)
+        if probe is not None:
+            probe.done(result)
         if result.outcome == "disconnected":
             return
         if result.outcome == "timeout":

@@ -16,8 +16,11 @@ from ._types import Receive, Scope, Send
 from .admission import Admission
 from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
 from .errors import HistoryStoreError, HTTPError
-from .history import HistoryStore
+from .history import HistoryStore, trim_turns
+from .hooks import ChatHooks
+from .metrics import Observer
 from .requests import ChatTurn, parse_chat_turn, require_json
+from .security import check_input_tokens, token_counter
 from .session import SessionCookie
 from .streaming import StreamOptions, choose_encoder, stream_reply
 
@@ -33,6 +36,8 @@ class ChatSettings:
     system_prompt: str | None = None
     max_body_bytes: int = 64 * 1024
     max_input_chars: int = 16_000
+    max_history_turns: int | None = None  # user/assistant pairs of history sent to the model; None sends all
+    max_input_tokens: int | None = None  # needs an engine with a ``tokenizer``; None: only max_input_chars
     max_new_tokens_limit: int = 4096
     generation_timeout: float | None = 300.0
     send_timeout: float | None = 30.0
@@ -43,8 +48,15 @@ class ChatRoutes:
     """The chat routes, sharing one engine, admission, cookie signer and history store."""
 
     def __init__(
-        self, engine: Engine, admission: Admission, sessions: SessionCookie, store: HistoryStore, settings: ChatSettings
+        self,
+        engine: Engine,
+        admission: Admission,
+        sessions: SessionCookie,
+        store: HistoryStore,
+        settings: ChatSettings,
+        hooks: ChatHooks | None = None,
     ) -> None:
+        self.hooks = hooks or ChatHooks()
         self.engine = engine
         self.admission = admission
         self.sessions = sessions
@@ -53,23 +65,30 @@ class ChatRoutes:
         # Sessions with a turn streaming right now (id -> the turn's token): a second concurrent turn
         # would corrupt history.
         self.active_sessions: dict[str, object] = {}
+        self.observer = Observer()  # the middleware puts its own here
+        self.count_tokens = token_counter(engine) if settings.max_input_tokens is not None else None
 
     async def chat_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_json(scope)
         s = self.settings
         body = await read_body(scope, receive, s.max_body_bytes)
-        turn = parse_chat_turn(
-            body, s.default_params, max_new_tokens_limit=s.max_new_tokens_limit, max_input_chars=s.max_input_chars
-        )
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
         headers = []
         if session_id is None:
             session_id = self.sessions.new_session_id()
             headers.append(self.sessions.set_cookie_header(session_id))
+        body = await self.hooks.intercept(scope, session_id, body)
+        defaults = self.hooks.defaults_for(session_id, s.default_params)
+        turn = parse_chat_turn(
+            body, defaults, max_new_tokens_limit=s.max_new_tokens_limit, max_input_chars=s.max_input_chars
+        )
+        await check_input_tokens(self.count_tokens, turn.user_input, s.max_input_tokens)
         with self.exclusive_turn(session_id) as end_turn:
-            base, user_input = previous_turns(await self.load_history(session_id), turn)
-            messages = [*base, user_message(user_input)]
-            await self.generate(scope, receive, send, session_id, messages, turn, headers, end_turn)
+            async with self.hooks.stoppable(session_id, receive, send) as (receive, send):
+                base, user_input = previous_turns(await self.load_history(session_id), turn)
+                base = trim_turns(base, s.max_history_turns)
+                messages = [*base, user_message(user_input)]
+                await self.generate(scope, receive, send, session_id, messages, turn, headers, end_turn)
 
     async def generate(
         self,
@@ -84,6 +103,11 @@ class ChatRoutes:
     ) -> None:
         """Admit, then stream (nothing if the client leaves while queued)."""
         ticket = self.admission.try_enter()
+        request_id = uuid.uuid4().hex  # also the reply's id (ChatStream's X-ChatStream-Last-Generated-Message-Id)
+
+        def ended(reply: str, outcome: str) -> None:
+            stats = {"outcome": outcome, "request_id": request_id, "queue_wait_s": ticket.queue_wait}
+            self.hooks.turn_ended(session_id, messages, reply, request_id, stats)
 
         async def finish(reply: str) -> None:
             try:
@@ -91,22 +115,28 @@ class ChatRoutes:
             finally:
                 end_turn()
                 ticket.release()
+                ended(reply, "completed")
 
         async def cut(reply: str) -> None:
             await self.save_cut_reply(session_id, messages, reply)
             end_turn()
             ticket.release()
+            ended(reply, "cut")
 
         try:
             if not await wait_for_slot(ticket, receive):
+                self.observer.left_queue()
                 return
-            request_id = uuid.uuid4().hex
-            headers = [*headers, (b"x-request-id", request_id.encode()), *queue_headers(ticket.position)]
+            self.hooks.arm_stop(session_id)
+            probe = self.observer.start("chat_stream", request_id, ticket.queue_wait)
+            message_id = (b"x-chatstream-last-generated-message-id", request_id.encode())
+            headers = [*headers, (b"x-request-id", request_id.encode()), message_id, *queue_headers(ticket.position)]
             chunks = self.engine.stream(self.with_system_prompt(messages), turn.params)
             chunks = finish_before_last_byte(chunks, finish, cut)
-            encoder = choose_encoder(scope, self.settings.ping_interval)
+            encoder = choose_encoder(scope, self.settings.ping_interval, self.hooks.wire)
             options = self.stream_options(headers, {"request_id": request_id, "queue_wait_s": ticket.queue_wait})
-            await stream_reply(send, receive, chunks, encoder, options)
+            options.on_token = probe.on_token
+            probe.done(await stream_reply(send, receive, chunks, encoder, options), turn.user_input)
         finally:
             ticket.release()
 
@@ -122,6 +152,11 @@ class ChatRoutes:
         if session_id is not None:
             with self.exclusive_turn(session_id):
                 await self.store_call(self.store.clear(session_id))
+            self.hooks.extras.forget_replies(session_id)
+            # a fresh id after a clear: whoever saw the old cookie (a shared machine, a log) cannot follow the next chat
+            rotated = [self.sessions.set_cookie_header(self.sessions.new_session_id())]
+            await send_json(send, 200, {"cleared": True}, rotated)
+            return
         await send_json(send, 200, {"cleared": True})
 
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -88,9 +88,30 @@ class SSEEncoder:
         return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def choose_encoder(scope: Scope, ping_interval: float | None = 15.0) -> StreamEncoder:
+class ChatStream03Encoder(PlainTextEncoder):
+    """ChatStream 0.3's wire format, for its existing clients: every chunk is the whole reply so far followed by
+    ``<::EOS::>`` (quadratic bytes; the marker lets a client that reads merged chunks find the latest reply).
+    Unlike ChatStream, a chunk never holds U+FFFD for a split UTF-8 sequence: the engines emit whole characters."""
+
+    MARKER = "<::EOS::>"
+
+    def __init__(self) -> None:
+        self.reply = ""
+
+    def delta(self, text: str) -> bytes:
+        self.reply += text
+        return (self.reply + self.MARKER).encode("utf-8")
+
+
+Wire = Literal["delta", "chatstream-0.3"]
+WIRES: tuple[Wire, ...] = ("delta", "chatstream-0.3")
+
+
+def choose_encoder(scope: Scope, ping_interval: float | None = 15.0, wire: Wire = "delta") -> StreamEncoder:
     accept = (header(scope, b"accept") or "").lower()
-    return SSEEncoder(ping_interval) if "text/event-stream" in accept else PlainTextEncoder()
+    if "text/event-stream" in accept:
+        return SSEEncoder(ping_interval)
+    return ChatStream03Encoder() if wire == "chatstream-0.3" else PlainTextEncoder()
 
 
 @dataclass
@@ -118,6 +139,7 @@ class StreamOptions:
     deadline: float | None = None  # loop.time() after which the generation is cut
     summary: dict[str, Any] = field(default_factory=dict)  # extra fields for the ``done`` event
     send_error: ErrorSender = send_error  # how an error before the first byte is answered (OpenAI routes: their shape)
+    on_token: Callable[[], None] | None = None  # per text chunk: metrics, and a drain that ends streams may raise
 
 
 async def stream_reply(
@@ -221,6 +243,8 @@ class ReplySender:
 
     async def on_chunk(self, chunk: GenerationChunk) -> None:
         if chunk.text:
+            if self.options.on_token is not None:
+                self.options.on_token()
             await self.start()
             if self.result.time_to_first_token is None:
                 self.result.time_to_first_token = time.perf_counter() - self.started_at

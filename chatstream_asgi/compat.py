@@ -1,0 +1,217 @@
+"""``ChatStream``: the original ChatStream's API over this package, so its users move over by changing imports.
+
+ChatStream's README quickstart runs with only ``from chatstream import ...`` changed to
+``from chatstream_asgi.compat import ...``: ``await chat_stream.handle_starlette_request(request)`` (or 0.3's
+``handle_chat_stream_request``) returns a response that does admission, the session, history and
+streaming. ``fastsession`` is not needed: the session is our own signed cookie; a ``FastSessionMiddleware``
+the app still adds is harmless. Where ChatStream misbehaved, this keeps the fix: a full queue is a real
+429 with ``Retry-After``, decided before any header, and the model never runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .compat_routes import API_METHODS, ChatStreamResponse, chosen_apis, no_app
+from .engines.base import Engine, SamplingParams
+from .engines.mock import MockEngine
+from .errors import ConfigurationError
+from .legacy_presets import *  # noqa: F403 - ChatStream's preset names, importable from here as from chatstream
+from .legacy_presets import PRESETS
+from .legacy_prompts import AbstractChatPrompt, LegacyPromptTokenizer, OutputReplacingEngine
+from .middleware import ChatStreamMiddleware
+
+logger = logging.getLogger("chatstream_asgi.compat")
+MOCK_REPLY = "This is a mock response from ChatStream compatibility mode. Pass a model to get real replies."
+Callback = Callable[[Any, str], Any]
+__all__ = ["AbstractChatPrompt", "ChatStream", *(preset.__name__ for preset in PRESETS)]
+
+
+class ChatStream:
+    """ChatStream 0.3's constructor and handlers over ``ChatStreamMiddleware``.
+
+    Args:
+        model, tokenizer: a transformers causal LM and its tokenizer (not needed with ``use_mock_response``).
+        device: where the model runs (``"cuda"``, ``"cpu"``); default where it is.
+        num_of_concurrent_executions: replies generated at once (batched).
+        max_queue_size: requests that may wait; exactly this many wait, the next gets 429.
+        chat_prompt_clazz: a ChatStream prompt class for models without a chat template; its stop strings apply.
+        max_new_tokens, context_len, temperature, top_k, top_p, repetition_penalty: generation defaults.
+        use_mock_response: stream a fixed reply without a model (starts at once).
+        secret_key: signs the session cookie; without one a random key per process is used (with a warning).
+        wire: ``"chatstream-0.3"`` (default: whole reply + ``<::EOS::>`` per chunk, for ChatStream's UI) or ``"delta"``.
+        engine: any engine, instead of ``model`` and ``tokenizer``.
+        name: this instance's name in ``/get_resource_usage``.
+        middleware_options: more ``ChatStreamMiddleware`` keywords (``queue_timeout``, ``on_finish``, ...).
+    """
+
+    def __init__(
+        self,
+        name: str = "node:0",
+        model: Any = None,
+        tokenizer: Any = None,
+        device: Any = None,
+        num_of_concurrent_executions: int = 2,
+        max_queue_size: int = 5,
+        use_mock_response: bool = False,
+        chat_prompt_clazz: type[AbstractChatPrompt] | None = None,
+        max_new_tokens: int = 256,
+        context_len: int | None = 1024,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = 1.0,
+        repetition_penalty: float | None = 1.0,
+        secret_key: str | bytes | Sequence[str | bytes] | None = None,
+        wire: str = "chatstream-0.3",
+        engine: Engine | None = None,
+        middleware_options: dict[str, Any] | None = None,
+        **ignored: Any,
+    ) -> None:
+        if ignored:
+            logger.warning("ChatStream options not used by chatstream_asgi, ignored: %s", sorted(ignored))
+        if secret_key is None:
+            logger.warning("no secret_key given: sessions are signed with a random key and end when the process does")
+            secret_key = secrets.token_urlsafe(32)
+        stops = tuple(chat_prompt_clazz().final_stop_strs()) if chat_prompt_clazz is not None else ()
+        self.name = name
+        self.default_params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=0 if top_k is None else top_k,
+            repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
+            stop=stops,
+        )
+        self.engine = engine or build_engine(
+            model, tokenizer, device, chat_prompt_clazz, num_of_concurrent_executions, context_len, use_mock_response
+        )
+        # never in the ASGI stack itself: its route table is what the handlers below run (the page at "/")
+        options: dict[str, Any] = {"openai_prefix": None, "metrics_path": None, "ui_path": "/"}
+        options.update(middleware_options or {})
+        self.middleware = ChatStreamMiddleware(
+            no_app,
+            engine=self.engine,
+            secret_key=secret_key,
+            max_concurrency=num_of_concurrent_executions,
+            max_queue=max_queue_size,
+            default_params=self.default_params,
+            wire=wire,  # type: ignore[arg-type]  # checked by the middleware
+            **options,
+        )
+
+    async def start_queue_worker(self) -> None:
+        """Start the engine (ChatStream started its queue worker here; admission needs none)."""
+        await self.engine.start()
+
+    async def close(self) -> None:
+        await self.middleware.shutdown()
+
+    def response_for(
+        self, api_name: str, request: Any, request_body: bytes | str | None = None, callback: Callback | None = None
+    ) -> ChatStreamResponse:
+        path = "/" if api_name == "webui_index" else f"/{api_name}"
+        route = self.middleware.table.get(path)
+        if route is None:
+            raise ConfigurationError(f"unknown ChatStream API {api_name!r}; use one of {sorted(API_METHODS)}")
+        body = request_body.encode() if isinstance(request_body, str) else request_body
+        if body is None:
+            body = getattr(request, "_body", None)  # Starlette keeps a body that was already read here
+
+        def done(message: str) -> None:
+            if callback is not None:
+                try:
+                    callback(request, message)
+                except Exception:
+                    logger.exception("the ChatStream callback failed")
+
+        return ChatStreamResponse(route[1], body, done)
+
+    async def handle_chat_stream_request(
+        self, request: Any, request_body: bytes | str | None = None, callback: Callback | None = None
+    ) -> ChatStreamResponse:
+        """Stream one chat turn; ``callback(request, "success" | "client_disconnected_while_streaming")`` at the end."""
+        return self.response_for("chat_stream", request, request_body, callback)
+
+    handle_starlette_request = handle_chat_stream_request  # the README's (pre-0.3) name
+
+    async def handle_clear_context_request(self, request: Any, *args: Any, **kwargs: Any) -> ChatStreamResponse:
+        return self.response_for("clear_context", request)
+
+    async def handle_get_prompt_request(self, request: Any) -> ChatStreamResponse:
+        return self.response_for("get_prompt", request)
+
+    async def handle_get_load_request(self, request: Any) -> ChatStreamResponse:
+        return self.response_for("get_load", request)
+
+    async def handle_set_generation_params_request(self, request: Any) -> ChatStreamResponse:
+        return self.response_for("set_generation_params", request)
+
+    async def handle_get_generation_params_request(self, request: Any) -> ChatStreamResponse:
+        return self.response_for("get_generation_params", request)
+
+    async def handle_set_feedback_request(self, request: Any, opts: dict[str, Any] | None = None) -> ChatStreamResponse:
+        return self.response_for("set_feedback", request)
+
+    async def handle_get_resource_usage_request(self, request: Any) -> ChatStreamResponse:
+        return self.response_for("get_resource_usage", request)
+
+    def append_apis(self, app: Any, opts: dict[str, Any] | None = None) -> list[str]:
+        """Add ChatStream's routes to a FastAPI/Starlette ``app``: ``{"all": True}``, ``{"include": [...]}`` or
+        ``{"exclude": [...]}`` as in ChatStream (``webui_index`` serves the chat page at ``/``). Returns the paths."""
+        names = chosen_apis(opts or {})
+        paths = []
+        for name in names:
+            path = "/" if name == "webui_index" else f"/{name}"
+            app.router.add_route(path, self.endpoint(name), methods=[API_METHODS[name]])
+            paths.append(path)
+        return paths
+
+    def endpoint(self, name: str) -> Callable[[Any], Any]:
+        async def endpoint(request: Any) -> ChatStreamResponse:
+            return self.response_for(name, request)
+
+        endpoint.__name__ = name
+        return endpoint
+
+    def append_middlewares(self, app: Any, opts: dict[str, Any] | None = None) -> None:
+        """ChatStream added session, role and CORS middlewares here. Sessions are built in now, so only CORS is
+        added, and only when ``opts["cors"]`` asks for it (e.g. ``{"cors": {"allow_origins": ["https://..."]}}``)."""
+        cors = (opts or {}).get("cors")
+        if cors is None:
+            return
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=cors.get("allow_origins", []),
+            allow_credentials=True,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-ChatStream-Last-Generated-Message-Id", "Retry-After", "X-Queue-Position"],
+        )
+
+
+def build_engine(
+    model: Any,
+    tokenizer: Any,
+    device: Any,
+    prompt_class: type[AbstractChatPrompt] | None,
+    batch: int,
+    context_len: int | None,
+    mock: bool,
+) -> Engine:
+    if mock:
+        return MockEngine(MOCK_REPLY, token_delay=0.02, max_batch_size=batch, model_name="mock")
+    if model is None or tokenizer is None:
+        raise ConfigurationError("pass model= and tokenizer= (or use_mock_response=True, or engine=...)")
+    from .engines.transformers import TransformersEngine
+
+    if prompt_class is not None:
+        tokenizer = LegacyPromptTokenizer(tokenizer, prompt_class)
+    device = None if device is None else str(device)
+    engine = TransformersEngine(model, tokenizer, device=device, max_batch_size=batch, context_len=context_len)
+    replacements = prompt_class().get_replacement_when_output() if prompt_class is not None else None
+    return OutputReplacingEngine(engine, replacements) if replacements else engine

@@ -1,0 +1,89 @@
+"""The HTTP side of the ChatStream facade: the response its handlers return, and ChatStream's API names."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import Response
+
+from ._asgi import send_error, send_json
+from ._types import Message, Receive, Scope, Send
+from .admission import QueueFull, Rejected
+from .errors import ClientDisconnected, ConfigurationError, HTTPError
+from .middleware import rejection_error
+
+API_METHODS = {
+    "chat_stream": "POST",
+    "clear_context": "POST",
+    "get_prompt": "GET",
+    "set_generation_params": "POST",
+    "get_generation_params": "GET",
+    "set_feedback": "POST",
+    "get_load": "GET",
+    "get_resource_usage": "GET",
+    "stop_generation": "POST",
+    "webui_index": "GET",
+}
+
+async def no_app(scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] == "http":
+        await send_json(send, 404, {"error": {"type": "not_found", "message": "not a ChatStream route"}})
+
+
+class ChatStreamResponse(Response):
+    """A Starlette response that runs one of the middleware's route handlers when the framework sends it."""
+
+    def __init__(self, handler: Callable[[Scope, Receive, Send], Any], body: bytes | None, done: Callable[[str], None]):
+        self.handler, self.replay, self.done = handler, body, done
+        self.background = None
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.status_code = 200  # what the handler sends decides; frameworks only log this one
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ended = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal ended
+            await send(message)
+            ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
+
+        try:
+            await self.handler(scope, self.replaying(receive), tracking_send)
+        except QueueFull as rejection:  # ChatStream's body, with a real status and Retry-After
+            retry_after = [(b"retry-after", str(rejection.retry_after).encode())]
+            await send_json(send, 429, {"error": "too_many_requests"}, retry_after)
+        except Rejected as rejection:
+            await send_error(send, rejection_error(rejection))
+        except HTTPError as error:
+            await send_error(send, error)
+        except ClientDisconnected:
+            pass
+        finally:
+            self.done("success" if ended else "client_disconnected_while_streaming")
+
+    def replaying(self, receive: Receive) -> Receive:
+        """``receive`` that hands out an already-read body first (an intercepted request), then the real one."""
+        if self.replay is None:
+            return receive
+        pending = [{"type": "http.request", "body": self.replay, "more_body": False}]
+
+        async def replay() -> dict[str, Any]:
+            return pending.pop() if pending else dict(await receive())
+
+        return replay
+
+
+def chosen_apis(opts: dict[str, Any]) -> list[str]:
+    given = [key for key in ("include", "exclude", "all") if key in opts]
+    if len(given) > 1:
+        raise ConfigurationError(f"give only one of 'include', 'exclude', 'all'; got {given}")
+    unknown = sorted(set(opts.get("include", [])) | set(opts.get("exclude", [])) - set(API_METHODS) - {"webui_js"})
+    if unknown:
+        raise ConfigurationError(f"unknown API name(s) {unknown}; use {sorted(API_METHODS)}")
+    if "include" in opts:
+        return [name for name in API_METHODS if name in opts["include"]]
+    if "exclude" in opts:
+        return [name for name in API_METHODS if name not in opts["exclude"]]
+    return list(API_METHODS) if opts.get("all") else []

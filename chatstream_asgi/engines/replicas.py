@@ -1,0 +1,95 @@
+"""``EngineReplicas``: one engine per device in one process; each new chat goes to the least loaded one.
+
+Batching stays inside each engine (one worker thread per device); this layer only chooses where a new
+sequence runs. Load is the number of streams a replica is serving right now, counted here, so it is
+exact and costs nothing per token; ties rotate, so an idle pool still spreads its first requests.
+Set the middleware's ``max_concurrency`` to the sum of the replicas' batch sizes (``max_batch_size``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import ChatMessage, Engine, GenerationChunk, SamplingParams
+
+
+class EngineReplicas:
+    """Several engines serving one model, used as one engine.
+
+    Args:
+        engines: the replicas (e.g. one ``TransformersEngine`` per GPU); they must serve the same model.
+    """
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        engines = list(engines)
+        if not engines:
+            raise ConfigurationError("EngineReplicas needs at least one engine; pass e.g. [engine_gpu0, engine_gpu1]")
+        names = {engine.model_name for engine in engines}
+        if len(names) > 1:
+            raise ConfigurationError(f"replicas must serve one model, got {sorted(names)}; give them one model_name")
+        self.engines = engines
+        self.loads = [0] * len(engines)
+        self.served = [0] * len(engines)  # streams started per replica, for tests and dashboards
+        self.model_name = engines[0].model_name
+        self.max_batch_size = sum(engine.max_batch_size for engine in engines)
+        self._next = 0
+
+    @classmethod
+    def from_pretrained(cls, path_or_dir: str | Path, *, devices: Sequence[str], **kwargs: Any) -> EngineReplicas:
+        """One ``TransformersEngine.from_pretrained(path_or_dir, device=d, **kwargs)`` per device in ``devices``."""
+        if isinstance(devices, str) or not devices:
+            raise ConfigurationError(f"devices must be a list such as ['cuda:0', 'cuda:1'], got {devices!r}")
+        from .transformers import TransformersEngine
+
+        return cls([TransformersEngine.from_pretrained(path_or_dir, device=device, **kwargs) for device in devices])
+
+    @property
+    def ready(self) -> bool:
+        return all(engine.ready for engine in self.engines)
+
+    async def start(self) -> None:
+        await asyncio.gather(*(engine.start() for engine in self.engines))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(engine.close() for engine in self.engines))
+
+    def render_prompt(self, messages: Sequence[ChatMessage], params: SamplingParams) -> str:
+        return self.engines[0].render_prompt(messages, params)
+
+    def least_loaded(self) -> int:
+        """The index of the replica serving the fewest streams; ties go round-robin."""
+        count = len(self.engines)
+        order = [(self._next + step) % count for step in range(count)]
+        chosen = min(order, key=lambda index: self.loads[index])
+        self._next = (chosen + 1) % count
+        return chosen
+
+    async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        index = self.least_loaded()
+        self.loads[index] += 1
+        self.served[index] += 1
+        chunks = self.engines[index].stream(messages, params)
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.loads[index] -= 1
+            closer = getattr(chunks, "aclose", None)
+            if closer is not None:
+                with contextlib.suppress(RuntimeError):  # already closed or running: nothing to stop
+                    await closer()
+
+    def __repr__(self) -> str:
+        return f"EngineReplicas({len(self.engines)} x {self.model_name!r}, loads={self.loads})"
+
+
+def as_engine(engine: Engine | Sequence[Engine]) -> Engine:
+    """``engine`` itself, or ``EngineReplicas`` over a list of engines."""
+    if isinstance(engine, Sequence) and not isinstance(engine, (str, bytes)):
+        return engine[0] if len(engine) == 1 else EngineReplicas(engine)
+    return engine

@@ -1,0 +1,169 @@
+"""What the host app can plug into a chat turn (ChatStream's "finish callback" and "intercept"), and the
+per-session extras the turn reads and writes.
+
+- ``request_interceptor(scope, session_id, data)`` sees the parsed JSON body of ``POST /chat_stream`` before
+  validation and may return a replacement dict (None keeps it) or raise ``HTTPError`` to refuse the turn.
+- ``on_finish(session_id, user_input, reply, stats)`` runs once per turn after the slot is free, as its own
+  task: it can neither delay the last byte nor break the stream, and whatever it raises is only logged.
+Either may be a plain function or a coroutine function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from ._types import Message, Receive, Scope, Send
+from .engines.base import ChatMessage, SamplingParams
+from .errors import HTTPError
+from .requests import parse_json_object
+from .session_state import SessionStateStore
+from .streaming import WIRES, Wire
+
+logger = logging.getLogger("chatstream_asgi")
+OnFinish = Callable[[str, str, str, dict[str, Any]], Awaitable[None] | None]
+Interceptor = Callable[[Scope, str, dict[str, Any]], Awaitable[dict[str, Any] | None] | dict[str, Any] | None]
+SAMPLING_NAMES = frozenset(f.name for f in fields(SamplingParams))
+
+
+@dataclass
+class ChatHooks:
+    """The host app's callbacks, the chat wire format, and the per-session extras, for ``ChatRoutes``."""
+
+    on_finish: OnFinish | None = None
+    request_interceptor: Interceptor | None = None
+    wire: Wire = "delta"
+    extras: SessionStateStore = field(default_factory=SessionStateStore)
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    stops: dict[str, TurnStop] = field(default_factory=dict)  # session id -> its running turn's stop switch
+
+    def __post_init__(self) -> None:
+        if self.wire not in WIRES:
+            raise ValueError(f"wire must be one of {list(WIRES)}, got {self.wire!r}")
+        for name in ("on_finish", "request_interceptor"):
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ValueError(f"{name} must be a function (or None), got {type(value).__name__}")
+
+    @contextlib.asynccontextmanager
+    async def stoppable(self, session_id: str, receive: Receive, send: Send) -> AsyncIterator[tuple[Receive, Send]]:
+        """Let ``stop(session_id)`` end this turn as if its client had left, then complete the response."""
+        switch = self.stops[session_id] = TurnStop(receive, send)
+        try:
+            yield switch.receive, switch.send
+        finally:
+            if self.stops.get(session_id) is switch:
+                del self.stops[session_id]
+            await switch.complete()
+
+    def arm_stop(self, session_id: str) -> None:
+        """The turn holds its slot now: from here on a stop ends it (a queued turn just leaves when its fetch does)."""
+        switch = self.stops.get(session_id)
+        if switch is not None:
+            switch.armed = True
+
+    def stop(self, session_id: str) -> bool:
+        """End the session's running turn (``POST /stop_generation``); False if none runs."""
+        switch = self.stops.get(session_id)
+        if switch is None:
+            return False
+        switch.stopped.set()
+        return True
+
+    def defaults_for(self, session_id: str | None, defaults: SamplingParams) -> SamplingParams:
+        """The server defaults with this session's ``/set_generation_params`` overrides on top."""
+        overrides = {k: v for k, v in self.extras.params(session_id).items() if k in SAMPLING_NAMES}
+        return replace(defaults, **overrides) if overrides else defaults
+
+    async def intercept(self, scope: Scope, session_id: str, body: bytes) -> bytes:
+        """The body after the interceptor (unchanged without one, or when it returns None)."""
+        if self.request_interceptor is None:
+            return body
+        data = parse_json_object(body)
+        try:
+            result = self.request_interceptor(scope, session_id, data)
+            if inspect.isawaitable(result):
+                result = await result
+        except HTTPError:
+            raise
+        except Exception as exc:
+            logger.exception("the request interceptor failed")
+            raise HTTPError(500, "interceptor_error", f"the request interceptor failed: {type(exc).__name__}") from exc
+        if result is None:
+            return json.dumps(data).encode()
+        if not isinstance(result, Mapping):
+            raise HTTPError(500, "interceptor_error", "the request interceptor must return a dict or None")
+        return json.dumps(dict(result)).encode()
+
+    def turn_ended(
+        self, session_id: str, messages: list[ChatMessage], reply: str, reply_id: str, stats: dict[str, Any]
+    ) -> None:
+        """Remember the reply's id (when it was kept) and tell ``on_finish``, never raising."""
+        try:
+            if reply:
+                index = sum(1 for m in messages if m["role"] == "assistant")
+                self.extras.record_reply(session_id, reply_id, index)
+        except Exception:
+            logger.exception("could not record the reply id")
+        if self.on_finish is None:
+            return
+        user_input = messages[-1]["content"] if messages else ""
+        stats = {**stats, "reply_id": reply_id}
+        task = asyncio.ensure_future(self.call_on_finish(session_id, user_input, reply, stats))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def call_on_finish(self, session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
+        assert self.on_finish is not None
+        try:
+            result = self.on_finish(session_id, user_input, reply, stats)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception("the on_finish callback failed (the stream and its slot were not affected)")
+
+
+class TurnStop:
+    """A turn's ``receive`` that also says ``http.disconnect`` once ``stopped`` is set, and a ``send`` that
+    remembers whether the response is complete. Browsers may keep reading an aborted fetch (to reuse the
+    connection), so the chat page's Stop also asks the server to stop: the slot is freed at once either way."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self.stopped = asyncio.Event()
+        self._receive, self._send = receive, send
+        self.started = self.ended = False
+        self.armed = False  # until then every call goes straight through (no extra loop turns while queued)
+
+    async def receive(self) -> Message:
+        if self.stopped.is_set():
+            return {"type": "http.disconnect"}
+        if not self.armed:
+            return await self._receive()
+        message = asyncio.ensure_future(self._receive())
+        stop = asyncio.ensure_future(self.stopped.wait())
+        try:
+            await asyncio.wait({message, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (message, stop):
+                task.cancel()
+        if message.done() and not message.cancelled():
+            return message.result()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        await self._send(message)
+        self.started = True
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.ended = True
+
+    async def complete(self) -> None:
+        """After a stop the client may still be there: end its response properly."""
+        if self.stopped.is_set() and self.started and not self.ended:
+            with contextlib.suppress(OSError):
+                await self.send({"type": "http.response.body", "body": b"", "more_body": False})

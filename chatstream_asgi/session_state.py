@@ -1,0 +1,125 @@
+"""Per-session state beside the history: generation-parameter overrides, reply ids and feedback.
+
+Bounded like ``MemoryHistoryStore`` (session count with LRU eviction, idle TTL), so a flood of cookieless
+clients cannot grow it. It lives in this process; with several replicas, a sticky session or a shared
+store is needed for these extras (the history itself can already be shared).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .history import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, _check_args
+
+MAX_REPLY_IDS = 256  # reply ids remembered per session (the oldest go first)
+
+
+@dataclass
+class SessionExtras:
+    """One session's extras.
+
+    Args:
+        params: validated sampling overrides (field name -> value) that this session's turns start from.
+        reply_ids: reply (message) id -> index of that reply among the session's assistant messages.
+        feedback: reply index -> the feedback last given on it.
+    """
+
+    params: dict[str, Any] = field(default_factory=dict)
+    reply_ids: dict[str, int] = field(default_factory=dict)
+    feedback: dict[int, dict[str, Any]] = field(default_factory=dict)
+    touched: float = 0.0
+
+
+class SessionStateStore:
+    """Session id -> ``SessionExtras``, bounded by count (LRU) and idle time (TTL); safe across threads.
+
+    Args:
+        max_sessions: sessions kept; one more evicts the least recently used.
+        ttl: seconds of idleness after which a session's extras are forgotten; None keeps them.
+        clock: monotonic clock (tests inject a fake one).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_sessions: int = DEFAULT_MAX_SESSIONS,
+        ttl: float | None = DEFAULT_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        _check_args(max_sessions, ttl, None)
+        self.max_sessions = max_sessions
+        self.ttl = ttl
+        self._clock = clock
+        self._entries: OrderedDict[str, SessionExtras] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_id: str) -> SessionExtras | None:
+        """The session's extras (live: change them only through this store's methods), or None."""
+        with self._lock:
+            return self._touch(session_id, create=False)
+
+    def params(self, session_id: str | None) -> dict[str, Any]:
+        extras = None if session_id is None else self.get(session_id)
+        return dict(extras.params) if extras is not None else {}
+
+    def set_params(self, session_id: str, params: dict[str, Any]) -> None:
+        with self._lock:
+            entry = self._touch(session_id, create=True)
+            assert entry is not None
+            entry.params = dict(params)
+
+    def record_reply(self, session_id: str, reply_id: str, index: int) -> None:
+        """Remember that reply ``reply_id`` is assistant message number ``index``; later ones are gone."""
+        with self._lock:
+            entry = self._touch(session_id, create=True)
+            assert entry is not None
+            entry.reply_ids = {k: v for k, v in entry.reply_ids.items() if v < index}
+            entry.feedback = {k: v for k, v in entry.feedback.items() if k < index}
+            entry.reply_ids[reply_id] = index
+            while len(entry.reply_ids) > MAX_REPLY_IDS:
+                del entry.reply_ids[next(iter(entry.reply_ids))]
+
+    def reply_index(self, session_id: str, reply_id: str) -> int | None:
+        extras = self.get(session_id)
+        return None if extras is None else extras.reply_ids.get(reply_id)
+
+    def set_feedback(self, session_id: str, index: int, feedback: dict[str, Any]) -> None:
+        with self._lock:
+            entry = self._touch(session_id, create=True)
+            assert entry is not None
+            entry.feedback[index] = dict(feedback)
+
+    def feedback(self, session_id: str) -> dict[int, dict[str, Any]]:
+        extras = self.get(session_id)
+        return {k: dict(v) for k, v in extras.feedback.items()} if extras is not None else {}
+
+    def forget_replies(self, session_id: str) -> None:
+        """The history was cleared: reply ids and feedback go, parameter overrides stay."""
+        with self._lock:
+            entry = self._touch(session_id, create=False)
+            if entry is not None:
+                entry.reply_ids, entry.feedback = {}, {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _touch(self, session_id: str, *, create: bool) -> SessionExtras | None:
+        now = self._clock()
+        entry = self._entries.get(session_id)
+        if entry is not None and self.ttl is not None and now - entry.touched >= self.ttl:
+            del self._entries[session_id]
+            entry = None
+        if entry is None:
+            if not create:
+                return None
+            entry = self._entries[session_id] = SessionExtras()
+        entry.touched = now
+        self._entries.move_to_end(session_id)
+        while len(self._entries) > self.max_sessions:
+            self._entries.popitem(last=False)
+        return entry

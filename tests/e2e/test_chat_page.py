@@ -1,0 +1,195 @@
+"""The built-in chat page, end to end: a real browser, a real uvicorn, the middleware with ``ui_path="/"``.
+
+A slow ``MockEngine`` makes the stream observable: its words arrive 60 ms apart, so the page must show the
+reply growing in pieces, and Stop lands mid-stream. What the server says (``/get_load``, the engine's
+cancel count) is checked beside what the page shows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.servers import RecordingEngine, UvicornThread, chat_app, not_found_app
+
+REPLY = (
+    "Here is a tiny Python example that prints a greeting, followed by a short explanation of it:\n\n"
+    "```python\ndef greet(name):\n    return f\"Hello, {name}!\"\n\nprint(greet(\"world\"))\n```\n\n"
+    "The function `greet` builds the text and **print** shows it. Ask me for more examples any time."
+)
+LONG_REPLY = " ".join(f"word{i}" for i in range(200))
+PHONE = {"width": 390, "height": 844}
+TIMEOUT_MS = 10_000
+# the last reply's text, or "" while it only shows the waiting note ("Sending…", "Queued…")
+LAST_REPLY_TEXT = """(() => {
+  const reply = [...document.querySelectorAll('.msg.assistant')].pop();
+  return !reply || reply.querySelector('.wait') ? '' : reply.innerText;
+})()"""
+
+
+@pytest.fixture
+def page_server() -> Iterator[Callable[..., tuple[UvicornThread, RecordingEngine]]]:
+    servers: list[UvicornThread] = []
+
+    def start(reply: str = REPLY, delay: float = 0.06, **options: Any) -> tuple[UvicornThread, RecordingEngine]:
+        engine = RecordingEngine(reply, token_delay=delay)
+        app = chat_app(not_found_app, engine, ui_path="/", **options)
+        hooks = app.routes.hooks
+        real_stop = hooks.stop
+        engine.stops = []  # type: ignore[attr-defined]  # what each /stop_generation found, for failure messages
+
+        def recording_stop(session_id: str) -> bool:
+            engine.stops.append((session_id, list(hooks.stops), real_stop(session_id)))  # type: ignore[attr-defined]
+            return engine.stops[-1][-1]  # type: ignore[attr-defined, no-any-return]
+
+        hooks.stop = recording_stop  # type: ignore[method-assign]
+        server = UvicornThread(app)
+        server.start()
+        servers.append(server)
+        return server, engine
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def load(server: UvicornThread) -> dict[str, Any]:
+    data: dict[str, Any] = httpx.get(f"{server.url}/get_load").json()
+    return data
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Poll from Python: the page's Content-Security-Policy forbids the eval behind ``page.wait_for_function``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.02)
+
+
+def send_message(page: Any, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def watch_reply_grow(page: Any) -> list[str]:
+    """The last assistant bubble's text, sampled until it stops streaming."""
+    seen: list[str] = []
+    page.wait_for_selector(".msg.assistant.streaming", timeout=TIMEOUT_MS)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = page.evaluate(LAST_REPLY_TEXT)
+        if text and (not seen or seen[-1] != text):
+            seen.append(text)
+        if page.locator(".msg.assistant.streaming").count() == 0:
+            return seen
+        time.sleep(0.02)
+    raise AssertionError("the reply never finished streaming")
+
+
+def test_reply_streams_in_pieces_renders_code_and_survives_reload(
+    browser: Any, page_server: Any, artifacts: Path
+) -> None:
+    server, _ = page_server()
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    send_message(page, "Show me a Python example")
+    seen = watch_reply_grow(page)
+    assert len(seen) >= 5, f"the reply did not arrive in pieces: {seen}"
+    assert all(len(a) <= len(b) for a, b in zip(seen, seen[1:], strict=False))
+    assert page.locator(".msg.user").last.inner_text() == "Show me a Python example"
+    code = page.locator(".msg.assistant pre code").inner_text()
+    assert 'return f"Hello, {name}!"' in code and "```" not in page.locator(".msg.assistant").inner_text()
+    assert page.locator(".msg.assistant strong").inner_text() == "print"
+    page.screenshot(path=str(artifacts / "chat-desktop.png"), full_page=True)
+
+    page.reload()
+    page.wait_for_selector(".msg.assistant", timeout=TIMEOUT_MS)
+    assert page.locator(".msg.user").inner_text() == "Show me a Python example"
+    assert "print(greet(\"world\"))" in page.locator(".msg.assistant pre code").inner_text()
+
+    phone = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
+    phone.add_cookies(context.cookies())
+    phone_page = phone.new_page()
+    phone_page.goto(server.url + "/")
+    phone_page.wait_for_selector(".msg.assistant pre", timeout=TIMEOUT_MS)
+    width = phone_page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the page scrolls sideways on a phone ({width} px)"
+    assert phone_page.locator("#send").is_visible() and phone_page.locator("#input").is_visible()
+    phone_page.screenshot(path=str(artifacts / "chat-phone.png"))
+    phone.close()
+    context.close()
+
+
+def test_stop_frees_the_slot_then_regenerate_and_clear(browser: Any, page_server: Any, artifacts: Path) -> None:
+    server, engine = page_server(LONG_REPLY, delay=0.05)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    send_message(page, "Count for me")
+    wait_for(lambda: "word5" in page.locator(".msg.assistant").inner_text())
+    assert load(server)["running"] == 1
+    with page.expect_request("**/stop_generation"):  # the page also asks the server to stop, not only aborts
+        page.click("#stop")
+    try:
+        wait_for(lambda: load(server)["running"] == 0 and engine.cancelled == 1)
+    except AssertionError as error:
+        raise AssertionError(f"Stop did not stop: {load(server)}; stop calls: {engine.stops}") from error
+    page.wait_for_selector("text=(stopped)", timeout=TIMEOUT_MS)
+    stopped = page.locator(".msg.assistant").inner_text()
+    assert "word199" not in stopped
+    assert page.locator("#send").is_visible() and not page.locator("#stop").is_visible()
+
+    page.click("#regenerate")
+    page.wait_for_selector(".msg.assistant.streaming", timeout=TIMEOUT_MS)
+    assert page.locator(".msg.assistant").count() == 1  # the stopped reply was replaced, not kept beside
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=30_000)
+    assert "word199" in page.locator(".msg.assistant").inner_text()
+    assert engine.inputs == ["Count for me", "Count for me"]
+
+    page.click("#clear")
+    page.wait_for_selector(".empty", timeout=TIMEOUT_MS)
+    messages = page.evaluate("fetch('/get_prompt').then((r) => r.json()).then((d) => d.messages)")
+    assert messages == []
+    context.close()
+
+
+def test_queued_request_shows_its_place_then_streams(browser: Any, page_server: Any, artifacts: Path) -> None:
+    server, _ = page_server(LONG_REPLY, delay=0.05, max_concurrency=1, max_queue=2)
+    holding = threading.Event()
+    release = threading.Event()
+
+    def hold_the_only_slot() -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            with client.stream("POST", "/chat_stream", json={"user_input": "hold"}) as response:
+                for _ in response.iter_raw():
+                    holding.set()
+                    if release.is_set():
+                        return  # leaving closes the connection: the server frees the slot
+
+    holder = threading.Thread(target=hold_the_only_slot, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    send_message(page, "Am I queued?")
+    page.wait_for_selector("#status.queued", timeout=TIMEOUT_MS)
+    assert "Queued: position 1" in page.locator("#status").inner_text()
+    assert "Queued: position 1" in page.locator(".msg.assistant .wait").inner_text()
+    page.screenshot(path=str(artifacts / "chat-queued.png"))
+    release.set()
+    holder.join(10)
+    page.wait_for_selector(".msg.assistant.streaming", timeout=TIMEOUT_MS)
+    wait_for(lambda: "word3" in page.locator(".msg.assistant").inner_text())
+    assert "waited in queue" in page.locator("#status").inner_text()
+    page.click("#stop")
+    wait_for(lambda: load(server)["running"] == 0)
+    context.close()

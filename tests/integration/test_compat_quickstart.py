@@ -1,0 +1,169 @@
+"""ChatStream's README quickstart, run on real uvicorn with only its import lines changed.
+
+The quickstart is copied from ChatStream's README (the model lines point at the tiny test model); the only
+other edits are the imports: ``from chatstream import ...`` becomes ``from chatstream_asgi.compat import ...``,
+and ``fastsession`` is imported only where it is installed. It must work with and without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from chatstream_asgi.compat import ChatStream
+
+from .servers import UvicornThread
+
+QUICKSTART = '''
+import torch
+from fastapi import FastAPI, Request
+{fastsession_import}
+from transformers import AutoTokenizer, AutoModelForCausalLM
+
+from chatstream_asgi.compat import ChatStream,ChatPromptTogetherRedPajamaINCITEChat as ChatPrompt
+
+model_path = MODEL_PATH
+device = "cpu"  # "cuda" / "cpu"
+
+tokenizer = AutoTokenizer.from_pretrained(model_path)
+model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+model.to(device)
+
+chat_stream = ChatStream(
+    num_of_concurrent_executions=2,# max concurrent generations
+    max_queue_size=5,# waiting queue size
+    model=model,
+    tokenizer=tokenizer,
+    device=device,
+    chat_prompt_clazz=ChatPrompt,
+    max_new_tokens=12,
+)
+
+app = FastAPI()
+{fastsession_middleware}
+
+@app.post("/chat_stream")
+async def stream_api(request: Request):
+    response = await chat_stream.{handler}(request)
+    return response
+
+
+@app.on_event("startup")
+async def startup():
+    await chat_stream.start_queue_worker()
+'''
+
+FASTSESSION_IMPORT = "from fastsession import FastSessionMiddleware, MemoryStore"
+FASTSESSION_MIDDLEWARE = """
+app.add_middleware(FastSessionMiddleware,
+                   secret_key="your-session-secret-key",
+                   store=MemoryStore(),
+                   http_only=True,
+                   secure=False,
+                   )
+"""
+MARKER = "<::EOS::>"
+
+
+def quickstart_app(model_dir: Path, with_fastsession: bool, handler: str) -> Any:
+    source = QUICKSTART.format(
+        fastsession_import=FASTSESSION_IMPORT if with_fastsession else "",
+        fastsession_middleware=FASTSESSION_MIDDLEWARE if with_fastsession else "",
+        handler=handler,
+    )
+    namespace: dict[str, Any] = {"MODEL_PATH": str(model_dir)}
+    exec(compile(source, "chatstream_quickstart.py", "exec"), namespace)
+    return namespace["app"], namespace["chat_stream"]
+
+
+def fastsession_cases() -> list[Any]:
+    installed = importlib.util.find_spec("fastsession") is not None
+    skip = pytest.mark.skipif(not installed, reason="fastsession is not installed (pip install fastsession)")
+    return [pytest.param(False, id="without-fastsession"), pytest.param(True, id="with-fastsession", marks=skip)]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # FastAPI deprecates @app.on_event, which the README uses
+@pytest.mark.parametrize("with_fastsession", fastsession_cases())
+@pytest.mark.parametrize("handler", ["handle_starlette_request", "handle_chat_stream_request"])
+def test_readme_quickstart_runs_with_only_imports_changed(
+    tiny_model_dir: Path, with_fastsession: bool, handler: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "chatstream_asgi.compat")
+    app, chat_stream = quickstart_app(tiny_model_dir, with_fastsession, handler)
+    assert "random key" in caplog.text  # no secret given: a per-process key, and a warning that says so
+    assert chat_stream.default_params.stop == ("<human>:", "<|endoftext|>")
+
+    async def converse(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            for question in ("Who is Alan Turing", "And who was Ada Lovelace?"):
+                async with client.stream("POST", "/chat_stream", json={"user_input": question}) as response:
+                    assert response.status_code == 200, await response.aread()
+                    assert response.headers["x-chatstream-last-generated-message-id"]
+                    chunks = [chunk.decode() async for chunk in response.aiter_raw()]
+                assert chunks and all(chunk.endswith(MARKER) for chunk in chunks), chunks
+                replies = [chunk[: -len(MARKER)] for chunk in chunks]
+                assert all(b.startswith(a) for a, b in zip(replies, replies[1:], strict=False))  # cumulative
+            prompt = chat_stream.engine.render_prompt(
+                [{"role": "user", "content": "Who is Alan Turing"}], chat_stream.default_params
+            )
+            assert prompt == "<human>: Who is Alan Turing\n<bot>:"
+
+    with UvicornThread(app) as server:
+        asyncio.run(converse(server.url))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_full_queue_is_a_429_with_chatstreams_body_and_retry_after() -> None:
+    chat_stream = ChatStream(
+        use_mock_response=True, num_of_concurrent_executions=1, max_queue_size=1, secret_key="k" * 32
+    )
+    chat_stream.engine.token_delay = 0.05  # type: ignore[attr-defined]
+    app = FastAPI()
+    chat_stream.append_apis(app, {"all": True})
+
+    async def burst(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await chat_stream.start_queue_worker()
+            requests = [client.post("/chat_stream", json={"user_input": f"q{i}"}) for i in range(3)]
+            responses = await asyncio.gather(*requests)
+            statuses = sorted(r.status_code for r in responses)
+            assert statuses == [200, 200, 429]
+            rejected = next(r for r in responses if r.status_code == 429)
+            assert rejected.json() == {"error": "too_many_requests"} and int(rejected.headers["retry-after"]) >= 1
+            load = (await client.get("/get_load")).json()
+            assert load["running"] == 0 and load["max_queue"] == 1
+            assert (await client.get("/get_resource_usage")).json()["success"] is True
+            assert "<html" in (await client.get("/")).text
+
+    with UvicornThread(app) as server:
+        asyncio.run(burst(server.url))
+
+
+def test_intercepted_body_and_callback(tiny_model_dir: Path) -> None:
+    chat_stream = ChatStream(use_mock_response=True, secret_key="k" * 32)
+    messages: list[str] = []
+    app = FastAPI()
+
+    @app.post("/chat_stream")
+    async def stream_api(request: Request) -> Any:
+        body = await request.body()  # the app reads the request itself, as ChatStream's "intercept" doc shows
+        assert b"user_input" in body
+        return await chat_stream.handle_chat_stream_request(
+            request, request_body=body, callback=lambda req, message: messages.append(message)
+        )
+
+    async def talk(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            response = await client.post("/chat_stream", json={"user_input": "hi"})
+            assert response.status_code == 200 and response.text.endswith(MARKER)
+
+    with UvicornThread(app) as server:
+        asyncio.run(talk(server.url))
+    assert messages == ["success"]

@@ -1,0 +1,217 @@
+"""Metrics, health, readiness, graceful drain and the structured request log, driven as raw ASGI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from chatstream_asgi import ChatStreamMiddleware, MockEngine
+
+from .asgi_fakes import (
+    JSON_HEADERS,
+    SSE_HEADERS,
+    RecordingApp,
+    RecordingSend,
+    ScriptedReceive,
+    http_scope,
+    json_body,
+    request_messages,
+    wait_until,
+    with_hang_guard,
+)
+
+pytest.importorskip("prometheus_client")
+pytestmark = pytest.mark.asyncio
+SECRET = "unit-test-secret-key-0123456789abcdef"
+REPLY = "one two three four five six"
+
+
+def build(engine: MockEngine | None = None, **options: Any) -> ChatStreamMiddleware:
+    return ChatStreamMiddleware(RecordingApp(), engine=engine or MockEngine(REPLY), secret_key=SECRET, **options)
+
+
+async def get(app: ChatStreamMiddleware, path: str) -> RecordingSend:
+    send = RecordingSend()
+    await with_hang_guard(app(http_scope("GET", path), ScriptedReceive(request_messages()), send))
+    return send
+
+
+async def chat(
+    app: ChatStreamMiddleware, text: str = "hi", *, headers: Any = JSON_HEADERS, send: RecordingSend | None = None
+) -> RecordingSend:
+    send = send or RecordingSend()
+    receive = ScriptedReceive(request_messages(json_body({"user_input": text})), wait_for_disconnect=True)
+    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=headers), receive, send))
+    return send
+
+
+def samples(app: ChatStreamMiddleware) -> dict[str, float]:
+    """``name{labels}`` -> value, parsed from the served exposition."""
+    metrics = app.observer.metrics
+    assert metrics is not None
+    values = {}
+    for line in metrics.exposition()[0].decode().splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    return values
+
+
+async def test_metrics_route_serves_vllm_style_names_after_a_chat() -> None:
+    app = build()
+    assert (await chat(app)).status == 200
+    send = await get(app, "/metrics")
+    assert send.status == 200 and (send.header("content-type") or "").startswith("text/plain")
+    text = send.body.decode()
+    for name in (
+        "chatstream_time_to_first_token_seconds_bucket",
+        "chatstream_inter_token_latency_seconds_bucket",
+        "chatstream_request_queue_time_seconds_count",
+        "chatstream_e2e_request_latency_seconds_count",
+        "chatstream_num_requests_running",
+        "chatstream_num_requests_waiting",
+        "chatstream_prompt_tokens_total",
+        "chatstream_generation_tokens_total",
+    ):
+        assert name in text, name
+    values = samples(app)
+    tokens = len(REPLY.split())
+    assert values['chatstream_http_requests_total{route="/chat_stream",status="200"}'] == 1
+    assert values["chatstream_generation_tokens_total"] == tokens
+    assert values["chatstream_time_to_first_token_seconds_count"] == 1
+    assert values["chatstream_inter_token_latency_seconds_count"] == tokens - 1
+    assert values['chatstream_request_outcome_total{outcome="completed"}'] == 1
+    assert values["chatstream_num_requests_running"] == 0
+
+
+async def test_rejections_are_counted_by_reason() -> None:
+    app = build(MockEngine(REPLY, token_delay=0.05), max_concurrency=1, max_queue=0)
+    first = asyncio.ensure_future(chat(app))
+    await wait_until(lambda: app.admission.running == 1)
+    assert (await chat(app)).status == 429
+    assert (await first).status == 200
+    values = samples(app)
+    assert values['chatstream_request_rejected_total{reason="queue_full"}'] == 1
+    assert values['chatstream_http_requests_total{route="/chat_stream",status="429"}'] == 1
+
+
+async def test_two_middlewares_share_no_metrics() -> None:
+    one, two = build(), build()
+    await chat(one)
+    assert samples(one)["chatstream_generation_tokens_total"] > 0
+    assert samples(two)["chatstream_generation_tokens_total"] == 0
+
+
+async def test_metrics_path_none_passes_the_path_to_the_app() -> None:
+    app = build(metrics_path=None)
+    send = await get(app, "/metrics")
+    assert send.body == b"app" and app.observer.metrics is None
+    assert (await chat(app)).status == 200  # the hot path works without collectors
+
+
+async def test_healthz_is_alive_and_readyz_follows_engine_and_drain() -> None:
+    engine = MockEngine(REPLY)
+    app = build(engine)
+    assert (await get(app, "/healthz")).status == 200
+    not_ready = await get(app, "/readyz")
+    assert not_ready.status == 503 and not_ready.json()["status"] == "loading"
+    await engine.start()
+    assert (await get(app, "/readyz")).json() == {"status": "ready", "model": "mock"}
+    assert await app.drain(0.5)
+    draining = await get(app, "/readyz")
+    assert draining.status == 503 and draining.json()["status"] == "draining"
+    assert (await get(app, "/healthz")).status == 200
+
+
+async def test_drain_lets_running_streams_finish_and_refuses_new_ones() -> None:
+    app = build(MockEngine(REPLY, token_delay=0.02))
+    running = asyncio.ensure_future(chat(app))
+    await wait_until(lambda: app.admission.running == 1)
+    drained = asyncio.ensure_future(app.drain(5.0))
+    await wait_until(lambda: app.admission.draining)
+    refused = await chat(app)
+    assert refused.status == 503 and refused.header("retry-after") is not None
+    assert refused.json()["error"]["type"] == "draining"
+    assert (await running).body.decode() == REPLY  # finished whole
+    assert await drained
+    assert samples(app)['chatstream_request_rejected_total{reason="draining"}'] == 1
+
+
+async def test_drain_past_its_grace_ends_streams_in_band_and_frees_slots() -> None:
+    app = build(MockEngine(" ".join(["word"] * 400), token_delay=0.01))
+    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
+    await wait_until(lambda: app.admission.running == 1)
+    assert await with_hang_guard(app.drain(0.1))
+    send = await running
+    assert send.status == 200 and send.complete
+    events = send.sse_events()
+    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "draining"
+    assert app.admission.running == 0 and app.admission.waiting == 0
+
+
+async def test_lifespan_shutdown_drains_then_closes_the_engine() -> None:
+    engine = MockEngine(REPLY)
+    app = build(engine, drain_timeout=1.0)
+    await engine.start()
+    await app.shutdown()
+    assert app.admission.draining and not engine.ready
+
+
+async def test_request_log_has_one_json_line_per_chat_without_text(caplog: pytest.LogCaptureFixture) -> None:
+    app = build()
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi.requests"):
+        send = await chat(app, "my secret question")
+    records = [r for r in caplog.records if r.name == "chatstream_asgi.requests"]
+    assert len(records) == 1
+    fields = json.loads(records[0].getMessage().split(" ", 1)[1])
+    assert fields["request_id"] == send.header("x-request-id")
+    assert fields["outcome"] == "completed" and fields["completion_tokens"] == len(REPLY.split())
+    assert fields["queue_wait_s"] >= 0 and fields["ttft_s"] is not None
+    assert "my secret question" not in caplog.text and REPLY not in caplog.text
+
+
+async def test_request_log_includes_text_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    app = build(log_text=True)
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi.requests"):
+        await chat(app, "my question")
+    record = next(r for r in caplog.records if r.name == "chatstream_asgi.requests")
+    fields: dict[str, Any] = record.chatstream  # type: ignore[attr-defined]
+    assert fields["user_input"] == "my question" and fields["reply"] == REPLY
+
+
+async def test_a_client_leaving_mid_stream_is_counted_as_a_disconnect() -> None:
+    app = build(MockEngine(" ".join(["word"] * 200), token_delay=0.01))
+    receive = ScriptedReceive(request_messages(json_body({"user_input": "hi"})), wait_for_disconnect=True)
+
+    def leave_after_two_chunks(send: RecordingSend) -> None:
+        if len(send.body_chunks) == 2:
+            receive.disconnect()
+
+    send = RecordingSend(hook=leave_after_two_chunks)
+    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, send))
+    await wait_until(lambda: app.admission.running == 0)
+    values = samples(app)
+    assert values['chatstream_client_disconnects_total{stage="streaming"}'] == 1
+    assert values['chatstream_request_outcome_total{outcome="disconnected"}'] == 1
+
+
+async def test_openai_route_is_measured_too() -> None:
+    app = build()
+    send = RecordingSend()
+    body = json_body({"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
+    await with_hang_guard(app(http_scope("POST", "/v1/chat/completions", headers=JSON_HEADERS), receive, send))
+    assert send.status == 200
+    values = samples(app)
+    assert values['chatstream_http_requests_total{route="/v1/chat/completions",status="200"}'] == 1
+    assert values["chatstream_generation_tokens_total"] == len(REPLY.split())
+    assert values["chatstream_time_to_first_token_seconds_count"] == 1
+
+
+async def test_require_api_key_works_without_the_openai_routes() -> None:
+    app = build(openai_prefix=None, api_keys=["sk-0123456789"], require_api_key=True)
+    assert (await chat(app)).status == 401

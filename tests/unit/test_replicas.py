@@ -1,0 +1,107 @@
+"""``EngineReplicas``: least-loaded routing over mock engines, and two real CPU replicas of the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chatstream_asgi import ChatStreamMiddleware, MockEngine
+from chatstream_asgi.engines.base import SamplingParams
+from chatstream_asgi.engines.replicas import EngineReplicas
+from chatstream_asgi.errors import ConfigurationError
+
+from .asgi_fakes import (
+    JSON_HEADERS,
+    RecordingApp,
+    RecordingSend,
+    ScriptedReceive,
+    http_scope,
+    json_body,
+    request_messages,
+    wait_until,
+    with_hang_guard,
+)
+
+pytestmark = pytest.mark.asyncio
+SECRET = "unit-test-secret-key-0123456789abcdef"
+PARAMS = SamplingParams(max_new_tokens=8)
+
+
+async def drain_stream(replicas: EngineReplicas) -> str:
+    parts = [chunk.text async for chunk in replicas.stream([{"role": "user", "content": "hi"}], PARAMS)]
+    return "".join(parts)
+
+
+async def test_new_streams_go_to_the_least_loaded_replica() -> None:
+    slow, fast = MockEngine("a b c d e f g", token_delay=0.05), MockEngine("a b c d e f g", token_delay=0.05)
+    replicas = EngineReplicas([slow, fast])
+    first = asyncio.ensure_future(drain_stream(replicas))
+    await wait_until(lambda: replicas.loads == [1, 0])
+    second = asyncio.ensure_future(drain_stream(replicas))
+    await wait_until(lambda: replicas.loads == [1, 1])
+    third = asyncio.ensure_future(drain_stream(replicas))
+    await wait_until(lambda: sum(replicas.loads) == 3)
+    assert sorted(replicas.loads) == [1, 2]
+    await with_hang_guard(asyncio.gather(first, second, third))
+    assert replicas.loads == [0, 0] and sum(replicas.served) == 3
+
+
+async def test_ties_rotate_so_sequential_chats_alternate() -> None:
+    replicas = EngineReplicas([MockEngine("x"), MockEngine("x"), MockEngine("x")])
+    for _ in range(6):
+        await drain_stream(replicas)
+    assert replicas.served == [2, 2, 2]
+
+
+async def test_a_closed_stream_frees_its_replica_and_stops_the_engine() -> None:
+    engines = [MockEngine(" ".join(["w"] * 100), token_delay=0.01) for _ in range(2)]
+    replicas = EngineReplicas(engines)
+    chunks = replicas.stream([{"role": "user", "content": "hi"}], PARAMS)
+    await anext(chunks)
+    assert replicas.loads == [1, 0]
+    await chunks.aclose()  # type: ignore[attr-defined]
+    assert replicas.loads == [0, 0] and engines[0].running == 0
+
+
+async def test_lifecycle_and_sizes_cover_every_replica() -> None:
+    engines = [MockEngine(max_batch_size=4), MockEngine(max_batch_size=4)]
+    replicas = EngineReplicas(engines)
+    assert replicas.max_batch_size == 8 and not replicas.ready
+    await replicas.start()
+    assert replicas.ready
+    await replicas.close()
+    assert not any(engine.ready for engine in engines)
+
+
+async def test_bad_replica_sets_are_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        EngineReplicas([])
+    with pytest.raises(ConfigurationError):
+        EngineReplicas([MockEngine(model_name="a"), MockEngine(model_name="b")])
+    with pytest.raises(ConfigurationError):
+        EngineReplicas.from_pretrained("unused", devices="cpu")  # type: ignore[arg-type]
+
+
+async def chat(app: Any, text: str) -> RecordingSend:
+    send = RecordingSend()
+    body = json_body({"user_input": text, "max_new_tokens": 6})
+    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
+    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, send), 60)
+    return send
+
+
+async def test_two_cpu_transformers_replicas_share_the_chats(tiny_model_dir: Path) -> None:
+    replicas = EngineReplicas.from_pretrained(str(tiny_model_dir), devices=["cpu", "cpu"], max_batch_size=2)
+    app = ChatStreamMiddleware(RecordingApp(), engine=replicas.engines, secret_key=SECRET, max_concurrency=4)
+    assert isinstance(app.engine, EngineReplicas)
+    await app.engine.start()
+    try:
+        sends = await asyncio.gather(*(chat(app, f"hello {i}") for i in range(4)))
+        assert all(send.status == 200 and send.complete for send in sends)
+        assert app.engine.served == [2, 2] and app.engine.loads == [0, 0]
+        assert app.admission.running == 0
+    finally:
+        await app.engine.close()

@@ -1,0 +1,203 @@
+"""API keys on the chat routes, the CSRF origin check, session rotation on clear, and secret-key refusal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from chatstream_asgi import ChatStreamMiddleware, MockEngine
+from chatstream_asgi.errors import ConfigurationError
+from chatstream_asgi.security import RequestGuard
+
+from .asgi_fakes import (
+    JSON_HEADERS,
+    RecordingApp,
+    RecordingSend,
+    ScriptedReceive,
+    http_scope,
+    json_body,
+    request_messages,
+    with_hang_guard,
+)
+
+pytestmark = pytest.mark.asyncio
+SECRET = "unit-test-secret-key-0123456789abcdef"
+KEY = "sk-chat-0123456789"
+HOST = [(b"host", b"chat.example.com")]
+
+
+class CountingEngine(MockEngine):
+    def __init__(self) -> None:
+        super().__init__("a reply")
+        self.calls = 0
+
+    def stream(self, *args: Any) -> Any:
+        self.calls += 1
+        return super().stream(*args)
+
+
+def build(**options: Any) -> tuple[ChatStreamMiddleware, CountingEngine]:
+    engine = CountingEngine()
+    return ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, **options), engine
+
+
+async def call(
+    app: ChatStreamMiddleware, method: str, path: str, headers: Sequence[tuple[bytes, bytes]] = (), cookie: str = ""
+) -> RecordingSend:
+    all_headers = [*JSON_HEADERS, *HOST, *headers] + ([(b"cookie", cookie.encode())] if cookie else [])
+    body = json_body({"user_input": "hi"}) if path == "/chat_stream" else b""
+    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
+    send = RecordingSend()
+    await with_hang_guard(app(http_scope(method, path, headers=all_headers), receive, send))
+    return send
+
+
+def bearer(key: str) -> list[tuple[bytes, bytes]]:
+    return [(b"authorization", f"Bearer {key}".encode())]
+
+
+def cookie_of(send: RecordingSend) -> str:
+    return send.header_values("set-cookie")[0].split(";")[0]
+
+
+async def test_required_api_key_guards_the_chat_routes_but_not_health() -> None:
+    app, engine = build(api_keys=[KEY, "sk-other-key"], require_api_key=True)
+    for headers in ([], bearer("sk-wrong"), [(b"authorization", f"Basic {KEY}".encode())]):
+        refused = await call(app, "POST", "/chat_stream", headers)
+        assert refused.status == 401 and refused.header("www-authenticate") == "Bearer"
+        assert KEY not in refused.body.decode()
+    assert (await call(app, "GET", "/get_prompt")).status == 401
+    assert engine.calls == 0
+    assert (await call(app, "POST", "/chat_stream", bearer(KEY))).body == b"a reply"
+    assert (await call(app, "GET", "/healthz")).status == 200
+
+
+async def test_without_require_a_browser_uses_its_cookie_but_a_wrong_bearer_is_refused() -> None:
+    app, _ = build(api_keys=[KEY])
+    assert (await call(app, "POST", "/chat_stream")).status == 200
+    assert (await call(app, "POST", "/chat_stream", bearer("sk-nope"))).status == 401
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"sec-fetch-site", b"cross-site"), (b"origin", b"https://evil.example")],
+        [(b"origin", b"https://evil.example")],
+        [(b"sec-fetch-site", b"same-site"), (b"origin", b"https://sub.chat.example.com")],
+        [(b"sec-fetch-site", b"cross-site")],
+        [(b"origin", b"null")],
+    ],
+)
+async def test_cross_site_cookie_posts_are_refused_before_anything_runs(headers: list[tuple[bytes, bytes]]) -> None:
+    app, engine = build()
+    refused = await call(app, "POST", "/chat_stream", headers)
+    assert refused.status == 403 and refused.json()["error"]["type"] == "cross_site_request"
+    assert engine.calls == 0 and app.admission.running == 0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [],  # not a browser
+        [(b"sec-fetch-site", b"same-origin"), (b"origin", b"https://chat.example.com")],
+        [(b"sec-fetch-site", b"none")],
+        [(b"origin", b"http://chat.example.com")],  # same host, scheme changed by a TLS proxy
+        [(b"sec-fetch-site", b"cross-site"), (b"origin", b"https://app.example.org")],  # allow-listed
+    ],
+)
+async def test_same_origin_allowed_and_non_browser_posts_pass(headers: list[tuple[bytes, bytes]]) -> None:
+    app, _ = build(allowed_origins=["https://app.example.org/"])
+    assert (await call(app, "POST", "/chat_stream", headers)).status == 200
+
+
+async def test_a_valid_bearer_or_csrf_off_skips_the_origin_check() -> None:
+    cross = [(b"sec-fetch-site", b"cross-site"), (b"origin", b"https://evil.example")]
+    app, _ = build(api_keys=[KEY])
+    assert (await call(app, "POST", "/chat_stream", [*cross, *bearer(KEY)])).status == 200
+    assert (await call(app, "GET", "/get_prompt", cross)).status == 200  # reads are not CSRF
+    off, _ = build(csrf=False)
+    assert (await call(off, "POST", "/chat_stream", cross)).status == 200
+
+
+async def test_a_cross_site_clear_cannot_wipe_history() -> None:
+    app, _ = build()
+    cookie = cookie_of(await call(app, "POST", "/chat_stream"))
+    cross = [(b"sec-fetch-site", b"cross-site"), (b"origin", b"https://evil.example")]
+    assert (await call(app, "POST", "/clear_context", cross, cookie)).status == 403
+    assert len((await call(app, "GET", "/get_prompt", cookie=cookie)).json()["messages"]) == 2
+
+
+async def test_clear_context_rotates_the_session_id() -> None:
+    app, _ = build()
+    old = cookie_of(await call(app, "POST", "/chat_stream"))
+    cleared = await call(app, "POST", "/clear_context", cookie=old)
+    new = cookie_of(cleared)
+    assert cleared.json() == {"cleared": True} and new != old
+    await call(app, "POST", "/chat_stream", cookie=new)
+    assert (await call(app, "GET", "/get_prompt", cookie=old)).json()["messages"] == []
+    assert len((await call(app, "GET", "/get_prompt", cookie=new)).json()["messages"]) == 2
+
+
+@pytest.mark.parametrize("secret", [None, "", "short-key", ["too-short-key"]])
+async def test_a_missing_or_short_secret_is_refused_with_how_to_make_one(secret: Any) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=secret)
+    assert "secrets.token_urlsafe" in str(caught.value)
+    if secret:
+        assert str(secret if isinstance(secret, str) else secret[0]) not in str(caught.value)
+
+
+async def test_bad_security_settings_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="needs api_keys"):
+        RequestGuard(None, require_api_key=True)
+    for origin in ("evil.example", "ftp://x.example", "https://x.example/path", ""):
+        with pytest.raises(ConfigurationError, match="allowed_origins"):
+            RequestGuard(allowed_origins=[origin])
+    assert KEY not in repr(RequestGuard([KEY]))
+
+
+async def test_input_limits_are_configurable_and_enforced() -> None:
+    seen: list[int] = []
+
+    def reply(messages: Sequence[Any]) -> str:
+        seen.append(len(messages))
+        return "ok"
+
+    app = ChatStreamMiddleware(
+        RecordingApp(), engine=MockEngine(reply), secret_key=SECRET, max_input_chars=5, max_history_turns=1
+    )
+    too_long = await call(app, "POST", "/chat_stream", [])  # "hi" fits
+    cookie = cookie_of(too_long)
+    for _ in range(3):
+        assert (await call(app, "POST", "/chat_stream", cookie=cookie)).status == 200
+    assert seen == [1, 3, 3, 3]  # one earlier pair at most, plus the new question
+    send = RecordingSend()
+    body = json_body({"user_input": "x" * 6})
+    scope = http_scope("POST", "/chat_stream", headers=JSON_HEADERS)
+    await with_hang_guard(app(scope, ScriptedReceive(request_messages(body), wait_for_disconnect=True), send))
+    assert send.status == 400 and "limit is 5" in send.json()["error"]["message"]
+    with pytest.raises(ConfigurationError):
+        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, max_history_turns=0)
+
+
+async def test_max_input_tokens_counts_with_the_engine_tokenizer(tiny_model_dir: Any) -> None:
+    from chatstream_asgi import TransformersEngine
+
+    engine = TransformersEngine.from_pretrained(str(tiny_model_dir), max_batch_size=1)
+    app = ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, max_input_tokens=8)
+    text = "The quick brown fox jumps over the lazy dog. " * 3
+    tokens = len(engine.tokenizer.encode(text, add_special_tokens=False))
+    assert tokens > 8
+    send = RecordingSend()
+    receive = ScriptedReceive(request_messages(json_body({"user_input": text})), wait_for_disconnect=True)
+    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, send))
+    assert send.status == 400 and f"has {tokens} tokens; the limit is 8" in send.json()["error"]["message"]
+    assert app.admission.running == 0 and engine.stats.running == 0
+    short = RecordingSend()
+    body = json_body({"user_input": "Hello", "max_new_tokens": 4})
+    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
+    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, short), 30)
+    assert short.status == 200 and short.complete
+    await engine.close()

@@ -1,0 +1,324 @@
+"""ChatStream's other routes and hooks on the middleware, driven as a raw ASGI app: generation params per session,
+feedback, resource usage, stop, the finish callback, the request interceptor, the 0.3 wire format, the chat page."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from chatstream_asgi import ChatStreamMiddleware, MockEngine
+from chatstream_asgi.errors import ConfigurationError, HTTPError
+from chatstream_asgi.session_state import SessionStateStore
+
+from .asgi_fakes import RecordingApp, RecordingSend, ScriptedReceive, wait_until, with_hang_guard
+from .test_middleware import Chat, CountingEngine, assert_json_error, session_cookie
+
+SECRET = "unit-test-secret-key-0123456789abcdef"
+REPLY = "Hello there, friend."
+MARKER = b"<::EOS::>"
+
+
+@pytest.fixture
+def make_chat() -> Iterator[Callable[..., Chat]]:
+    built: list[Chat] = []
+
+    def make(engine: MockEngine | None = None, **options: Any) -> Chat:
+        engine = engine or CountingEngine(REPLY)
+        middleware = ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, **options)
+        chat = Chat(middleware, middleware.app, engine, middleware.routes.store)  # type: ignore[arg-type]
+        built.append(chat)
+        return chat
+
+    yield make
+    for chat in built:
+        admission = chat.middleware.admission
+        assert (admission.running, admission.waiting) == (0, 0), f"admission left busy: {admission!r}"
+        assert chat.engine.running == 0 and not chat.middleware.routes.active_sessions
+        assert not chat.middleware.routes.hooks.stops, "a stop switch was left registered"
+
+
+# --- generation params ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_generation_params_are_per_session_defaults(make_chat: Callable[..., Chat]) -> None:
+    seen: list[Any] = []
+
+    class ParamsEngine(CountingEngine):
+        def stream(self, messages: Any, params: Any) -> Any:
+            seen.append(params)
+            return super().stream(messages, params)
+
+    chat = make_chat(ParamsEngine(REPLY))
+    send = await chat.request("POST", "/set_generation_params", {"temperature": 0.2, "top_k_value": 5})
+    assert send.status == 200
+    cookie = session_cookie(send)
+    params = send.json()["generation_params"]
+    assert (params["temperature"], params["top_k"], params["top_p"]) == (0.2, 5, 0.9)
+    assert send.json()["overrides"] == {"temperature": 0.2, "top_k": 5}
+
+    await chat.turn("hi", cookie=cookie)
+    await chat.turn("hi again", cookie=cookie, temperature=1.5)  # the request still wins over the session
+    await chat.turn("someone else")
+    assert [(p.temperature, p.top_k) for p in seen] == [(0.2, 5), (1.5, 5), (0.7, 50)]
+
+    got = await chat.request("GET", "/get_generation_params", cookie=cookie)
+    assert got.json()["generation_params"]["temperature"] == 0.2
+    reset = await chat.request("POST", "/set_generation_params", {"reset": True, "top_p": 0.5}, cookie=cookie)
+    assert reset.json()["overrides"] == {"top_p": 0.5} and reset.header("set-cookie") is None
+    fresh = await chat.request("GET", "/get_generation_params")
+    assert fresh.json()["overrides"] == {} and fresh.json()["generation_params"]["temperature"] == 0.7
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("payload", "word"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k_value": -1}, "top_k"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"bogus": 1}, "bogus"),
+        ({"reset": "yes"}, "reset"),
+        ([1, 2], "object"),
+    ],
+)
+async def test_bad_generation_params_get_a_clear_400(make_chat: Callable[..., Chat], payload: Any, word: str) -> None:
+    send = await make_chat().request("POST", "/set_generation_params", payload)
+    assert word in assert_json_error(send, 400, "invalid_request")["message"]
+
+
+@pytest.mark.asyncio
+async def test_set_generation_params_wants_json_and_post(make_chat: Callable[..., Chat]) -> None:
+    chat = make_chat()
+    assert_json_error(await chat.request("POST", "/set_generation_params", headers=[]), 415, "unsupported_media_type")
+    assert_json_error(await chat.request("GET", "/set_generation_params"), 405, "method_not_allowed")
+
+
+# --- feedback ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_feedback_by_message_id_or_turn_reaches_the_hook_and_is_kept(make_chat: Callable[..., Chat]) -> None:
+    received: list[tuple[str, dict[str, Any]]] = []
+
+    async def on_feedback(session_id: str, feedback: dict[str, Any]) -> None:
+        received.append((session_id, feedback))
+
+    chat = make_chat(on_feedback=on_feedback)
+    first = await chat.turn("first question")
+    cookie = session_cookie(first)
+    message_id = first.header("x-chatstream-last-generated-message-id")
+    assert message_id and first.header("x-request-id") == message_id
+    await chat.turn("second question", cookie=cookie)
+
+    send = await chat.request("POST", "/set_feedback", {"message_id": message_id, "is_like": False}, cookie=cookie)
+    assert send.status == 200 and send.json()["reply_index"] == 0
+    send = await chat.request("POST", "/set_feedback", {"turn": -1, "rating": "up", "text": "great"}, cookie=cookie)
+    assert send.json()["reply_index"] == 1
+    assert [(f["rating"], f["user_input"], f["reply"], f["text"]) for _, f in received] == [
+        ("down", "first question", REPLY, ""),
+        ("up", "second question", REPLY, "great"),
+    ]
+    session_id = received[0][0]
+    assert set(chat.middleware.routes.hooks.extras.feedback(session_id)) == {0, 1}
+
+    await chat.request("POST", "/clear_context", cookie=cookie)
+    assert chat.middleware.routes.hooks.extras.feedback(session_id) == {}
+    gone = await chat.request("POST", "/set_feedback", {"message_id": message_id, "rating": "up"}, cookie=cookie)
+    assert_json_error(gone, 404, "unknown_reply")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"turn": 0},
+        {"turn": 0, "rating": "meh"},
+        {"rating": "up"},
+        {"turn": 0, "message_id": "x", "rating": "up"},
+        {"turn": 5, "rating": "up"},
+        {"turn": True, "rating": "up"},
+        {"turn": 0, "rating": "up", "text": "x" * 5000},
+    ],
+)
+async def test_bad_feedback_gets_a_400(make_chat: Callable[..., Chat], payload: dict[str, Any]) -> None:
+    chat = make_chat()
+    cookie = session_cookie(await chat.turn())
+    assert_json_error(await chat.request("POST", "/set_feedback", payload, cookie=cookie), 400, "invalid_request")
+
+
+@pytest.mark.asyncio
+async def test_feedback_without_a_session_is_404_and_a_failing_hook_is_only_logged(
+    make_chat: Callable[..., Chat], caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(session_id: str, feedback: dict[str, Any]) -> None:
+        raise RuntimeError("boom")
+
+    chat = make_chat(on_feedback=broken)
+    assert_json_error(await chat.request("POST", "/set_feedback", {"turn": 0, "rating": "up"}), 404, "unknown_reply")
+    cookie = session_cookie(await chat.turn())
+    send = await chat.request("POST", "/set_feedback", {"turn": 0, "rating": "up"}, cookie=cookie)
+    assert send.status == 200 and "on_feedback callback failed" in caplog.text
+
+
+# --- hooks ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_on_finish_gets_the_turn_and_a_raising_callback_breaks_nothing(
+    make_chat: Callable[..., Chat], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[tuple[str, str, str, dict[str, Any]]] = []
+
+    def on_finish(session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
+        calls.append((session_id, user_input, reply, stats))
+        raise RuntimeError("the host's bug")
+
+    chat = make_chat(on_finish=on_finish, max_concurrency=1, max_queue=0)
+    for _ in range(3):  # a leaked slot would turn the next turn into a 429
+        send = await chat.turn("hello")
+        assert send.status == 200 and send.body == REPLY.encode() and send.complete
+        await wait_until(lambda: not chat.middleware.routes.hooks.tasks)
+    assert [(c[1], c[2], c[3]["outcome"]) for c in calls] == [("hello", REPLY, "completed")] * 3
+    assert calls[0][3]["reply_id"] == calls[0][3]["request_id"]
+    assert caplog.text.count("on_finish callback failed") == 3
+    assert chat.middleware.admission.running == 0
+
+
+@pytest.mark.asyncio
+async def test_on_finish_hears_about_a_cut_reply(make_chat: Callable[..., Chat]) -> None:
+    calls: list[dict[str, Any]] = []
+
+    async def on_finish(session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
+        calls.append({"reply": reply, **stats})
+
+    chat = make_chat(CountingEngine(" ".join(f"w{i}" for i in range(500)), token_delay=0.01), on_finish=on_finish)
+    turn = chat.start_turn()
+    await turn.streaming()
+    await turn.stop()
+    await wait_until(lambda: bool(calls))
+    assert calls[0]["outcome"] == "cut" and calls[0]["reply"].startswith("w0")
+
+
+@pytest.mark.asyncio
+async def test_request_interceptor_reads_and_rewrites_the_turn(make_chat: Callable[..., Chat]) -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def interceptor(scope: Any, session_id: str, data: dict[str, Any]) -> dict[str, Any] | None:
+        seen.append(dict(data))
+        if data.get("user_input") == "forbidden":
+            raise HTTPError(403, "forbidden", "not allowed here")
+        if data.get("user_input") == "shout":
+            return {**data, "user_input": "SHOUT"}
+        return None
+
+    chat = make_chat(request_interceptor=interceptor)
+    cookie = session_cookie(await chat.turn("shout"))
+    await chat.turn("calm", cookie=cookie)
+    history = await chat.history(cookie)
+    assert [m["content"] for m in history if m["role"] == "user"] == ["SHOUT", "calm"]
+    assert_json_error(await chat.turn("forbidden"), 403, "forbidden")
+    assert [d["user_input"] for d in seen] == ["shout", "calm", "forbidden"]
+
+
+@pytest.mark.asyncio
+async def test_a_crashing_interceptor_is_a_500_not_a_hang(make_chat: Callable[..., Chat]) -> None:
+    chat = make_chat(request_interceptor=lambda scope, session_id, data: 1 / 0)
+    assert_json_error(await chat.turn(), 500, "interceptor_error")
+
+
+def test_hooks_are_checked_at_construction() -> None:
+    with pytest.raises(ValueError, match="wire"):
+        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, wire="sse")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="on_finish"):
+        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, on_finish="print")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="clash"):
+        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, ui_path="/get_load")
+
+
+# --- wire format, stop, resource usage, page ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_chatstream_03_wire_sends_the_whole_reply_and_the_marker_in_every_chunk(
+    make_chat: Callable[..., Chat],
+) -> None:
+    chat = make_chat(CountingEngine("日本語の 返事 です"), wire="chatstream-0.3")
+    send = await chat.turn()
+    assert send.body_chunks == [b"\xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e\xe3\x81\xae " + MARKER] + [
+        ("日本語の 返事 " if i == 1 else "日本語の 返事 です").encode() + MARKER for i in (1, 2)
+    ]
+    assert "\ufffd" not in send.body.decode("utf-8")
+    assert send.header("x-chatstream-last-generated-message-id")
+    history = await chat.history(session_cookie(send))
+    assert history[-1]["content"] == "日本語の 返事 です"  # the history holds the reply, not the wire format
+
+
+@pytest.mark.asyncio
+async def test_stop_generation_ends_the_sessions_turn_and_frees_the_slot(make_chat: Callable[..., Chat]) -> None:
+    chat = make_chat(CountingEngine(" ".join(f"w{i}" for i in range(500)), token_delay=0.01))
+    cookie = session_cookie(await chat.request("POST", "/set_generation_params", {}))
+    assert (await chat.request("POST", "/stop_generation", cookie=cookie)).json()["stopped"] is False
+    turn = chat.start_turn(cookie=cookie)
+    await turn.streaming()
+    other = await chat.request("POST", "/stop_generation")  # another client cannot stop it
+    assert other.json()["stopped"] is False
+    stopped = await chat.request("POST", "/stop_generation", cookie=cookie)
+    assert stopped.json() == {"success": True, "stopped": True}
+    send = await turn.finish()  # the client is still there: its response is completed, not left open
+    assert send.complete and chat.engine.cancelled == 1
+    assert chat.middleware.admission.running == 0
+    history = await chat.history(cookie)
+    assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith("w0")
+
+
+@pytest.mark.asyncio
+async def test_resource_usage_reports_memory(make_chat: Callable[..., Chat]) -> None:
+    send = await make_chat().request("GET", "/get_resource_usage")
+    usage = send.json()["memory_usage"][0]
+    assert send.status == 200 and usage["cpu"]["total_memory"] > 0 and usage["cpu"]["used_memory"] > 0
+    assert usage["num_gpus"] == len(usage["gpus"])
+
+
+@pytest.mark.asyncio
+async def test_chat_page_is_off_by_default_and_served_at_ui_path_with_the_route_paths(
+    make_chat: Callable[..., Chat],
+) -> None:
+    off = make_chat()
+    assert (await off.request("GET", "/")).body == b"app"
+    chat = make_chat(ui_path="/chat", paths={"get_load": "/load"})
+    send = await chat.request("GET", "/chat", root_path="/api")
+    page = send.body.decode()
+    assert send.status == 200 and send.header("content-type") == "text/html; charset=utf-8"
+    assert '"get_load": "/api/load"' in page and '"chat_stream": "/api/chat_stream"' in page
+    assert "http://" not in page and "https://" not in page  # no CDN: nothing loads from elsewhere
+    assert "default-src 'self'" in (send.header("content-security-policy") or "")
+
+
+def test_session_state_is_bounded_and_expires() -> None:
+    now = [0.0]
+    store = SessionStateStore(max_sessions=2, ttl=10, clock=lambda: now[0])
+    for name in ("a", "b", "c"):
+        store.set_params(name, {"temperature": 0.1})
+    assert len(store) == 2 and store.get("a") is None
+    now[0] = 11
+    assert store.get("b") is None and store.params("c") == {}
+
+
+@pytest.mark.asyncio
+async def test_stop_switch_passes_real_messages_through() -> None:
+    from chatstream_asgi.hooks import TurnStop
+
+    receive = ScriptedReceive([{"type": "http.request", "body": b"x"}], wait_for_disconnect=True)
+    switch = TurnStop(receive, RecordingSend())
+    switch.armed = True
+    assert (await with_hang_guard(switch.receive()))["type"] == "http.request"
+    pending = asyncio.ensure_future(switch.receive())
+    await asyncio.sleep(0)
+    switch.stopped.set()
+    assert (await with_hang_guard(pending))["type"] == "http.disconnect"
