@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -656,6 +657,16 @@ def concurrency_levels(args: argparse.Namespace) -> list[int]:
     return [1, 8] if args.quick else [1, 4, 8]
 
 
+OTHER_SECTIONS = re.compile(r"<!-- (\w+):start -->.*?<!-- \1:end -->", re.S)
+
+
+def write_keeping_other_sections(path: Path, text: str) -> None:
+    """Rewrite the serving table but keep what other scripts own (e.g. soak.py's ``<!-- soak:start -->`` block)."""
+    old = path.read_text() if path.exists() else ""
+    blocks = [match.group(0) for match in OTHER_SECTIONS.finditer(old)]
+    path.write_text(text.rstrip("\n") + "\n" + "".join("\n" + block + "\n" for block in blocks))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # unwind, so every server process is killed
@@ -674,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             report.errors[contender] = f"{type(exc).__name__}: {exc}"[:500]
             print(f"  contender {contender} failed: {report.errors[contender]}", flush=True)
     text = render(report, ns)
-    args.results.write_text(text)
+    write_keeping_other_sections(args.results, text)
     print("\n" + text.split("\n\n", 2)[2])
     print(f"written to {args.results} in {time.perf_counter() - report.started:.0f} s")
     return 1 if report.errors else 0
