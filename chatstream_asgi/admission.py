@@ -214,7 +214,8 @@ class Admission:
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no slot is held; False if ``timeout`` seconds passed first."""
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for, which can swallow a cancel on 3.11
+                await self._idle.wait()
         except TimeoutError:
             return False
         return True

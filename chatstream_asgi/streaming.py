@@ -290,8 +290,11 @@ class ReplySender:
             await self.timed_send({"type": "http.response.body", "body": body, "more_body": more_body})
 
     async def timed_send(self, message: dict[str, Any]) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the send completes, and
+        # the stream would go on to its end after the client (or a Stop) had ended it.
         try:
-            await asyncio.wait_for(self.send(message), self.options.send_timeout)
+            async with asyncio.timeout(self.options.send_timeout):
+                await self.send(message)
         except TimeoutError:  # a subclass of OSError, so it comes first
             raise ClientTooSlow("the client stopped reading") from None
         except OSError as exc:

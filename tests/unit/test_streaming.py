@@ -419,3 +419,44 @@ async def test_sse_done_event_is_valid_json_for_non_ascii_text() -> None:
     raw = send.body.decode("utf-8")
     assert "日本" in raw
     assert json.loads(raw.split("data: ", 1)[1].split("\n", 1)[0]) == {"text": "日本"}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("offset", range(-4, 5))
+async def test_a_disconnect_landing_as_a_send_completes_still_ends_the_stream(offset: int) -> None:
+    """The disconnect and the end of a blocked send arrive ``offset`` loop turns apart, either way round. On
+    Python 3.11, ``asyncio.wait_for`` returned the send's result and dropped the cancel when both landed together,
+    and the whole reply then streamed to a client that had gone (the chat page's flaky Stop)."""
+    loop = asyncio.get_running_loop()
+    gone = asyncio.Event()
+    blocked: list[asyncio.Future[None]] = []
+    messages: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+        if len(messages) == 3:  # the start and one chunk went out; the next send waits for the client
+            blocked.append(loop.create_future())
+            await blocked[0]
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def endless() -> AsyncIterator[GenerationChunk]:
+        for i in range(200):
+            await asyncio.sleep(0.001)
+            yield GenerationChunk(f"w{i} ")
+
+    options = StreamOptions(send_timeout=5.0)
+    task = asyncio.create_task(stream_reply(send, receive, endless(), PlainTextEncoder(), options))
+    await wait_until(lambda: bool(blocked))
+    actions = [gone.set, lambda: blocked[0].done() or blocked[0].set_result(None)]
+    if offset < 0:
+        actions.reverse()
+    actions[0]()
+    for _ in range(abs(offset)):
+        await asyncio.sleep(0)
+    actions[1]()
+    result = await with_hang_guard(task)
+    assert result.outcome == "disconnected"
+    assert len(messages) <= 4, f"{len(messages) - 3} more chunks were sent after the disconnect"
