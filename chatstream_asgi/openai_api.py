@@ -16,7 +16,7 @@ from typing import Any
 
 from ._asgi import header, read_body, send_json
 from ._types import Receive, Scope, Send
-from .admission import Admission, Rejected
+from .admission import Admission, Rejected, Ticket
 from .engines.base import Engine, GenerationChunk
 from .errors import ConfigurationError, HTTPError
 from .metrics import GenerationProbe, Observer
@@ -30,7 +30,8 @@ from .openai_schema import (
     parse_completion_request,
 )
 from .requests import require_json
-from .routes import ChatSettings, queue_headers, wait_for_slot
+from .routes import ChatSettings
+from .slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, StreamResult, as_http_error, stream_reply
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -162,7 +163,7 @@ class OpenAIRoutes:
             reply = ReplyHeader(completion_id(), int(time.time()), self.engine.model_name)
             probe = self.observer.start("chat_completions", reply.id, ticket.queue_wait)
             headers = [(b"x-request-id", reply.id.encode()), *queue_headers(ticket.position)]
-            chunks = release_when_done(self.engine.stream(request.messages, request.params), ticket.release)
+            chunks = finish_before_last_byte(self.engine.stream(request.messages, request.params), released(ticket))
             if request.stream:
                 probe.done(await self.stream(send, receive, chunks, request, reply, headers, probe.on_token))
             else:
@@ -215,18 +216,14 @@ class OpenAIRoutes:
         return StreamOptions(headers=headers, send_timeout=self.settings.send_timeout, deadline=deadline)
 
 
-async def release_when_done(chunks: Chunks, release: Callable[[], None]) -> Chunks:
-    """Pass the engine's chunks on and free the slot the moment the engine is done, before the sender writes the
-    last byte: a client that has the whole reply and sends its next request at once must find the slot free.
-    Closing this iterator closes the engine's."""
-    try:
-        async for chunk in chunks:
-            yield chunk
-    finally:
-        closer = getattr(chunks, "aclose", None)
-        if closer is not None:
-            await closer()
-        release()
+def released(ticket: Ticket) -> Finish:
+    """Free the slot the moment the engine is done, before the last byte: a client that has the whole reply and
+    sends its next request at once must find the slot free."""
+
+    async def release(reply: str) -> None:
+        ticket.release()
+
+    return release
 
 
 async def collect_reply(receive: Receive, chunks: Chunks, options: StreamOptions) -> StreamResult:

@@ -7,14 +7,14 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._asgi import listen_for_disconnect, read_body, send_json
+from ._asgi import read_body, send_json
 from ._types import Receive, Scope, Send
 from .admission import Admission
-from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
+from .engines.base import ChatMessage, Engine, SamplingParams
 from .errors import HistoryStoreError, HTTPError
 from .history import HistoryStore, trim_turns
 from .hooks import ChatHooks
@@ -22,10 +22,10 @@ from .metrics import Observer
 from .requests import ChatTurn, parse_chat_turn, require_json
 from .security import check_input_tokens, token_counter
 from .session import SessionCookie
+from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, choose_encoder, stream_reply
 
 logger = logging.getLogger("chatstream_asgi")
-Finish = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -230,54 +230,3 @@ def previous_turns(history: list[ChatMessage], turn: ChatTurn) -> tuple[list[Cha
         if history[index]["role"] == "user":
             return history[:index], history[index]["content"]
     raise HTTPError(400, "invalid_request", "nothing to regenerate: this session has no user turn yet")
-
-
-async def finish_before_last_byte(
-    chunks: AsyncIterator[GenerationChunk], finish: Finish, cut: Finish | None = None
-) -> AsyncIterator[GenerationChunk]:
-    """Pass the engine's chunks on, and end the request before the sender writes the response's last byte,
-    whatever the outcome: ``finish(reply)`` once the engine is done; ``cut(reply as far as it was sent)`` when the
-    stream is closed or cancelled (a disconnect, the deadline, a slow client), or ``cut("")`` when the engine
-    fails (``cut`` defaults to ``finish``). Ending after the last byte lost races against the client's very next
-    request: 409, 429, or a history without the reply it had just read."""
-    parts: list[str] = []
-    try:
-        async for chunk in chunks:
-            yield chunk
-            parts.append(chunk.text)  # the sender came back for more: this chunk was written
-    except Exception:  # the engine failed: its reply is not kept
-        await (cut or finish)("")
-        raise
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await aclose(chunks)  # stop the engine before anything else
-        await (cut or finish)("".join(parts))
-        raise
-    await finish("".join(parts))
-
-
-async def aclose(chunks: AsyncIterator[GenerationChunk]) -> None:
-    closer = getattr(chunks, "aclose", None)
-    if closer is not None:
-        await closer()
-
-
-def queue_headers(position: int) -> list[tuple[bytes, bytes]]:
-    return [(b"x-queue-position", str(position).encode())] if position else []
-
-
-async def wait_for_slot(ticket: Any, receive: Receive) -> bool:
-    """Wait for the ticket's slot; ``False`` if the client disconnects first (it then leaves the queue)."""
-    waiter = asyncio.ensure_future(ticket.wait())
-    listener = asyncio.ensure_future(listen_for_disconnect(receive))
-    try:
-        await asyncio.wait({waiter, listener}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in (waiter, listener):
-            if not task.done():
-                task.cancel()
-        await asyncio.wait({waiter, listener})
-    if not listener.cancelled():
-        return False
-    waiter.result()  # raises QueueTimeout / Draining
-    return True
