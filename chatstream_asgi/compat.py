@@ -127,7 +127,8 @@ class ChatStream:
                 except Exception:
                     logger.exception("the ChatStream callback failed")
 
-        return ChatStreamResponse(route[1], body, done)
+        guard = self.middleware.guard.check if path in self.middleware.guarded else None
+        return ChatStreamResponse(route[1], body, done, guard)
 
     async def handle_chat_stream_request(
         self, request: Any, request_body: bytes | str | None = None, callback: Callback | None = None
@@ -178,15 +179,23 @@ class ChatStream:
 
     def append_middlewares(self, app: Any, opts: dict[str, Any] | None = None) -> None:
         """ChatStream added session, role and CORS middlewares here. Sessions are built in now, so only CORS is
-        added, and only when ``opts["cors"]`` asks for it (e.g. ``{"cors": {"allow_origins": ["https://..."]}}``)."""
+        added, and only when ``opts["cors"]`` asks for it (e.g. ``{"cors": {"allow_origins": ["https://..."]}}``).
+        Those origins may then also POST with the session cookie (the CSRF check lets them through)."""
         cors = (opts or {}).get("cors")
         if cors is None:
             return
         from starlette.middleware.cors import CORSMiddleware
 
+        origins = list(cors.get("allow_origins", []))
+        if "*" in origins:
+            # any site may then call the API with the visitor's cookie: that is what the user asked CORS for
+            logger.warning("CORS allow_origins ['*']: the CSRF origin check is off for the ChatStream routes")
+            self.middleware.guard.csrf = False
+        else:
+            self.middleware.guard.allow_origins(origins)
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=cors.get("allow_origins", []),
+            allow_origins=origins,
             allow_credentials=True,
             allow_methods=["*"],
             allow_headers=["*"],

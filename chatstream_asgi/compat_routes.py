@@ -34,8 +34,14 @@ async def no_app(scope: Scope, receive: Receive, send: Send) -> None:
 class ChatStreamResponse(Response):
     """A Starlette response that runs one of the middleware's route handlers when the framework sends it."""
 
-    def __init__(self, handler: Callable[[Scope, Receive, Send], Any], body: bytes | None, done: Callable[[str], None]):
-        self.handler, self.replay, self.done = handler, body, done
+    def __init__(
+        self,
+        handler: Callable[[Scope, Receive, Send], Any],
+        body: bytes | None,
+        done: Callable[[str], None],
+        guard: Callable[[Scope], None] | None = None,
+    ):
+        self.handler, self.replay, self.done, self.guard = handler, body, done, guard
         self.background = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body = b""
@@ -50,6 +56,8 @@ class ChatStreamResponse(Response):
             ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
 
         try:
+            if self.guard is not None:  # API keys and the CSRF check, as the middleware applies them
+                self.guard(scope)
             await self.handler(scope, self.replaying(receive), tracking_send)
         except QueueFull as rejection:  # ChatStream's body, with a real status and Retry-After
             retry_after = [(b"retry-after", str(rejection.retry_after).encode())]

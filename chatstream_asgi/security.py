@@ -50,6 +50,10 @@ class RequestGuard:
         self.allowed_origins = frozenset(check_origin(origin) for origin in allowed_origins)
         self.csrf = csrf
 
+    def allow_origins(self, origins: Sequence[str]) -> None:
+        """Also accept cookie POSTs from ``origins`` (e.g. those a CORS middleware lets in)."""
+        self.allowed_origins = self.allowed_origins | {check_origin(origin) for origin in origins}
+
     def check(self, scope: Scope) -> None:
         """Raise 401 for a missing (when required) or wrong key, 403 for a cross-site cookie POST."""
         if self.bearer_ok(scope):

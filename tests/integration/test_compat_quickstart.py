@@ -167,3 +167,31 @@ def test_intercepted_body_and_callback(tiny_model_dir: Path) -> None:
     with UvicornThread(app) as server:
         asyncio.run(talk(server.url))
     assert messages == ["success"]
+
+
+def test_facade_checks_origins_and_lets_its_cors_origins_post_with_the_cookie() -> None:
+    chat_stream = ChatStream(use_mock_response=True, secret_key="k" * 32)
+    app = FastAPI()
+    chat_stream.append_apis(app, {"all": True})
+    chat_stream.append_middlewares(app, {"cors": {"allow_origins": ["https://app.example.com"]}})
+
+    async def post_from(url: str, origin: str) -> httpx.Response:
+        headers = {"Origin": origin, "Sec-Fetch-Site": "cross-site"}
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await chat_stream.start_queue_worker()
+            return await client.post("/chat_stream", json={"user_input": "hi"}, headers=headers)
+
+    with UvicornThread(app) as server:
+        allowed = asyncio.run(post_from(server.url, "https://app.example.com"))
+        forged = asyncio.run(post_from(server.url, "https://evil.example.net"))
+    assert allowed.status_code == 200 and allowed.text.endswith(MARKER)
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert forged.status_code == 403 and forged.json()["error"]["type"] == "cross_site_request"
+
+
+def test_cors_for_every_origin_turns_the_origin_check_off_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    chat_stream = ChatStream(use_mock_response=True, secret_key="k" * 32)
+    with caplog.at_level(logging.WARNING, logger="chatstream_asgi"):
+        chat_stream.append_middlewares(FastAPI(), {"cors": {"allow_origins": ["*"]}})
+    assert chat_stream.middleware.guard.csrf is False
+    assert "CSRF origin check is off" in caplog.text
