@@ -152,10 +152,10 @@ class ChatRoutes:
         if session_id is not None:
             with self.exclusive_turn(session_id):
                 await self.store_call(self.store.clear(session_id))
-            self.hooks.extras.forget_replies(session_id)
             # a fresh id after a clear: whoever saw the old cookie (a shared machine, a log) cannot follow the next chat
-            rotated = [self.sessions.set_cookie_header(self.sessions.new_session_id())]
-            await send_json(send, 200, {"cleared": True}, rotated)
+            new_id = self.sessions.new_session_id()
+            self.hooks.extras.cleared(session_id, new_id)
+            await send_json(send, 200, {"cleared": True}, [self.sessions.set_cookie_header(new_id)])
             return
         await send_json(send, 200, {"cleared": True})
 
@@ -173,7 +173,9 @@ class ChatRoutes:
     def exclusive_turn(self, session_id: str) -> Iterator[Callable[[], None]]:
         """Hold the session for one turn; yields ``end_turn`` to let it go early (it is let go at exit anyway)."""
         if session_id in self.active_sessions:
-            raise HTTPError(409, "turn_in_progress", "a reply is still streaming for this session; wait or stop it")
+            # Retry-After: a client that sent its next turn before the server saw it leave the last one may just retry
+            message = "a reply is still streaming for this session; wait or stop it"
+            raise HTTPError(409, "turn_in_progress", message, {"Retry-After": "1"})
         token = self.active_sessions[session_id] = object()
 
         def end_turn() -> None:

@@ -98,12 +98,15 @@ class SessionStateStore:
         extras = self.get(session_id)
         return {k: dict(v) for k, v in extras.feedback.items()} if extras is not None else {}
 
-    def forget_replies(self, session_id: str) -> None:
-        """The history was cleared: reply ids and feedback go, parameter overrides stay."""
+    def cleared(self, session_id: str, new_session_id: str) -> None:
+        """The history was cleared and the session got a new id: reply ids and feedback go, parameter overrides
+        move to the new id (they are the user's settings, not part of the conversation)."""
         with self._lock:
-            entry = self._touch(session_id, create=False)
-            if entry is not None:
-                entry.reply_ids, entry.feedback = {}, {}
+            entry = self._entries.pop(session_id, None)
+            if entry is not None and entry.params:
+                moved = self._touch(new_session_id, create=True)
+                assert moved is not None
+                moved.params = entry.params
 
     def __len__(self) -> int:
         return len(self._entries)

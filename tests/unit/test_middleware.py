@@ -466,6 +466,7 @@ async def test_second_concurrent_turn_of_one_session_is_409(make_chat: Any) -> N
     await running.streaming()
     clash = await chat.turn("third", cookie=cookie)
     assert_json_error(clash, 409, "turn_in_progress")
+    assert clash.header("retry-after") == "1"  # a client that came back too early may just retry
     cleared = await chat.request("POST", "/clear_context", cookie=cookie)
     assert_json_error(cleared, 409, "turn_in_progress")
     assert (await running.stop()).status == 200

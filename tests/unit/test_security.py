@@ -44,10 +44,17 @@ def build(**options: Any) -> tuple[ChatStreamMiddleware, CountingEngine]:
 
 
 async def call(
-    app: ChatStreamMiddleware, method: str, path: str, headers: Sequence[tuple[bytes, bytes]] = (), cookie: str = ""
+    app: ChatStreamMiddleware,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+    cookie: str = "",
+    payload: dict[str, Any] | None = None,
 ) -> RecordingSend:
     all_headers = [*JSON_HEADERS, *HOST, *headers] + ([(b"cookie", cookie.encode())] if cookie else [])
-    body = json_body({"user_input": "hi"}) if path == "/chat_stream" else b""
+    if payload is None and path == "/chat_stream":
+        payload = {"user_input": "hi"}
+    body = b"" if payload is None else json_body(payload)
     receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
     send = RecordingSend()
     await with_hang_guard(app(http_scope(method, path, headers=all_headers), receive, send))
@@ -138,6 +145,20 @@ async def test_clear_context_rotates_the_session_id() -> None:
     await call(app, "POST", "/chat_stream", cookie=new)
     assert (await call(app, "GET", "/get_prompt", cookie=old)).json()["messages"] == []
     assert len((await call(app, "GET", "/get_prompt", cookie=new)).json()["messages"]) == 2
+
+
+async def test_generation_params_follow_the_session_to_its_new_id_but_feedback_does_not() -> None:
+    app, _ = build()
+    old = cookie_of(await call(app, "POST", "/chat_stream"))
+    assert (await call(app, "POST", "/set_generation_params", cookie=old, payload={"temperature": 0.3})).status == 200
+    assert (await call(app, "POST", "/set_feedback", cookie=old, payload={"turn": 0, "rating": "up"})).status == 200
+    new = cookie_of(await call(app, "POST", "/clear_context", cookie=old))
+    params = (await call(app, "GET", "/get_generation_params", cookie=new)).json()
+    assert params["overrides"] == {"temperature": 0.3}
+    stale = await call(app, "GET", "/get_generation_params", cookie=old)
+    assert stale.json()["overrides"] == {}  # nothing is left under the old id
+    assert (await call(app, "POST", "/set_feedback", cookie=new, payload={"turn": 0, "rating": "up"})).status == 400
+    assert len(app.routes.hooks.extras) == 1
 
 
 @pytest.mark.parametrize("secret", [None, "", "short-key", ["too-short-key"]])
