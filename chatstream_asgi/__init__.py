@@ -9,12 +9,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .admission import Draining, QueueFull, QueueTimeout, Rejected
-from .engines.base import Engine, GenerationChunk, SamplingParams
+from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
-from .errors import ChatStreamError, ConfigurationError, EngineError, HistoryStoreError
+from .errors import ChatStreamError, ConfigurationError, EngineError, HistoryStoreError, HTTPError
 from .history import HistoryStore, MemoryHistoryStore
+from .hooks import Interceptor, OnFinish
 from .middleware import ChatStreamMiddleware
+from .session_routes import OnFeedback
+from .session_state import SessionStateStore
 
 if TYPE_CHECKING:
     from .engines.openai_upstream import OpenAIUpstreamEngine
@@ -23,24 +26,30 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = [
+    "ChatMessage",
     "ChatStreamError",
     "ChatStreamMiddleware",
     "ConfigurationError",
     "Draining",
     "Engine",
     "EngineError",
-    "GenerationChunk",
     "EngineReplicas",
+    "GenerationChunk",
+    "HTTPError",
     "HistoryStore",
     "HistoryStoreError",
+    "Interceptor",
     "MemoryHistoryStore",
     "MockEngine",
+    "OnFeedback",
+    "OnFinish",
     "OpenAIUpstreamEngine",
     "QueueFull",
     "QueueTimeout",
     "RedisHistoryStore",
     "Rejected",
     "SamplingParams",
+    "SessionStateStore",
     "TransformersEngine",
     "__version__",
 ]
