@@ -13,54 +13,18 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar
+from typing import Any
 
-from .errors import ChatStreamError, ConfigurationError
+from .errors import ConfigurationError
+from .rejections import DRAINING_MESSAGE, Draining, QueueFull, QueueTimeout, Rejected
 
 DEFAULT_HOLD_SECONDS = 1.0  # assumed slot hold time until one has been measured
 HOLD_EWMA_ALPHA = 0.2
 MIN_RETRY_AFTER = 1
 MAX_RETRY_AFTER = 300
-DRAINING_MESSAGE = "the server is shutting down; retry later or on another replica"
 
+__all__ = ["Admission", "Draining", "QueueFull", "QueueTimeout", "Rejected", "Ticket"]
 _WAITING, _GRANTED, _REJECTED, _RELEASED = "waiting", "granted", "rejected", "released"
-
-
-class Rejected(ChatStreamError):
-    """A request was not admitted; ``status`` and ``retry_after`` say how to answer the client.
-
-    Args:
-        message: what happened and what the client should do.
-        retry_after: seconds the client should wait before retrying (the ``Retry-After`` header).
-    """
-
-    reason: ClassVar[str] = "rejected"
-    status: ClassVar[int] = 503
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class QueueFull(Rejected):
-    """Every slot is busy and the queue holds ``max_queue`` requests already (HTTP 429)."""
-
-    reason = "queue_full"
-    status = 429
-
-
-class QueueTimeout(Rejected):
-    """The request waited in the queue longer than ``queue_timeout`` (HTTP 503)."""
-
-    reason = "queue_timeout"
-    status = 503
-
-
-class Draining(Rejected):
-    """The server is shutting down and admits nothing new (HTTP 503)."""
-
-    reason = "draining"
-    status = 503
 
 
 class Ticket:
