@@ -1,12 +1,16 @@
-"""Shared fixtures: a tiny random Llama with an offline-trained tokenizer, built once per session."""
+"""Shared fixtures: a tiny random Llama with an offline-trained tokenizer, built once per session, and real
+uvicorn servers stopped after each test."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.integration.servers import UvicornThread
 from tests.tiny_model import build_tiny_model
 
 
@@ -24,3 +28,14 @@ def tiny_engine_parts(tiny_model_dir: Path) -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     return model.eval(), tokenizer
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., UvicornThread]]:
+    """``serve(app, **uvicorn_options)`` starts a real server on 127.0.0.1; every one is stopped after the test."""
+    with contextlib.ExitStack() as servers:
+
+        def start(app: Any, **options: Any) -> UvicornThread:
+            return servers.enter_context(UvicornThread(app, **options))
+
+        yield start

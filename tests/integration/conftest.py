@@ -3,25 +3,13 @@ tiny TransformersEngine for the one test that needs a real model."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .servers import RecordingEngine, UvicornThread, chat_app, not_found_app
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., UvicornThread]]:
-    """``serve(app, **uvicorn_options)`` starts a real server; every one is stopped after the test."""
-    with contextlib.ExitStack() as servers:
-
-        def start(app: Any, **options: Any) -> UvicornThread:
-            return servers.enter_context(UvicornThread(app, **options))
-
-        yield start
 
 
 @pytest.fixture

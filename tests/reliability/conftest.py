@@ -1,25 +1,10 @@
-"""Fixtures for the fault suite: real uvicorn servers (stopped after each test) and the tiny tokenizer."""
+"""Fixtures for the fault suite: the tiny tokenizer (servers come from ``serve`` in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-
-from tests.integration.servers import UvicornThread
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[..., UvicornThread]]:
-    """``serve(app, **uvicorn_options)`` starts a real server on 127.0.0.1; every one is stopped after the test."""
-    with contextlib.ExitStack() as servers:
-
-        def start(app: Any, **options: Any) -> UvicornThread:
-            return servers.enter_context(UvicornThread(app, **options))
-
-        yield start
 
 
 @pytest.fixture(scope="session")
