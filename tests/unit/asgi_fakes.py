@@ -29,6 +29,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from tests.integration.servers import sse_events as parse_sse
+
 Message = dict[str, Any]
 Headers = list[tuple[bytes, bytes]]
 
@@ -198,14 +200,7 @@ class RecordingSend:
 
     def sse_events(self) -> list[tuple[str, Any]]:
         """``(event, data)`` pairs of an SSE body; comments (pings) are skipped, data is JSON-decoded."""
-        events = []
-        for block in self.body.decode("utf-8").split("\n\n"):
-            lines = [line for line in block.split("\n") if line and not line.startswith(":")]
-            if not lines:
-                continue
-            fields = dict(line.split(": ", 1) for line in lines)
-            events.append((fields.get("event", "message"), json.loads(fields["data"])))
-        return events
+        return parse_sse(self.body)
 
 
 class RecordingApp:
