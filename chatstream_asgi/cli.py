@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -36,12 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
     serve.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds replies may finish on shutdown")
+    serve.add_argument(
+        "--no-drain-on-signals", dest="drain_on_signals", action="store_false", help="drain on lifespan shutdown only"
+    )
+    serve.add_argument("--mock-token-delay", type=float, default=0.05, help="seconds between two --mock tokens")
     return parser
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
     if args.mock:
-        return MockEngine(token_delay=0.05, max_batch_size=args.max_concurrency)
+        return MockEngine(token_delay=args.mock_token_delay, max_batch_size=args.max_concurrency)
     from .engines.transformers import TransformersEngine
 
     options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_concurrency}
@@ -77,8 +83,17 @@ def serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         system_prompt=args.system_prompt,
         ui_path=args.ui_path,
+        drain_timeout=args.drain_timeout,
+        drain_on_signals=args.drain_on_signals,
     )
+    # uvicorn re-raises SIGTERM once it has shut down gracefully; under SIG_DFL that kills the process (-15)
+    signal.signal(signal.SIGTERM, exit_quietly)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def exit_quietly(sig: int, frame: object) -> None:
+    """SIGTERM outside uvicorn's own handler: exit 0, a shutdown that was asked for (as gunicorn does)."""
+    raise SystemExit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

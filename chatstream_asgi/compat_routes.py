@@ -11,7 +11,6 @@ from ._asgi import send_error, send_json
 from ._types import Message, Receive, Scope, Send
 from .admission import QueueFull, Rejected
 from .errors import ClientDisconnected, ConfigurationError, HTTPError
-from .middleware import rejection_error
 
 API_METHODS = {
     "chat_stream": "POST",
@@ -63,7 +62,7 @@ class ChatStreamResponse(Response):
             retry_after = [(b"retry-after", str(rejection.retry_after).encode())]
             await send_json(send, 429, {"error": "too_many_requests"}, retry_after)
         except Rejected as rejection:
-            await send_error(send, rejection_error(rejection))
+            await send_error(send, rejection.http_error())
         except HTTPError as error:
             await send_error(send, error)
         except ClientDisconnected:

@@ -7,8 +7,9 @@
   same way), running streams get ``grace`` seconds to finish; after that each ends at its next token
   with an in-band ``draining`` error (the response is still completed properly, its slot freed).
 
-Note that uvicorn waits for open connections (``--timeout-graceful-shutdown``) *before* it sends the
-lifespan shutdown, so with uvicorn call ``drain()`` from a pre-stop hook to keep the grace period ours.
+uvicorn waits for open connections *before* it sends the lifespan shutdown, so the middleware also starts the
+drain on SIGTERM/SIGINT (``signals.py``); with that off, call ``drain()`` from a pre-stop hook instead.
+A reply ended by the drain is counted and logged with the outcome ``drained``.
 """
 
 from __future__ import annotations
@@ -86,4 +87,3 @@ async def drain(admission: Admission, observer: Observer, grace: float) -> bool:
         return True
     observer.cancelling = True
     return await admission.wait_idle(CANCEL_WAIT)
-

@@ -124,6 +124,19 @@ class Observer:
         return counted
 
 
+class StreamDrained(HTTPError):
+    """What ``on_token`` raises once a drain's grace is over: the reply ends in-band, counted as ``drained``."""
+
+    def __init__(self) -> None:
+        super().__init__(503, "draining", "the server is shutting down and ended this reply; retry elsewhere")
+
+
+def outcome_of(result: StreamResult) -> str:
+    """The outcome counted and logged: ``drained`` apart from ``error``."""
+    # StreamResult.outcome stays "error": the OpenAI route without streaming answers that with the 503 draining
+    return "drained" if isinstance(result.error, StreamDrained) else result.outcome
+
+
 class GenerationProbe:
     """One generation's timings; ``on_token`` runs for each text chunk, ``done`` once at the end."""
 
@@ -140,7 +153,7 @@ class GenerationProbe:
     def on_token(self) -> None:
         observer = self.observer
         if observer.cancelling:
-            raise HTTPError(503, "draining", "the server is shutting down and ended this reply; retry elsewhere")
+            raise StreamDrained
         if observer.metrics is not None:
             now = time.perf_counter()
             if self.last is not None:
@@ -158,7 +171,7 @@ class GenerationProbe:
             # a cut stream never got the final chunk's count: its text chunks are the best figure
             metrics.generation_tokens.inc(result.completion_tokens or len(result.parts))
             metrics.e2e.observe(self.queue_wait + duration)
-            metrics.outcomes.labels(result.outcome).inc()
+            metrics.outcomes.labels(outcome_of(result)).inc()
             if result.outcome == "disconnected":
                 metrics.disconnects.labels("streaming").inc()
         fields = self.fields(result, duration)
@@ -172,7 +185,7 @@ class GenerationProbe:
         return {
             "request_id": self.request_id,
             "route": self.route,
-            "outcome": result.outcome,
+            "outcome": outcome_of(result),
             "finish_reason": result.finish_reason,
             "queue_wait_s": round(self.queue_wait, 6),
             "ttft_s": None if ttft is None else round(ttft, 6),

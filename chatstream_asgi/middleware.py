@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 from ._asgi import route_path, send_error
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .admission import Admission, Rejected
 from .engines.base import Engine, SamplingParams
 from .engines.replicas import as_engine
-from .errors import ClientDisconnected, ConfigurationError, HTTPError
+from .errors import ClientDisconnected, HTTPError
 from .health import OperationsRoutes, drain
 from .history import HistoryStore, MemoryHistoryStore
 from .hooks import ChatHooks, Interceptor, OnFinish
 from .metrics import ChatMetrics, Observer, metrics_available
-from .openai_api import OpenAIRoutes, openai_route_table
-from .routes import ChatRoutes, ChatSettings
+from .openai_api import OpenAIRoutes, openai_route_table, send_openai_error
+from .routes import DEFAULT_PATHS, ChatRoutes, ChatSettings, check_positive
 from .security import RequestGuard
 from .session import SessionCookie
 from .session_routes import OnFeedback, SessionRoutes
 from .session_state import SessionStateStore
+from .signals import DrainOnSignals
 from .streaming import Wire
 
 logger = logging.getLogger("chatstream_asgi")
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
-DEFAULT_PATHS = {
-    "chat_stream": "/chat_stream",
-    "clear_context": "/clear_context",
-    "get_prompt": "/get_prompt",
-    "get_load": "/get_load",
-}
-ROUTE_METHODS = {"chat_stream": "POST", "clear_context": "POST", "get_prompt": "GET", "get_load": "GET"}
 
 
 class ChatStreamMiddleware:
@@ -60,9 +53,13 @@ class ChatStreamMiddleware:
         generation_timeout: seconds after which a reply is cut (in-band error, partial reply kept).
         send_timeout: seconds a client may stop reading before it is treated as gone.
         drain_timeout: seconds running streams may finish during shutdown.
+        drain_on_signals: on SIGTERM/SIGINT (main thread only) drain at once and hold the signal back from the
+            server until the drain is over; False leaves the drain to the lifespan shutdown.
         openai_prefix: where the OpenAI-compatible routes live (``{prefix}/chat/completions``,
             ``{prefix}/models``); None turns them off.
         api_keys: Bearer keys the OpenAI routes require (``Authorization: Bearer <key>``); None requires none.
+        openai_max_body_bytes: the OpenAI routes' body limit (413 beyond; clients send the whole conversation).
+        openai_max_messages: the most messages one OpenAI request may send (400 beyond).
         metrics_path: where Prometheus metrics are served (needs the ``metrics`` extra; without it they are
             off); None turns them off.
         metrics_registry: a ``prometheus_client.CollectorRegistry`` to register in; default a new one.
@@ -72,11 +69,12 @@ class ChatStreamMiddleware:
             (non-browser deployments); otherwise browsers use the session cookie.
         allowed_origins: origins besides this server's own allowed to POST with the session cookie (CSRF check).
         csrf: set False to turn the ``Origin``/``Sec-Fetch-Site`` check off.
-        max_input_chars: the longest ``user_input`` accepted (400 beyond).
+        max_input_chars: the longest ``user_input`` (on the OpenAI routes, each message) accepted (400 beyond).
         max_history_turns: user/assistant pairs of history sent to the model with a new turn; None sends all
             (the engine still truncates to its context).
-        max_input_tokens: the most tokens one ``user_input`` may have, counted with the engine's tokenizer (engines
-            without one, like the mock or an upstream, are limited by ``max_input_chars`` only).
+        max_input_tokens: the most tokens one ``user_input`` (on the OpenAI routes, the whole prompt) may have,
+            counted with the engine's tokenizer (engines without one, like the mock or an upstream, are limited by
+            ``max_input_chars`` only).
         ui_path: where the built-in chat page is served (e.g. ``"/"``); None (the default) turns it off.
         wire: ``"delta"`` (text deltas) or ``"chatstream-0.3"`` (each chunk the whole reply + ``<::EOS::>``,
             for ChatStream 0.3 clients); SSE clients get SSE either way.
@@ -112,8 +110,11 @@ class ChatStreamMiddleware:
         generation_timeout: float | None = 300.0,
         send_timeout: float | None = 30.0,
         drain_timeout: float = 30.0,
+        drain_on_signals: bool = True,
         openai_prefix: str | None = "/v1",
         api_keys: str | Sequence[str] | None = None,
+        openai_max_body_bytes: int = 1024 * 1024,
+        openai_max_messages: int = 256,
         metrics_path: str | None = "/metrics",
         metrics_registry: object | None = None,
         health_path: str | None = "/healthz",
@@ -133,11 +134,7 @@ class ChatStreamMiddleware:
         session_state: SessionStateStore | None = None,
         extra_paths: dict[str, str] | None = None,
     ) -> None:
-        check_positive(max_body_bytes=max_body_bytes, max_new_tokens_limit=max_new_tokens_limit)
-        check_positive(max_input_chars=max_input_chars)
-        for name, limit in {"max_history_turns": max_history_turns, "max_input_tokens": max_input_tokens}.items():
-            if limit is not None:
-                check_positive(**{name: limit})
+        check_positive(openai_max_body_bytes=openai_max_body_bytes, openai_max_messages=openai_max_messages)
         self.app = app
         self.engine = engine = as_engine(engine)
         self.admission = Admission(max_concurrency, max_queue, queue_timeout)
@@ -160,13 +157,16 @@ class ChatStreamMiddleware:
         hooks = ChatHooks(on_finish=on_finish, request_interceptor=request_interceptor, wire=wire, extras=extras)
         self.routes = ChatRoutes(engine, self.admission, sessions, store, settings, hooks)
         self.drain_timeout = drain_timeout
+        self.signals = DrainOnSignals(self.drain, enabled=drain_on_signals)
         chat_paths = {**DEFAULT_PATHS, "chat_stream": path, **(paths or {})}
-        self.table = self.route_table(chat_paths)
-        openai_routes = OpenAIRoutes(engine, self.admission, settings, api_keys)
+        self.table = self.routes.table(chat_paths)
+        openai_limits = {"max_body_bytes": openai_max_body_bytes, "max_messages": openai_max_messages}
+        openai_routes = OpenAIRoutes(engine, self.admission, settings, api_keys, **openai_limits)
         # with require_api_key the keys guard the chat routes too, so they are no longer only the OpenAI routes'
         openai_keys = None if require_api_key else api_keys
         openai_table = openai_route_table(openai_routes, openai_prefix, openai_keys, self.table)
         self.table.update(openai_table)
+        self.openai_paths = frozenset(openai_table)
         if metrics_path is not None and metrics_registry is None and not metrics_available():
             logger.warning("prometheus-client is not installed, so %s is not served; pip install it", metrics_path)
             metrics_path = None
@@ -183,17 +183,6 @@ class ChatStreamMiddleware:
         # metrics and the page stay open
         self.guarded = set(self.table) - set(openai_table) - set(ops_table) - {ui_path}
 
-    def route_table(self, paths: dict[str, str]) -> dict[str, tuple[str, Handler]]:
-        unknown = set(paths) - set(DEFAULT_PATHS)
-        if unknown:
-            raise ConfigurationError(f"unknown route name(s) {sorted(unknown)} in paths; use {sorted(DEFAULT_PATHS)}")
-        for name, route in paths.items():
-            if not route.startswith("/"):
-                raise ConfigurationError(f"path for {name!r} must start with '/', got {route!r}")
-        if len(set(paths.values())) != len(paths):
-            raise ConfigurationError(f"two routes share one path: {paths}")
-        return {route: (ROUTE_METHODS[name], getattr(self.routes, name)) for name, route in paths.items()}
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             await self.app(scope, self.lifespan_receive(receive), send)
@@ -204,6 +193,8 @@ class ChatStreamMiddleware:
             return
         method, handler = route
         send = self.observer.counting_send(route_path(scope), send)
+        # OpenAI clients expect OpenAI's error shape, also for what fails before the handler (405)
+        send_failure = send_openai_error if route_path(scope) in self.openai_paths else send_error
         try:
             if scope["method"] != method:
                 raise HTTPError(405, "method_not_allowed", f"use {method} for this route", {"Allow": method})
@@ -212,10 +203,10 @@ class ChatStreamMiddleware:
             await handler(scope, receive, send)
         except HTTPError as error:
             self.observer.http_error(error)
-            await send_error(send, error)
+            await send_failure(send, error)
         except Rejected as rejection:
             self.observer.rejected(rejection.reason)
-            await send_error(send, rejection_error(rejection))
+            await send_failure(send, rejection.http_error())
         except ClientDisconnected:
             return
 
@@ -226,6 +217,7 @@ class ChatStreamMiddleware:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 await self.engine.start()
+                self.signals.install()
             elif message["type"] == "lifespan.shutdown":
                 await self.shutdown()
             return message
@@ -233,7 +225,8 @@ class ChatStreamMiddleware:
         return wrapped
 
     async def shutdown(self) -> None:
-        await self.drain()
+        self.signals.uninstall()
+        await (self.signals.task or self.drain())  # join the drain a signal started rather than begin another
         await self.engine.close()
         closer = getattr(self.routes.store, "aclose", None)  # e.g. RedisHistoryStore's connection pool
         if closer is not None:
@@ -247,13 +240,3 @@ class ChatStreamMiddleware:
             return True
         logger.warning("chat streams still running after %.0f s of drain and a cancel; closing anyway", grace)
         return False
-
-
-def rejection_error(rejection: Rejected) -> HTTPError:
-    return HTTPError(rejection.status, rejection.reason, str(rejection), {"Retry-After": str(rejection.retry_after)})
-
-
-def check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")

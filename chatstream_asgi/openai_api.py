@@ -20,6 +20,7 @@ from .admission import Admission, Rejected, Ticket
 from .engines.base import Engine, GenerationChunk
 from .errors import ConfigurationError, HTTPError
 from .metrics import GenerationProbe, Observer
+from .openai_limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
 from .openai_schema import (
     CompletionRequest,
     OpenAIStreamEncoder,
@@ -43,10 +44,6 @@ BEARER = "bearer "
 async def send_openai_error(send: Send, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
     await send_json(send, error.status, error_body(error), [*extra, *(headers or [])])
-
-
-def rejection_error(rejection: Rejected) -> HTTPError:
-    return HTTPError(rejection.status, rejection.reason, str(rejection), {"Retry-After": str(rejection.retry_after)})
 
 
 def openai_route_table(
@@ -107,15 +104,31 @@ class OpenAIRoutes:
         admission: the middleware's ``Admission`` (the chat routes use the same slots and queue).
         settings: the middleware's limits and timeouts.
         api_keys: Bearer keys accepted on these routes; None accepts any request.
+        max_body_bytes: larger bodies get 413 (a whole conversation is sent each time, so more than the chat routes').
+        max_messages: the most messages one request may send (400 beyond).
     """
 
     def __init__(
-        self, engine: Engine, admission: Admission, settings: ChatSettings, api_keys: str | Sequence[str] | None = None
+        self,
+        engine: Engine,
+        admission: Admission,
+        settings: ChatSettings,
+        api_keys: str | Sequence[str] | None = None,
+        *,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_messages: int = MAX_MESSAGES,
     ) -> None:
         self.engine = engine
         self.admission = admission
         self.settings = settings
         self.api_keys = check_api_keys(api_keys)
+        self.max_body_bytes = max_body_bytes
+        self.limits = PromptLimits(
+            engine,
+            max_messages=max_messages,
+            max_input_chars=settings.max_input_chars,
+            max_input_tokens=settings.max_input_tokens,
+        )
         self.created = int(time.time())
         self.observer = Observer()  # the middleware puts its own here
 
@@ -131,7 +144,7 @@ class OpenAIRoutes:
                 await send_openai_error(send, error)
             except Rejected as rejection:
                 self.observer.rejected(rejection.reason)
-                await send_openai_error(send, rejection_error(rejection))
+                await send_openai_error(send, rejection.http_error())
 
         return guarded_handler
 
@@ -153,8 +166,9 @@ class OpenAIRoutes:
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_json(scope)
         s = self.settings
-        body = await read_body(scope, receive, s.max_body_bytes)
+        body = await read_body(scope, receive, self.max_body_bytes)
         request = parse_completion_request(body, s.default_params, s.max_new_tokens_limit)
+        request = await self.limits.check(request)
         ticket = self.admission.try_enter()
         try:
             if not await wait_for_slot(ticket, receive):

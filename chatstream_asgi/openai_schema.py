@@ -81,6 +81,7 @@ class CompletionRequest:
     params: SamplingParams
     stream: bool = False
     include_usage: bool = False
+    max_tokens_given: bool = False  # else the reply may take the room the context leaves
 
 
 def parse_completion_request(body: bytes, defaults: SamplingParams, max_new_tokens_limit: int) -> CompletionRequest:
@@ -96,7 +97,8 @@ def parse_completion_request(body: bytes, defaults: SamplingParams, max_new_toke
     for name in ("model", "user"):
         if data.get(name) is not None and not isinstance(data[name], str):
             raise bad_field(name, f"'{name}' must be a string")
-    return CompletionRequest(messages, params, stream, include_usage)
+    given = any(data.get(name) is not None for name in ("max_tokens", "max_completion_tokens"))
+    return CompletionRequest(messages, params, stream, include_usage, given)
 
 
 def check_supported(data: dict[str, Any]) -> None:

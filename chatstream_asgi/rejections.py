@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .errors import ChatStreamError
+from .errors import ChatStreamError, HTTPError
 
 DRAINING_MESSAGE = "the server is shutting down; retry later or on another replica"
 
@@ -23,6 +23,10 @@ class Rejected(ChatStreamError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+    def http_error(self) -> HTTPError:
+        """The answer to the client: its status, the reason as the error type, and ``Retry-After``."""
+        return HTTPError(self.status, self.reason, str(self), {"Retry-After": str(self.retry_after)})
 
 
 class QueueFull(Rejected):

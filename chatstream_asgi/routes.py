@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,7 @@ from ._asgi import read_body, send_json
 from ._types import Receive, Scope, Send
 from .admission import Admission
 from .engines.base import ChatMessage, Engine, SamplingParams
-from .errors import HistoryStoreError, HTTPError
+from .errors import ConfigurationError, HistoryStoreError, HTTPError
 from .history import HistoryStore, trim_turns
 from .hooks import ChatHooks
 from .metrics import Observer
@@ -26,6 +26,14 @@ from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, choose_encoder, stream_reply
 
 logger = logging.getLogger("chatstream_asgi")
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+DEFAULT_PATHS = {
+    "chat_stream": "/chat_stream",
+    "clear_context": "/clear_context",
+    "get_prompt": "/get_prompt",
+    "get_load": "/get_load",
+}
+ROUTE_METHODS = {"chat_stream": "POST", "clear_context": "POST", "get_prompt": "GET", "get_load": "GET"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,13 @@ class ChatSettings:
     generation_timeout: float | None = 300.0
     send_timeout: float | None = 30.0
     ping_interval: float | None = 15.0
+
+    def __post_init__(self) -> None:
+        check_positive(max_body_bytes=self.max_body_bytes, max_new_tokens_limit=self.max_new_tokens_limit)
+        check_positive(max_input_chars=self.max_input_chars)
+        for name in ("max_history_turns", "max_input_tokens"):
+            if getattr(self, name) is not None:
+                check_positive(**{name: getattr(self, name)})
 
 
 class ChatRoutes:
@@ -67,6 +82,18 @@ class ChatRoutes:
         self.active_sessions: dict[str, object] = {}
         self.observer = Observer()  # the middleware puts its own here
         self.count_tokens = token_counter(engine) if settings.max_input_tokens is not None else None
+
+    def table(self, paths: dict[str, str]) -> dict[str, tuple[str, Handler]]:
+        """Route path -> (method, handler) for ``paths`` (route name -> path)."""
+        unknown = set(paths) - set(DEFAULT_PATHS)
+        if unknown:
+            raise ConfigurationError(f"unknown route name(s) {sorted(unknown)} in paths; use {sorted(DEFAULT_PATHS)}")
+        for name, route in paths.items():
+            if not route.startswith("/"):
+                raise ConfigurationError(f"path for {name!r} must start with '/', got {route!r}")
+        if len(set(paths.values())) != len(paths):
+            raise ConfigurationError(f"two routes share one path: {paths}")
+        return {route: (ROUTE_METHODS[name], getattr(self, name)) for name, route in paths.items()}
 
     async def chat_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         require_json(scope)
@@ -121,7 +148,7 @@ class ChatRoutes:
             await self.save_cut_reply(session_id, messages, reply)
             end_turn()
             ticket.release()
-            ended(reply, "cut")
+            ended(reply, "drained" if self.observer.cancelling else "cut")  # cancelling: a drain ended it
 
         try:
             if not await wait_for_slot(ticket, receive):
@@ -232,3 +259,9 @@ def previous_turns(history: list[ChatMessage], turn: ChatTurn) -> tuple[list[Cha
         if history[index]["role"] == "user":
             return history[:index], history[index]["content"]
     raise HTTPError(400, "invalid_request", "nothing to regenerate: this session has no user turn yet")
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")

@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes driven by the official ``openai`` client (sync and async, streaming and not)
 against a real uvicorn on 127.0.0.1, with ``MockEngine``: replies, usage, ``[DONE]``, 400s, API keys,
-its retries on 429, and disconnect cancellation."""
+its retries on 429, and disconnect cancellation; the request limits, the context one on the tiny
+``TransformersEngine``."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import openai
 import pytest
 import pytest_asyncio
 
-from chatstream_asgi.engines.base import ChatMessage
+from chatstream_asgi.engines.base import ChatMessage, SamplingParams
 
-from .servers import RecordingEngine, UvicornThread, read_stream, wait_for_load, words
+from .servers import RecordingEngine, UvicornThread, chat_app, not_found_app, read_stream, wait_for_load, words
 
 ChatServer = Callable[..., tuple[UvicornThread, RecordingEngine]]
 SyncFactory = Callable[..., openai.OpenAI]
@@ -318,3 +319,65 @@ def test_back_to_back_requests_find_the_slot_free(chat_server: ChatServer, open_
         assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content == REPLY  # type: ignore[arg-type]
         stream = client.chat.completions.create(model="m", messages=USER, stream=True)  # type: ignore[arg-type]
         assert "".join(c.choices[0].delta.content or "" for c in stream) == REPLY
+
+
+def conversation(*contents: str) -> list[dict[str, str]]:
+    """Messages alternating user/assistant, starting with the user."""
+    return [{"role": ("user", "assistant")[i % 2], "content": content} for i, content in enumerate(contents)]
+
+
+def test_request_limits_raise_bad_request_naming_code_and_param(
+    chat_server: ChatServer, open_sync: SyncFactory
+) -> None:
+    server, engine = chat_server({"reply": REPLY}, openai_max_messages=4, max_input_chars=100)
+    client = open_sync(server)
+    for messages, code, param in [
+        (conversation("a", "b", "c", "d", "e"), "array_above_max_length", "messages"),
+        (conversation("a", "b" * 101, "c"), "string_above_max_length", "messages[1].content"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(model="mock", messages=messages)  # type: ignore[arg-type]
+        assert (caught.value.code, caught.value.param, caught.value.type) == (code, param, "invalid_request_error")
+    assert engine.inputs == []
+    completion = client.chat.completions.create(model="mock", messages=conversation("a", "b" * 100, "c"))  # type: ignore[arg-type]
+    assert completion.choices[0].message.content == REPLY
+
+
+def test_long_conversation_fits_the_openai_body_limit_not_the_chat_one(
+    chat_server: ChatServer, open_sync: SyncFactory
+) -> None:
+    server, _ = chat_server({"reply": REPLY}, openai_max_body_bytes=200_000)
+    client = open_sync(server, max_retries=0)
+    long = conversation(*["x" * 10_000] * 11)  # ~110 KB: over the chat routes' 64 KiB
+    assert client.chat.completions.create(model="mock", messages=long).choices[0].message.content == REPLY  # type: ignore[arg-type]
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(model="mock", messages=long * 2)  # type: ignore[arg-type]
+    assert (caught.value.status_code, caught.value.code) == (413, "request_too_large")
+    wrong_method = httpx.get(f"{server.url}/v1/chat/completions")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    assert wrong_method.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_prompt_over_the_model_context_raises_context_length_exceeded(
+    serve: Callable[..., UvicornThread], chat_engine_factory: Callable[..., Any], open_sync: SyncFactory
+) -> None:
+    engine = chat_engine_factory(context_len=64, max_batch_size=1, device="cpu")
+    client = open_sync(serve(chat_app(not_found_app, engine)), max_retries=0)
+    sentence = "The quick brown fox jumps over the lazy dog."
+    history = conversation(sentence * 3, sentence * 3, "Hello")
+    assert engine.fit_prompt(history, SamplingParams(max_new_tokens=1)).dropped > 0  # the engine would drop turns
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=history)  # type: ignore[arg-type]
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
+    assert "maximum context length is 64 tokens" in caught.value.message
+    short = conversation(sentence)
+    prompt_tokens = len(engine.fit_prompt(short, SamplingParams(max_new_tokens=1)).token_ids)
+    room = 64 - prompt_tokens
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny", messages=short, max_tokens=room + 1)  # type: ignore[arg-type]
+    assert caught.value.code == "context_length_exceeded" and f"{room + 1} in the completion" in caught.value.message
+    # no max_tokens: the reply gets the room the context leaves (the default 256 would not fit)
+    completion = client.chat.completions.create(model="tiny", messages=short, extra_body={"ignore_eos": True})  # type: ignore[arg-type]
+    assert completion.usage is not None and completion.choices[0].finish_reason == "length"
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (prompt_tokens, room)

@@ -58,5 +58,5 @@ async def test_readiness_metrics_and_a_drain_from_an_admin_route(serve: Callable
         assert metrics.headers["content-type"].startswith("text/plain")
         text = metrics.text
         assert 'chatstream_request_rejected_total{reason="draining"} 1.0' in text
-        assert 'chatstream_request_outcome_total{outcome="error"} 1.0' in text
+        assert 'chatstream_request_outcome_total{outcome="drained"} 1.0' in text
         assert "chatstream_num_requests_running 0.0" in text

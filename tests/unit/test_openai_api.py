@@ -1,15 +1,18 @@
 """Unit tests for the OpenAI routes inside ``ChatStreamMiddleware``, driven as a raw ASGI app with ``MockEngine``:
-configuration, API keys, errors in OpenAI's shape, and the non-streaming path's cancellation and deadline."""
+configuration, API keys, errors in OpenAI's shape, the request limits (messages, characters, tokens, context,
+body size), and the non-streaming path's cancellation and deadline."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from chatstream_asgi import ChatStreamMiddleware, ConfigurationError, MockEngine
+from chatstream_asgi import ChatStreamMiddleware, ConfigurationError, EngineReplicas, MockEngine
+from chatstream_asgi.engines.base import ChatMessage
 
 from .asgi_fakes import (
     JSON_HEADERS,
@@ -27,8 +30,50 @@ SECRET = "unit-test-secret-key-0123456789abcdef"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def middleware(engine: MockEngine | None = None, **options: Any) -> ChatStreamMiddleware:
+class WordTokenizer:
+    """One token per word; the template puts a role word before each message and one for the reply."""
+
+    def apply_chat_template(self, messages: Sequence[ChatMessage], tokenize: bool, add_generation_prompt: bool) -> str:
+        if any(a["role"] == b["role"] for a, b in zip(messages, messages[1:], strict=False)):
+            raise ValueError("Conversation roles must alternate")  # as Llama 2's and Mistral's templates do
+        return "".join(f"<{m['role']}> {m['content']}\n" for m in messages) + "<assistant>"
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[str]:
+        return text.split()
+
+
+class TokenizedEngine(MockEngine):
+    """A mock with what ``TransformersEngine`` has for counting: ``tokenizer``, ``context_len``, ``system_prompt``."""
+
+    def __init__(self, context_len: int = 20, system_prompt: str | None = None) -> None:
+        super().__init__(words(50))
+        self.tokenizer = WordTokenizer()
+        self.context_len = context_len
+        self.system_prompt = system_prompt
+
+
+def middleware(engine: MockEngine | EngineReplicas | None = None, **options: Any) -> ChatStreamMiddleware:
     return ChatStreamMiddleware(RecordingApp(), engine=engine or MockEngine("one two"), secret_key=SECRET, **options)
+
+
+def chat_body(*contents: str, **fields: Any) -> dict[str, Any]:
+    """A completion request whose messages alternate user/assistant, starting and ending with the user."""
+    roles = ["user", "assistant"]
+    return {"model": "m", "messages": [{"role": roles[i % 2], "content": c} for i, c in enumerate(contents)], **fields}
+
+
+def words(count: int) -> str:
+    return " ".join(["w"] * count)
+
+
+def assert_openai_error(send: RecordingSend, status: int, param: str | None, code: str) -> str:
+    """The response is ``status`` with OpenAI's error object naming ``param`` and ``code``; returns the message."""
+    assert send.status == status, send.body
+    error = send.json()["error"]
+    assert error == {"message": error["message"], "type": error["type"], "param": param, "code": code}
+    assert error["type"] == ("server_error" if status >= 500 else "invalid_request_error")
+    message: str = error["message"]
+    return message
 
 
 async def call(
@@ -71,6 +116,8 @@ async def test_custom_prefix_and_disabled_routes_fall_through() -> None:
         ({"api_keys": []}, "list of non-empty strings"),
         ({"api_keys": [""]}, "list of non-empty strings"),
         ({"openai_prefix": "", "path": "/chat/completions"}, "clash"),
+        ({"openai_max_body_bytes": 0}, "openai_max_body_bytes must be a positive integer"),
+        ({"openai_max_messages": -1}, "openai_max_messages must be a positive integer"),
     ],
 )
 def test_bad_openai_configuration_says_what_to_pass(options: dict[str, Any], says: str) -> None:
@@ -92,12 +139,88 @@ async def test_api_key_checks() -> None:
 
 @pytest.mark.asyncio
 async def test_request_errors_use_openai_shape() -> None:
-    app = middleware(max_body_bytes=200)
+    app = middleware(openai_max_body_bytes=200)
     wrong_type = await call(app, headers=[(b"content-type", b"text/plain")])
-    assert wrong_type.status == 415 and set(wrong_type.json()["error"]) == {"message", "type", "param", "code"}
-    too_big = await call(app, body={**CHAT, "user": "x" * 300})
-    assert too_big.status == 413 and too_big.json()["error"]["code"] == "request_too_large"
-    assert (await call(app, method="GET")).status == 405
+    assert_openai_error(wrong_type, 415, None, "unsupported_media_type")
+    assert_openai_error(await call(app, body={**CHAT, "user": "x" * 300}), 413, None, "request_too_large")
+    for path, method, allow in [("/v1/chat/completions", "GET", "POST"), ("/v1/models", "POST", "GET")]:
+        wrong_method = await call(app, path, method=method)  # refused before the handler runs
+        assert_openai_error(wrong_method, 405, None, "method_not_allowed")
+        assert wrong_method.header("allow") == allow
+    chat_route = await call(app, "/chat_stream", method="GET")  # the chat routes keep the package's shape
+    assert chat_route.status == 405 and set(chat_route.json()["error"]) == {"type", "message"}
+
+
+@pytest.mark.asyncio
+async def test_openai_body_limit_is_its_own() -> None:
+    long_conversation = chat_body(*["x" * 10_000] * 9)  # ~90 KB, over the chat routes' 64 KiB
+    assert (await call(middleware(), body=long_conversation)).status == 200
+    send = await call(middleware(max_body_bytes=1_000_000, openai_max_body_bytes=80_000), body=long_conversation)
+    assert "80000 bytes" in assert_openai_error(send, 413, None, "request_too_large")
+
+
+@pytest.mark.asyncio
+async def test_too_many_messages_is_a_400() -> None:
+    app = middleware(openai_max_messages=3)
+    assert (await call(app, body=chat_body("a", "b", "c"))).status == 200
+    send = await call(app, body=chat_body("a", "b", "c", "d", "e"))
+    message = assert_openai_error(send, 400, "messages", "array_above_max_length")
+    assert "5 messages" in message and "at most 3" in message
+
+
+@pytest.mark.asyncio
+async def test_a_message_over_max_input_chars_is_named() -> None:
+    app = middleware(max_input_chars=10)
+    assert (await call(app, body=chat_body("x" * 10, "y" * 10, "z"))).status == 200
+    send = await call(app, body=chat_body("short", "y" * 11, "z"))
+    assert "11 characters" in assert_openai_error(send, 400, "messages[1].content", "string_above_max_length")
+    parts = {"role": "user", "content": [{"type": "text", "text": "x" * 5}, {"type": "text", "text": "y" * 5}]}
+    send = await call(app, body={"messages": [parts]})  # text parts are joined with a newline: 11 characters
+    assert_openai_error(send, 400, "messages[0].content", "string_above_max_length")
+
+
+@pytest.mark.asyncio
+async def test_prompt_over_max_input_tokens_is_context_length_exceeded() -> None:
+    app = middleware(TokenizedEngine(context_len=1000), max_input_tokens=10)
+    assert (await call(app, body=chat_body("a b", "c d", "e f"))).status == 200  # 3 x (1 + 2) + 1 = 10 tokens
+    send = await call(app, body=chat_body("a b", "c d", "e f g"))
+    assert "11 tokens" in assert_openai_error(send, 400, "messages", "context_length_exceeded")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("replicas", [False, True])
+async def test_prompt_over_the_context_is_a_400_never_a_silent_truncation(replicas: bool) -> None:
+    engine = EngineReplicas([TokenizedEngine(), TokenizedEngine()]) if replicas else TokenizedEngine()
+    app = middleware(engine)  # context of 20 tokens; a message is 1 + its words; the reply prompt 1
+    fits = (await call(app, body=chat_body(words(17)))).json()  # 19 tokens: room for 1 of the default 256
+    assert fits["choices"][0]["finish_reason"] == "length" and fits["usage"]["completion_tokens"] == 1
+    full = await call(app, body=chat_body(words(18)))
+    message = assert_openai_error(full, 400, "messages", "context_length_exceeded")
+    assert message == (
+        "This model's maximum context length is 20 tokens. However, your messages resulted in 20 tokens. "
+        "Please reduce the length of the messages."
+    )
+    asked = await call(app, body=chat_body(words(17), max_tokens=2))
+    assert "you requested 21 tokens (19 in the messages, 2 in the completion)" in assert_openai_error(
+        asked, 400, "messages", "context_length_exceeded"
+    )
+    assert (await call(app, body=chat_body(words(16), max_completion_tokens=2))).status == 200
+
+
+@pytest.mark.asyncio
+async def test_the_engines_own_system_prompt_counts() -> None:
+    app = middleware(TokenizedEngine(system_prompt="be brief"))  # 3 more tokens unless a system message is sent
+    send = await call(app, body=chat_body(words(15)))
+    assert "resulted in 20 tokens" in assert_openai_error(send, 400, "messages", "context_length_exceeded")
+    own_system = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": words(15)}]}
+    assert (await call(app, body=own_system)).status == 200  # 1 + 16 + 1 tokens
+
+
+@pytest.mark.asyncio
+async def test_messages_the_chat_template_refuses_are_a_400() -> None:
+    app = middleware(TokenizedEngine())
+    send = await call(app, body={"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]})
+    assert "roles must alternate" in assert_openai_error(send, 400, "messages", "invalid_request")
 
 
 @pytest.mark.asyncio

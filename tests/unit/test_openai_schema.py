@@ -55,6 +55,11 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
     assert parse(max_tokens=5, max_completion_tokens=9).params.max_new_tokens == 9
 
 
+def test_request_says_whether_the_client_set_max_tokens() -> None:
+    assert not parse().max_tokens_given and not parse(max_tokens=None).max_tokens_given
+    assert parse(max_tokens=5).max_tokens_given and parse(max_completion_tokens=5).max_tokens_given
+
+
 def test_null_fields_mean_absent() -> None:
     request = parse(temperature=None, stop=None, n=None, stream=None, stream_options=None, tools=None, user=None)
     assert request.params == DEFAULTS
@@ -100,6 +105,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"max_completion_tokens": 1001}, "max_completion_tokens", "between 1 and 1000"),
     ({"seed": -1}, "seed", "between"),
     ({"stop": [""]}, "stop", "non-empty"),
+    ({"stop": ["s"] * 9}, "stop", "at most 8 strings of at most 64 characters"),  # the chat routes' limits
+    ({"stop": "x" * 65}, "stop", "at most 8 strings of at most 64 characters"),
     ({"stream": "yes"}, "stream", "true or false"),
     ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage", "true or false"),
     ({"stream_options": []}, "stream_options", "object"),

@@ -153,6 +153,42 @@ async def test_drain_past_its_grace_ends_streams_in_band_and_frees_slots() -> No
     assert app.admission.running == 0 and app.admission.waiting == 0
 
 
+async def test_a_stream_ended_by_the_drain_is_counted_and_logged_as_drained(caplog: pytest.LogCaptureFixture) -> None:
+    finished: list[tuple[str, str, str, dict[str, Any]]] = []
+    engine = MockEngine(" ".join(["word"] * 400), token_delay=0.01)
+    app = build(engine, on_finish=lambda *turn: finished.append(turn))
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi.requests"):
+        running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
+        await wait_until(lambda: app.admission.running == 1)
+        await with_hang_guard(app.drain(0.1))
+        send = await running
+        await wait_until(lambda: bool(finished))
+    values = samples(app)
+    assert values['chatstream_request_outcome_total{outcome="drained"}'] == 1
+    assert 'chatstream_request_outcome_total{outcome="error"}' not in values
+    record = next(r for r in caplog.records if r.name == "chatstream_asgi.requests")
+    assert record.chatstream["outcome"] == "drained"  # type: ignore[attr-defined]
+    # the reply is kept as far as it was sent: in the on_finish call and in the history
+    sent = "".join(data["text"] for name, data in send.sse_events() if name == "delta")
+    session_id, _, reply, stats = finished[0]
+    assert sent and reply == sent and stats["outcome"] == "drained"
+    assert (await app.routes.store.load(session_id))[-1] == {"role": "assistant", "content": sent}
+
+
+async def test_a_drained_completion_without_streaming_still_answers_503() -> None:
+    app = build(MockEngine(" ".join(["word"] * 400), token_delay=0.01))
+    body = json_body({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    send = RecordingSend()
+    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
+    scope = http_scope("POST", "/v1/chat/completions", headers=JSON_HEADERS)
+    running = asyncio.ensure_future(app(scope, receive, send))
+    await wait_until(lambda: app.admission.running == 1)
+    await with_hang_guard(app.drain(0.1))
+    await with_hang_guard(running)
+    assert send.status == 503 and send.json()["error"]["code"] == "draining"
+    assert samples(app)['chatstream_request_outcome_total{outcome="drained"}'] == 1
+
+
 async def test_lifespan_shutdown_drains_then_closes_the_engine() -> None:
     engine = MockEngine(REPLY)
     app = build(engine, drain_timeout=1.0)
