@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from ._asgi import route_path, send_error
 from ._types import ASGIApp, Message, Receive, Scope, Send
 from .admission import Admission, Rejected
+from .encoders import Wire
 from .engines.base import Engine, SamplingParams
 from .engines.replicas import as_engine
 from .errors import ClientDisconnected, HTTPError
@@ -22,7 +23,6 @@ from .session import SessionCookie
 from .session_routes import OnFeedback, SessionRoutes
 from .session_state import SessionStateStore
 from .signals import DrainOnSignals
-from .streaming import Wire
 
 logger = logging.getLogger("chatstream_asgi")
 

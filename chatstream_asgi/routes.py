@@ -14,6 +14,7 @@ from typing import Any
 from ._asgi import read_body, send_json
 from ._types import Receive, Scope, Send
 from .admission import Admission
+from .encoders import choose_encoder
 from .engines.base import ChatMessage, Engine, SamplingParams
 from .errors import ConfigurationError, HistoryStoreError, HTTPError
 from .history import HistoryStore, trim_turns
@@ -23,7 +24,7 @@ from .requests import ChatTurn, parse_chat_turn, require_json
 from .security import check_input_tokens, token_counter
 from .session import SessionCookie
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
-from .streaming import StreamOptions, choose_encoder, stream_reply
+from .streaming import StreamOptions, stream_reply
 
 logger = logging.getLogger("chatstream_asgi")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -1,4 +1,4 @@
-"""Streaming a reply to the client: wire encoders and the send loop that races a disconnect.
+"""Streaming a reply to the client: the send loop that races a disconnect (the wire formats are in encoders.py).
 
 Deliberate choices, in the manner of sse-starlette:
 - The response starts with the first chunk, not before: an error raised before any text (a prompt
@@ -18,100 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
-from ._asgi import error_body, header, listen_for_disconnect, send_error
-from ._types import Receive, Scope, Send
+from ._asgi import listen_for_disconnect, send_error
+from ._types import Receive, Send
+from .encoders import StreamEncoder
 from .engines.base import GenerationChunk
 from .errors import ChatStreamError, HTTPError
 
 STREAM_HEADERS = [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
 Outcome = Literal["completed", "disconnected", "error", "timeout"]
 ErrorSender = Callable[[Send, HTTPError, list[tuple[bytes, bytes]] | None], Awaitable[None]]
-
-
-class StreamEncoder(Protocol):
-    content_type: bytes
-    ping_interval: float | None
-
-    def delta(self, text: str) -> bytes: ...
-    def done(self, summary: dict[str, Any]) -> bytes: ...
-    def error(self, error_type: str, message: str) -> bytes: ...
-    def ping(self) -> bytes: ...
-
-
-class PlainTextEncoder:
-    """ChatStream-compatible: the body is the concatenation of the reply's text deltas."""
-
-    content_type = b"text/plain; charset=utf-8"
-    ping_interval: float | None = None
-
-    def delta(self, text: str) -> bytes:
-        return text.encode("utf-8")
-
-    def done(self, summary: dict[str, Any]) -> bytes:
-        return b""
-
-    def error(self, error_type: str, message: str) -> bytes:
-        return f"\n\n[error: {error_type}] {message}\n".encode()
-
-    def ping(self) -> bytes:
-        return b""
-
-
-class SSEEncoder:
-    """``event: delta`` / ``event: done`` / ``event: error`` server-sent events with JSON data."""
-
-    content_type = b"text/event-stream; charset=utf-8"
-
-    def __init__(self, ping_interval: float | None = 15.0) -> None:
-        self.ping_interval = ping_interval
-
-    def delta(self, text: str) -> bytes:
-        return self.event("delta", {"text": text})
-
-    def done(self, summary: dict[str, Any]) -> bytes:
-        return self.event("done", summary)
-
-    def error(self, error_type: str, message: str) -> bytes:
-        return self.event("error", error_body(error_type, message))
-
-    def ping(self) -> bytes:
-        return b": ping\n\n"
-
-    @staticmethod
-    def event(name: str, data: dict[str, Any]) -> bytes:
-        return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
-
-
-class ChatStream03Encoder(PlainTextEncoder):
-    """ChatStream 0.3's wire format, for its existing clients: every chunk is the whole reply so far followed by
-    ``<::EOS::>`` (quadratic bytes; the marker lets a client that reads merged chunks find the latest reply).
-    Unlike ChatStream, a chunk never holds U+FFFD for a split UTF-8 sequence: the engines emit whole characters."""
-
-    MARKER = "<::EOS::>"
-
-    def __init__(self) -> None:
-        self.reply = ""
-
-    def delta(self, text: str) -> bytes:
-        self.reply += text
-        return (self.reply + self.MARKER).encode("utf-8")
-
-
-Wire = Literal["delta", "chatstream-0.3"]
-WIRES: tuple[Wire, ...] = ("delta", "chatstream-0.3")
-
-
-def choose_encoder(scope: Scope, ping_interval: float | None = 15.0, wire: Wire = "delta") -> StreamEncoder:
-    accept = (header(scope, b"accept") or "").lower()
-    if "text/event-stream" in accept:
-        return SSEEncoder(ping_interval)
-    return ChatStream03Encoder() if wire == "chatstream-0.3" else PlainTextEncoder()
 
 
 @dataclass

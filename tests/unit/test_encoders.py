@@ -1,0 +1,48 @@
+"""Unit tests for ``chatstream_asgi.encoders``: what each wire format writes, and which one a request gets."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatstream_asgi.encoders import PlainTextEncoder, SSEEncoder, choose_encoder
+
+from .asgi_fakes import http_scope
+
+
+def test_plain_text_encoder_writes_bare_utf8_deltas() -> None:
+    encoder = PlainTextEncoder()
+    assert encoder.content_type == b"text/plain; charset=utf-8"
+    assert encoder.delta("héllo ✓") == "héllo ✓".encode()
+    assert encoder.done({"finish_reason": "stop"}) == b""
+    assert encoder.ping() == b""
+    assert encoder.ping_interval is None
+    assert encoder.error("generation_error", "boom") == b"\n\n[error: generation_error] boom\n"
+
+
+def test_sse_encoder_writes_named_events_with_json_data() -> None:
+    encoder = SSEEncoder(ping_interval=3.0)
+    assert encoder.content_type == b"text/event-stream; charset=utf-8"
+    assert encoder.ping_interval == 3.0
+    assert encoder.delta("hé\n") == 'event: delta\ndata: {"text": "hé\\n"}\n\n'.encode()
+    assert encoder.done({"finish_reason": "length"}) == b'event: done\ndata: {"finish_reason": "length"}\n\n'
+    assert encoder.error("t", "m") == b'event: error\ndata: {"error": {"type": "t", "message": "m"}}\n\n'
+    assert encoder.ping() == b": ping\n\n"
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        (None, PlainTextEncoder),
+        (b"*/*", PlainTextEncoder),
+        (b"text/plain", PlainTextEncoder),
+        (b"text/event-stream", SSEEncoder),
+        (b"Text/Event-Stream", SSEEncoder),
+        (b"application/json, text/event-stream;q=0.9", SSEEncoder),
+    ],
+)
+def test_choose_encoder_picks_sse_only_when_accept_asks_for_it(accept: bytes | None, expected: type) -> None:
+    headers = [] if accept is None else [(b"accept", accept)]
+    encoder = choose_encoder(http_scope("POST", headers=headers), ping_interval=2.5)
+    assert type(encoder) is expected
+    if expected is SSEEncoder:
+        assert encoder.ping_interval == 2.5
