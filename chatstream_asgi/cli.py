@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
     serve.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
-    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds replies may finish on shutdown")
+    serve.add_argument("--drain-timeout", type=float, default=25.0, help="seconds replies may finish on shutdown")
     serve.add_argument(
         "--no-drain-on-signals", dest="drain_on_signals", action="store_false", help="drain on lifespan shutdown only"
     )

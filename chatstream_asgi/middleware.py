@@ -52,7 +52,8 @@ class ChatStreamMiddleware:
         max_new_tokens_limit: the most tokens one request may ask for.
         generation_timeout: seconds after which a reply is cut (in-band error, partial reply kept).
         send_timeout: seconds a client may stop reading before it is treated as gone.
-        drain_timeout: seconds running streams may finish during shutdown.
+        drain_timeout: seconds running streams may finish during shutdown (25: inside the 30 s that Kubernetes and
+            gunicorn wait before SIGKILL, with time left to end the rest cleanly).
         drain_on_signals: on SIGTERM/SIGINT (main thread only) drain at once and hold the signal back from the
             server until the drain is over; False leaves the drain to the lifespan shutdown.
         openai_prefix: where the OpenAI-compatible routes live (``{prefix}/chat/completions``,
@@ -109,7 +110,7 @@ class ChatStreamMiddleware:
         max_new_tokens_limit: int = 4096,
         generation_timeout: float | None = 300.0,
         send_timeout: float | None = 30.0,
-        drain_timeout: float = 30.0,
+        drain_timeout: float = 25.0,
         drain_on_signals: bool = True,
         openai_prefix: str | None = "/v1",
         api_keys: str | Sequence[str] | None = None,
