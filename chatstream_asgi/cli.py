@@ -13,6 +13,7 @@ from typing import Any
 
 from .engines.base import Engine
 from .engines.mock import MockEngine
+from .engines.replicas import EngineReplicas
 from .errors import ChatStreamError
 from .middleware import ChatStreamMiddleware
 
@@ -30,10 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--mock", action="store_true", help="no model: stream a scripted reply")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-concurrency", type=int, default=4, help="generations at once (= engine batch size)")
+    serve.add_argument("--max-concurrency", type=int, default=4, help="generations at once per device (batch size)")
     serve.add_argument("--max-queue", type=int, default=8)
     serve.add_argument("--secret-key", default=os.environ.get(SECRET_ENV), help=f"cookie key (or ${SECRET_ENV})")
-    serve.add_argument("--device", default=None, help="torch device, e.g. cuda:0 (default: cuda if present)")
+    serve.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cuda:0 (default: cuda if present); a list (cuda:0,cuda:1) serves one model per device",
+    )
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
     serve.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
@@ -48,9 +53,25 @@ def build_parser() -> argparse.ArgumentParser:
 def load_engine(args: argparse.Namespace) -> Engine:
     if args.mock:
         return MockEngine(token_delay=args.mock_token_delay, max_batch_size=args.max_concurrency)
+    devices = devices_of(args)
+    if len(devices) > 1:  # one replica per device; each new chat goes to the least loaded
+        return EngineReplicas([load_model(args, device) for device in devices])
+    return load_model(args, devices[0])
+
+
+def devices_of(args: argparse.Namespace) -> list[str | None]:
+    if args.device is None:
+        return [None]
+    devices = [device.strip() for device in str(args.device).split(",")]
+    if not all(devices):
+        raise SystemExit(f"--device takes a device or a comma-separated list (cuda:0,cuda:1), got {args.device!r}")
+    return list(devices)
+
+
+def load_model(args: argparse.Namespace, device: str | None) -> Engine:
     from .engines.transformers import TransformersEngine
 
-    options: dict[str, Any] = {"device": args.device, "max_batch_size": args.max_concurrency}
+    options: dict[str, Any] = {"device": device, "max_batch_size": args.max_concurrency}
     if args.model:
         return TransformersEngine.from_pretrained(args.model, **options)
     if args.gguf:
@@ -79,7 +100,7 @@ def serve(args: argparse.Namespace) -> None:
         demo_app(),
         engine=engine,
         secret_key=secret_key(args),
-        max_concurrency=args.max_concurrency,
+        max_concurrency=args.max_concurrency * len(getattr(engine, "engines", [engine])),  # per device
         max_queue=args.max_queue,
         system_prompt=args.system_prompt,
         ui_path=args.ui_path,

@@ -1,0 +1,40 @@
+"""``python -m chatstream_asgi serve``'s engine choice: one model, one model per listed device, or the mock."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from chatstream_asgi import EngineReplicas, MockEngine
+from chatstream_asgi.cli import build_parser, load_engine
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_a_device_list_loads_one_replica_per_device(tiny_model_dir: Path) -> None:
+    engine = load_engine(serve_args("--model", str(tiny_model_dir), "--device", "cpu, cpu", "--max-concurrency", "3"))
+    assert isinstance(engine, EngineReplicas)
+    assert [type(e).__name__ for e in engine.engines] == ["TransformersEngine", "TransformersEngine"]
+    assert [e.max_batch_size for e in engine.engines] == [3, 3]  # type: ignore[attr-defined]
+    assert engine.engines[0] is not engine.engines[1]
+
+
+def test_one_device_loads_one_engine(tiny_model_dir: Path) -> None:
+    engine = load_engine(serve_args("--model", str(tiny_model_dir), "--device", "cpu"))
+    assert type(engine).__name__ == "TransformersEngine"
+
+
+@pytest.mark.parametrize("device", ["cpu,", ",cpu", "cpu,,cpu"])
+def test_an_empty_entry_in_the_device_list_is_refused(tiny_model_dir: Path, device: str) -> None:
+    with pytest.raises(SystemExit) as refused:
+        load_engine(serve_args("--model", str(tiny_model_dir), "--device", device))
+    assert "comma-separated list" in str(refused.value)
+
+
+def test_the_mock_takes_the_concurrency_as_its_batch_size() -> None:
+    engine = load_engine(serve_args("--mock", "--max-concurrency", "5", "--mock-token-delay", "0"))
+    assert isinstance(engine, MockEngine) and engine.max_batch_size == 5 and engine.token_delay == 0
