@@ -156,6 +156,9 @@ class ChatStream:
     async def handle_set_feedback_request(self, request: Any, opts: dict[str, Any] | None = None) -> ChatStreamResponse:
         return self.response_for("set_feedback", request)
 
+    async def handle_get_feedback_request(self, request: Any) -> ChatStreamResponse:
+        return self.response_for("get_feedback", request)
+
     async def handle_get_resource_usage_request(self, request: Any) -> ChatStreamResponse:
         return self.response_for("get_resource_usage", request)
 

@@ -19,6 +19,7 @@ API_METHODS = {
     "set_generation_params": "POST",
     "get_generation_params": "GET",
     "set_feedback": "POST",
+    "get_feedback": "GET",  # not ChatStream's: the chat page reads the ratings back with it
     "get_load": "GET",
     "get_resource_usage": "GET",
     "stop_generation": "POST",

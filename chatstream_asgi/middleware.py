@@ -85,7 +85,7 @@ class ChatStreamMiddleware:
         on_feedback: ``on_feedback(session_id, feedback)`` for each ``POST /set_feedback``.
         session_state: where per-session generation params and feedback live; bounded in memory by default.
         extra_paths: paths for ``set_generation_params``, ``get_generation_params``, ``set_feedback``,
-            ``get_resource_usage`` (default ``/<name>``).
+            ``get_feedback``, ``get_resource_usage``, ``stop_generation`` (default ``/<name>``).
     """
 
     def __init__(

@@ -190,8 +190,9 @@ class ChatRoutes:
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
         history = [] if session_id is None else await self.load_history(session_id)
-        params = self.settings.default_params
-        prompt = await asyncio.to_thread(self.engine.render_prompt, self.with_system_prompt(history), params)
+        messages, params = self.with_system_prompt(history), self.settings.default_params
+        # nothing to render yet (chat templates refuse an empty conversation): a new session's prompt is empty
+        prompt = await asyncio.to_thread(self.engine.render_prompt, messages, params) if messages else ""
         await send_json(send, 200, {"messages": history, "prompt": prompt})
 
     async def get_load(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -6,6 +6,8 @@ resource usage, and the built-in chat page.
 - ``GET /get_generation_params``: the parameters this session's turns start from, and its overrides.
 - ``POST /set_feedback``: ``{"message_id" | "turn", "rating": "up" | "down" (or "is_like": bool), "text"?}``
   on one reply; kept beside the history and handed to the host's ``on_feedback(session_id, feedback)``.
+- ``GET /get_feedback``: one entry per reply in this session's history, ``{"rating", "text", "message_id"}`` or
+  null where none was given (the chat page shows the ratings again after a reload).
 - ``GET /get_resource_usage``: memory and CPU of this process and host, GPU memory when there is one.
 - ``POST /stop_generation``: end this session's running reply, as if its client had disconnected.
 """
@@ -32,11 +34,13 @@ logger = logging.getLogger("chatstream_asgi")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 OnFeedback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 ALIASES = {"top_k_value": "top_k", "top_p_value": "top_p"}  # ChatStream's names
+FEEDBACK_FIELDS = ("rating", "text", "message_id")  # what GET /get_feedback shows of each feedback
 MAX_FEEDBACK_CHARS = 4000
 ROUTE_NAMES = (
     "set_generation_params",
     "get_generation_params",
     "set_feedback",
+    "get_feedback",
     "get_resource_usage",
     "stop_generation",
 )
@@ -138,6 +142,18 @@ class SessionRoutes:
         self.chat.hooks.extras.set_feedback(session_id, index, feedback)
         await self.notify(session_id, feedback)
         await send_json(send, 200, {"success": True, "reply_index": index, "message_id": data.get("message_id")})
+
+    async def get_feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The feedback on each of this session's replies, in history order (None where none was given)."""
+        session_id = self.session_id(scope)
+        feedback: list[dict[str, Any] | None] = []
+        if session_id is not None:
+            history = await self.chat.load_history(session_id)
+            given = self.chat.hooks.extras.feedback(session_id)
+            for index in range(sum(1 for m in history if m["role"] == "assistant")):
+                kept = given.get(index)
+                feedback.append(None if kept is None else {k: kept[k] for k in FEEDBACK_FIELDS})
+        await send_json(send, 200, {"success": True, "feedback": feedback})
 
     def reply_index(self, session_id: str, data: dict[str, Any], replies: int) -> int:
         message_id, turn = data.get("message_id"), data.get("turn")

@@ -195,3 +195,140 @@ def test_queued_request_shows_its_place_then_streams(browser: Any, page_server: 
     assert "word199" in page.locator(".msg.assistant").inner_text()
     wait_for(lambda: load(server)["running"] == 0)
     context.close()
+
+
+QUICK_DOWN_THEN_UP = """(() => {
+  const bar = [...document.querySelectorAll('.feedback')].pop();
+  bar.querySelector('[aria-label="Bad reply"]').click();
+  bar.querySelector('[aria-label="Good reply"]').click();
+})()"""
+
+
+def feedback_buttons(page: Any) -> tuple[Any, Any]:
+    """The last reply's thumbs-up and thumbs-down, found by their accessible names."""
+    bar = page.get_by_role("group", name="Rate this reply").last
+    return bar.get_by_role("button", name="Good reply"), bar.get_by_role("button", name="Bad reply")
+
+
+def feedback_recorder() -> tuple[list[tuple[str, dict[str, Any]]], Callable[[str, dict[str, Any]], None]]:
+    """An ``on_feedback`` hook and the ``(session_id, feedback)`` pairs it received."""
+    received: list[tuple[str, dict[str, Any]]] = []
+    return received, lambda session_id, feedback: received.append((session_id, feedback))
+
+
+def wait_for_feedback(page: Any, received: list[Any], count: int) -> None:
+    """Until the server took ``count`` ratings and the page has no request of its own left to send."""
+    wait_for(lambda: len(received) == count and page.locator(".feedback[aria-busy]").count() == 0)
+
+
+def pressed(up: Any, down: Any) -> tuple[str | None, str | None]:
+    return up.get_attribute("aria-pressed"), down.get_attribute("aria-pressed")
+
+
+def test_feedback_rates_the_reply_by_its_id_changes_and_after_a_reload_by_its_turn(
+    browser: Any, page_server: Any, artifacts: Path
+) -> None:
+    received, on_feedback = feedback_recorder()
+    server, _ = page_server(REPLY, delay=0.02, on_feedback=on_feedback)
+    extras = server.config.app.routes.hooks.extras
+    context = browser.new_context(viewport={"width": 1100, "height": 800})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    with page.expect_response("**/chat_stream") as streamed:
+        send_message(page, "Show me a Python example")
+    reply_id = streamed.value.headers["x-chatstream-last-generated-message-id"]
+    assert page.evaluate("!!document.querySelector('.msg.streaming') && !document.querySelector('.feedback')")
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=TIMEOUT_MS)
+    up, down = feedback_buttons(page)
+    assert pressed(up, down) == ("false", "false")
+
+    up.click()
+    wait_for_feedback(page, received, 1)
+    session_id, feedback = received[0]
+    assert (feedback["rating"], feedback["message_id"], feedback["reply_index"]) == ("up", reply_id, 0)
+    assert (feedback["reply"], feedback["user_input"]) == (REPLY, "Show me a Python example")
+    assert extras.reply_index(session_id, reply_id) == 0
+    assert pressed(up, down) == ("true", "false")
+    down.click()  # a change of mind replaces the rating
+    wait_for_feedback(page, received, 2)
+    assert (received[1][0], received[1][1]["rating"], received[1][1]["message_id"]) == (session_id, "down", reply_id)
+    assert {index: f["rating"] for index, f in extras.feedback(session_id).items()} == {0: "down"}
+    assert pressed(up, down) == ("false", "true")
+    page.screenshot(path=str(artifacts / "chat-feedback-desktop.png"), full_page=True)
+
+    page.reload()  # the page no longer knows the reply's id: it rates the reply by its turn
+    page.wait_for_selector(".feedback", timeout=TIMEOUT_MS)
+    up, down = feedback_buttons(page)
+    assert pressed(up, down) == ("false", "true")  # the rating came back from GET /get_feedback
+    with page.expect_request("**/set_feedback") as posted:
+        up.click()
+    assert posted.value.post_data_json == {"turn": 0, "rating": "up"}
+    wait_for_feedback(page, received, 3)
+    assert (received[2][0], received[2][1]["rating"], received[2][1]["reply_index"]) == (session_id, "up", 0)
+    assert received[2][1]["message_id"] is None and pressed(up, down) == ("true", "false")
+    page.evaluate(QUICK_DOWN_THEN_UP)  # the second click comes while the first is sent: it waits its turn
+    wait_for_feedback(page, received, 5)
+    assert [f["rating"] for _, f in received[3:]] == ["down", "up"] and pressed(up, down) == ("true", "false")
+    assert extras.feedback(session_id)[0]["rating"] == "up"
+
+    phone = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True, device_scale_factor=2)
+    phone.add_cookies(context.cookies())
+    phone_page = phone.new_page()
+    phone_page.goto(server.url + "/")
+    phone_page.wait_for_selector(".feedback", timeout=TIMEOUT_MS)
+    up, down = feedback_buttons(phone_page)
+    assert pressed(up, down) == ("true", "false")
+    for button in (up, down):
+        box = button.bounding_box()
+        assert box["width"] >= 40 and box["height"] >= 40, f"a feedback button is too small to tap: {box}"
+    width = phone_page.evaluate("document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the page scrolls sideways on a phone ({width} px)"
+    down.tap()
+    wait_for_feedback(phone_page, received, 6)
+    assert received[5][1]["rating"] == "down" and pressed(up, down) == ("false", "true")
+
+    # the history is cleared behind the page's back: the server refuses, the page says so and keeps the old state
+    httpx.post(f"{server.url}/clear_context", cookies={c["name"]: c["value"] for c in context.cookies()})
+    up.tap()
+    phone_page.wait_for_selector(".feedback-note:has-text('Feedback not saved')", timeout=TIMEOUT_MS)
+    assert "400" in phone_page.locator(".feedback-note").inner_text()
+    assert pressed(up, down) == ("false", "true") and len(received) == 6
+    phone_page.screenshot(path=str(artifacts / "chat-feedback-phone.png"), full_page=True)
+    phone.close()
+    context.close()
+
+
+def test_feedback_buttons_only_under_replies_the_server_kept(browser: Any, page_server: Any, artifacts: Path) -> None:
+    received, on_feedback = feedback_recorder()
+    server, engine = page_server(LONG_REPLY, delay=0.05, on_feedback=on_feedback)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    send_message(page, "Count for me")  # a stopped reply is kept as far as it was sent, so it can be rated
+    wait_for(lambda: "word3" in page.locator(".msg.assistant").inner_text())
+    page.click("#stop")
+    page.wait_for_selector("text=(stopped)", timeout=TIMEOUT_MS)
+    wait_for(lambda: load(server)["running"] == 0)
+    feedback_buttons(page)[0].click()
+    wait_for_feedback(page, received, 1)
+    kept = received[0][1]
+    assert kept["reply_index"] == 0 and kept["reply"].startswith("word0 word1 word2 word3")
+    assert "word199" not in kept["reply"]
+
+    engine.token_delay, engine.fail_after = 0.005, 3  # an engine failure mid-reply: the server keeps nothing
+    send_message(page, "Fail, please")
+    failed = page.locator(".msg.assistant").nth(1)
+    wait_for(lambda: page.locator(".msg.assistant").count() == 2 and "(failed)" in failed.inner_text())
+    assert "word2" in failed.inner_text() and "[error:" not in failed.inner_text()  # the error line is no reply
+    assert "mock failure" in page.locator("#status.error").inner_text()
+
+    engine.token_delay, engine.fail_after = 5.0, None  # stopped before its first word: nothing to keep
+    send_message(page, "Too slow")
+    wait_for(lambda: load(server)["running"] == 1)
+    page.click("#stop")
+    wait_for(lambda: page.locator("text=(stopped)").count() == 2 and load(server)["running"] == 0)
+    assert page.locator(".feedback").count() == 1  # only under the first reply
+    page.screenshot(path=str(artifacts / "chat-feedback-kept.png"), full_page=True)
+    messages = page.evaluate("fetch('/get_prompt').then((r) => r.json()).then((d) => d.messages)")
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == kept["reply"]
+    context.close()

@@ -140,6 +140,7 @@ def test_a_full_queue_is_a_429_with_chatstreams_body_and_retry_after() -> None:
             load = (await client.get("/get_load")).json()
             assert load["running"] == 0 and load["max_queue"] == 1
             assert (await client.get("/get_resource_usage")).json()["success"] is True
+            assert (await client.get("/get_feedback")).json() == {"success": True, "feedback": [None]}
             assert "<html" in (await client.get("/")).text
 
     with UvicornThread(app) as server:

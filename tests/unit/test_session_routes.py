@@ -134,6 +134,33 @@ async def test_feedback_by_message_id_or_turn_reaches_the_hook_and_is_kept(make_
 
 
 @pytest.mark.asyncio
+async def test_get_feedback_lists_one_entry_per_reply_and_forgets_a_regenerated_one(
+    make_chat: Callable[..., Chat],
+) -> None:
+    chat = make_chat()
+    assert (await chat.request("GET", "/get_feedback")).json() == {"success": True, "feedback": []}
+    first = await chat.turn("first question")
+    cookie = session_cookie(first)
+    message_id = first.header("x-chatstream-last-generated-message-id")
+    await chat.turn("second question", cookie=cookie)
+    await chat.turn("third question", cookie=cookie)
+    await chat.request("POST", "/set_feedback", {"message_id": message_id, "rating": "up"}, cookie=cookie)
+    await chat.request("POST", "/set_feedback", {"turn": 2, "rating": "up", "text": "nice"}, cookie=cookie)
+    await chat.request("POST", "/set_feedback", {"turn": 2, "rating": "down"}, cookie=cookie)  # a change of mind
+    send = await chat.request("GET", "/get_feedback", cookie=cookie)
+    assert send.status == 200
+    assert send.json()["feedback"] == [
+        {"rating": "up", "text": "", "message_id": message_id},
+        None,
+        {"rating": "down", "text": "", "message_id": None},
+    ]
+    await chat.turn(cookie=cookie, regenerate=True)  # a new third reply: the feedback on the old one is gone
+    assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"][1:] == [None, None]
+    await chat.request("POST", "/clear_context", cookie=cookie)
+    assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"] == []
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize(
     "payload",
     [
@@ -296,6 +323,7 @@ async def test_chat_page_is_off_by_default_and_served_at_ui_path_with_the_route_
     page = send.body.decode()
     assert send.status == 200 and send.header("content-type") == "text/html; charset=utf-8"
     assert '"get_load": "/api/load"' in page and '"chat_stream": "/api/chat_stream"' in page
+    assert '"set_feedback": "/api/set_feedback"' in page and '"get_feedback": "/api/get_feedback"' in page
     assert "http://" not in page and "https://" not in page  # no CDN: nothing loads from elsewhere
     assert "default-src 'self'" in (send.header("content-security-policy") or "")
 
