@@ -17,7 +17,7 @@ from .admission import Admission
 from .encoders import choose_encoder
 from .engines.base import ChatMessage, Engine, SamplingParams
 from .errors import ConfigurationError, HistoryStoreError, HTTPError
-from .history import HistoryStore, trim_turns
+from .history import HistoryStore, previous_turns, trim_turns, user_message
 from .hooks import ChatHooks
 from .metrics import Observer
 from .requests import ChatTurn, parse_chat_turn, require_json
@@ -246,21 +246,6 @@ class ChatRoutes:
             raise HTTPError(
                 503, "history_unavailable", f"the history store failed: {exc}", {"Retry-After": "5"}
             ) from exc
-
-
-def user_message(text: str) -> ChatMessage:
-    return {"role": "user", "content": text}
-
-
-def previous_turns(history: list[ChatMessage], turn: ChatTurn) -> tuple[list[ChatMessage], str]:
-    """The history the new turn builds on, and the user input to answer."""
-    if not turn.regenerate:
-        assert turn.user_input is not None
-        return history, turn.user_input
-    for index in range(len(history) - 1, -1, -1):
-        if history[index]["role"] == "user":
-            return history[:index], history[index]["content"]
-    raise HTTPError(400, "invalid_request", "nothing to regenerate: this session has no user turn yet")
 
 
 def check_positive(**values: int) -> None:
