@@ -19,20 +19,9 @@ import pytest
 from chatstream_asgi import ChatStreamMiddleware, MockEngine
 from chatstream_asgi.signals import DrainOnSignals
 
-from .asgi_fakes import (
-    JSON_HEADERS,
-    SSE_HEADERS,
-    RecordingApp,
-    RecordingSend,
-    ScriptedReceive,
-    http_scope,
-    json_body,
-    request_messages,
-    wait_until,
-    with_hang_guard,
-)
+from .apps import build_middleware, chat
+from .asgi_fakes import SSE_HEADERS, RecordingSend, wait_until, with_hang_guard
 
-SECRET = "unit-test-secret-key-0123456789abcdef"
 LONG_REPLY = " ".join(["word"] * 400)
 
 
@@ -83,15 +72,7 @@ async def no_drain() -> None:
 
 
 def build(reply: str = LONG_REPLY, **options: Any) -> ChatStreamMiddleware:
-    engine = MockEngine(reply, token_delay=0.01)
-    return ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, **options)
-
-
-async def chat(app: ChatStreamMiddleware, headers: Any = SSE_HEADERS) -> RecordingSend:
-    send = RecordingSend()
-    receive = ScriptedReceive(request_messages(json_body({"user_input": "hi"})), wait_for_disconnect=True)
-    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=headers), receive, send))
-    return send
+    return build_middleware(MockEngine(reply, token_delay=0.01), **options)
 
 
 @pytest.mark.asyncio
@@ -100,12 +81,12 @@ async def test_sigterm_drains_at_once_and_reaches_the_server_only_after_it(serve
     lifespan = Lifespan(app)
     await lifespan.startup()
     assert signal.getsignal(signal.SIGTERM) == app.signals.handle
-    running = asyncio.ensure_future(chat(app))
+    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
     await wait_until(lambda: app.admission.running == 1)
     signal.raise_signal(signal.SIGTERM)
     await wait_until(lambda: app.admission.draining)
     assert server_handler.received == []  # held while the stream has its grace
-    refused = await chat(app, JSON_HEADERS)
+    refused = await chat(app)
     assert refused.status == 503 and refused.json()["error"]["type"] == "draining"
     events = (await running).sse_events()
     assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "draining"
@@ -119,7 +100,7 @@ async def test_a_second_signal_passes_the_held_one_on_then_itself(server_handler
     app = build(" ".join(["word"] * 30), drain_timeout=5.0)
     lifespan = Lifespan(app)
     await lifespan.startup()
-    running = asyncio.ensure_future(chat(app))
+    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
     await wait_until(lambda: app.admission.running == 1)
     signal.raise_signal(signal.SIGINT)
     await wait_until(lambda: app.admission.draining)

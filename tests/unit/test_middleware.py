@@ -1,176 +1,38 @@
 """Unit tests for ``ChatStreamMiddleware`` and its routes, driven as a raw ASGI app with ``MockEngine``.
 
 No server and no test client: every request is a scope, a ``ScriptedReceive`` and a ``RecordingSend``
-(see ``asgi_fakes``). After every test, each middleware built here must hold no slot and no queue place,
-and its mock engine must have no sequence left running.
+(see ``asgi_fakes``), run through ``Chat`` (see ``apps``). After every test, each middleware built by
+``make_chat`` (``conftest.py``) must hold no slot and no queue place, and its mock engine must have no sequence
+left running.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from chatstream_asgi import ChatStreamMiddleware, MemoryHistoryStore, MockEngine
-from chatstream_asgi.engines.base import ChatMessage, SamplingParams
+from chatstream_asgi import MemoryHistoryStore
 from chatstream_asgi.errors import HistoryStoreError
 
+from .apps import REPLY, Chat, CountingEngine, assert_json_error, client_sending, session_cookie
 from .asgi_fakes import (
     JSON_HEADERS,
-    RecordingApp,
     RecordingSend,
     ScriptedReceive,
     http_scope,
-    json_body,
     lifespan_script,
     request_messages,
     wait_until,
     with_hang_guard,
 )
 
-SECRET = "unit-test-secret-key-0123456789abcdef"
-COOKIE_NAME = "chatstream_session"
-REPLY = "Hello there, friend."
-
-
-class CountingEngine(MockEngine):
-    """A ``MockEngine`` that counts ``stream()`` calls and records the order of lifecycle calls."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.stream_calls = 0
-        self.lifecycle: list[str] = []
-
-    async def start(self) -> None:
-        self.lifecycle.append("start")
-        await super().start()
-
-    async def close(self) -> None:
-        self.lifecycle.append(f"close with {self.running} running")
-        await super().close()
-
-    def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> Any:
-        self.stream_calls += 1
-        return super().stream(messages, params)
-
-
-@dataclass
-class Chat:
-    """One middleware under test with the parts a test inspects."""
-
-    middleware: ChatStreamMiddleware
-    app: RecordingApp
-    engine: CountingEngine
-    store: Any
-
-    async def request(
-        self,
-        method: str,
-        path: str,
-        payload: Any = None,
-        *,
-        cookie: str | None = None,
-        headers: Sequence[tuple[bytes, bytes]] = (),
-        receive: ScriptedReceive | None = None,
-        send: RecordingSend | None = None,
-        root_path: str = "",
-    ) -> RecordingSend:
-        """Run one request through the middleware and return what it sent."""
-        all_headers = list(headers)
-        if payload is not None:
-            all_headers += JSON_HEADERS
-        if cookie is not None:
-            all_headers.append((b"cookie", f"{COOKIE_NAME}={cookie}".encode()))
-        body = b"" if payload is None else payload if isinstance(payload, bytes) else json_body(payload)
-        receive = receive or ScriptedReceive(request_messages(body), wait_for_disconnect=True)
-        send = send or RecordingSend()
-        scope = http_scope(method, root_path + path, headers=all_headers, root_path=root_path)
-        await with_hang_guard(self.middleware(scope, receive, send))
-        return send
-
-    async def turn(self, user_input: str = "hi", *, cookie: str | None = None, **fields: Any) -> RecordingSend:
-        return await self.request("POST", "/chat_stream", {"user_input": user_input, **fields}, cookie=cookie)
-
-    async def history(self, cookie: str) -> list[dict[str, str]]:
-        send = await self.request("GET", "/get_prompt", cookie=cookie)
-        assert send.status == 200
-        messages: list[dict[str, str]] = send.json()["messages"]
-        return messages
-
-    def start_turn(self, user_input: str = "hi", *, cookie: str | None = None) -> RunningTurn:
-        """Start a turn in the background; the test ends it with ``stop()`` (a disconnect) or ``finish()``."""
-        receive = ScriptedReceive(request_messages(json_body({"user_input": user_input})), wait_for_disconnect=True)
-        send = RecordingSend()
-        request = self.request("POST", "/chat_stream", cookie=cookie, headers=JSON_HEADERS, receive=receive, send=send)
-        return RunningTurn(asyncio.create_task(request), receive, send)
-
-
-@dataclass
-class RunningTurn:
-    task: asyncio.Task[RecordingSend]
-    receive: ScriptedReceive
-    send: RecordingSend
-
-    async def streaming(self) -> None:
-        """Return once the first reply text went out."""
-        await wait_until(lambda: bool(self.send.body_chunks) or self.task.done())
-        assert self.send.body_chunks, f"the turn ended without streaming: {self.send.messages}"
-
-    async def stop(self) -> RecordingSend:
-        self.receive.disconnect()
-        return await with_hang_guard(self.task)
-
-    async def finish(self) -> RecordingSend:
-        return await with_hang_guard(self.task)
-
-
-@pytest.fixture
-def make_chat() -> Iterator[Callable[..., Chat]]:
-    """Build middlewares; afterwards check that none holds a slot, a queue place or an engine sequence."""
-    built: list[Chat] = []
-
-    def make(engine: CountingEngine | None = None, store: Any = None, **options: Any) -> Chat:
-        engine = engine or CountingEngine(REPLY)
-        store = store if store is not None else MemoryHistoryStore()
-        app = RecordingApp()
-        middleware = ChatStreamMiddleware(app, engine=engine, secret_key=SECRET, history_store=store, **options)
-        chat = Chat(middleware, app, engine, store)
-        built.append(chat)
-        return chat
-
-    yield make
-    for chat in built:
-        admission = chat.middleware.admission
-        assert (admission.running, admission.waiting) == (0, 0), f"admission left busy: {admission!r}"
-        assert chat.engine.running == 0, "an engine stream was left running"
-        assert not chat.middleware.routes.active_sessions, "a session was left marked as streaming"
-
 
 @pytest.fixture
 def chat(make_chat: Callable[..., Chat]) -> Chat:
     return make_chat()
-
-
-def session_cookie(send: RecordingSend) -> str:
-    """The signed session id from the response's ``Set-Cookie``."""
-    value = send.header("set-cookie")
-    assert value is not None, f"no set-cookie in {send.headers}"
-    name, _, rest = value.partition("=")
-    assert name == COOKIE_NAME
-    return rest.split(";", 1)[0]
-
-
-def assert_json_error(send: RecordingSend, status: int, error_type: str) -> dict[str, Any]:
-    assert send.status == status, send.body
-    assert send.header("content-type") == "application/json"
-    assert int(send.header("content-length") or -1) == len(send.body)
-    error: dict[str, Any] = send.json()["error"]
-    assert error["type"] == error_type and error["message"]
-    assert send.complete
-    return error
 
 
 def slow_engine(tokens: int = 10, delay: float = 0.02, **kwargs: Any) -> CountingEngine:
@@ -407,7 +269,7 @@ async def test_regenerate_without_history_is_400(chat: Chat) -> None:
 async def test_disconnect_mid_stream_saves_the_reply_as_far_as_it_was_sent(make_chat: Any) -> None:
     chat = make_chat(slow_engine(tokens=10, delay=0.01))
     cookie = session_cookie(await chat.turn("warm up"))
-    receive = ScriptedReceive(request_messages(json_body({"user_input": "cut me"})), wait_for_disconnect=True)
+    receive = client_sending({"user_input": "cut me"})
 
     def hook(send: RecordingSend) -> None:
         if len(send.body_chunks) == 3:

@@ -14,19 +14,10 @@ import pytest
 from chatstream_asgi import ChatStreamMiddleware, ConfigurationError, EngineReplicas, MockEngine
 from chatstream_asgi.engines.base import ChatMessage
 
-from .asgi_fakes import (
-    JSON_HEADERS,
-    RecordingApp,
-    RecordingSend,
-    ScriptedReceive,
-    http_scope,
-    json_body,
-    request_messages,
-    wait_until,
-    with_hang_guard,
-)
+from . import apps
+from .apps import build_middleware, client_sending
+from .asgi_fakes import JSON_HEADERS, RecordingSend, wait_until, with_hang_guard
 
-SECRET = "unit-test-secret-key-0123456789abcdef"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -53,7 +44,7 @@ class TokenizedEngine(MockEngine):
 
 
 def middleware(engine: MockEngine | EngineReplicas | None = None, **options: Any) -> ChatStreamMiddleware:
-    return ChatStreamMiddleware(RecordingApp(), engine=engine or MockEngine("one two"), secret_key=SECRET, **options)
+    return build_middleware(engine or MockEngine("one two"), **options)
 
 
 def chat_body(*contents: str, **fields: Any) -> dict[str, Any]:
@@ -82,13 +73,10 @@ async def call(
     body: Any = CHAT,
     *,
     method: str = "POST",
-    headers: list[tuple[bytes, bytes]] | None = None,
+    headers: list[tuple[bytes, bytes]] = JSON_HEADERS,
 ) -> RecordingSend:
-    receive = ScriptedReceive(request_messages(json_body(body)), wait_for_disconnect=True)
-    send = RecordingSend()
-    scope = http_scope(method, path, headers=JSON_HEADERS if headers is None else headers)
-    await with_hang_guard(app(scope, receive, send))
-    return send
+    """``body`` as JSON to the chat completions route (or to ``path``), whatever the ``method``."""
+    return await apps.call(app, method, path, payload=body, headers=headers)
 
 
 @pytest.mark.asyncio
@@ -240,12 +228,11 @@ async def test_full_queue_is_429_with_retry_after() -> None:
 async def test_non_streaming_disconnect_cancels_the_engine_and_sends_nothing() -> None:
     engine = MockEngine("a b c d e f", token_delay=0.05)
     app = middleware(engine)
-    receive = ScriptedReceive(request_messages(json_body(CHAT)), wait_for_disconnect=True)
-    send = RecordingSend()
-    task = asyncio.create_task(app(http_scope("POST", "/v1/chat/completions", headers=JSON_HEADERS), receive, send))
+    receive = client_sending(CHAT)
+    task = asyncio.create_task(apps.call(app, "POST", "/v1/chat/completions", receive=receive))
     await wait_until(lambda: engine.running == 1)
     receive.disconnect()
-    await with_hang_guard(task)
+    send = await with_hang_guard(task)
     assert send.messages == [] and engine.cancelled == 1 and app.admission.running == 0
 
 

@@ -11,42 +11,16 @@ import pytest
 
 from chatstream_asgi import ChatStreamMiddleware, MockEngine
 
-from .asgi_fakes import (
-    JSON_HEADERS,
-    SSE_HEADERS,
-    RecordingApp,
-    RecordingSend,
-    ScriptedReceive,
-    http_scope,
-    json_body,
-    request_messages,
-    wait_until,
-    with_hang_guard,
-)
+from .apps import build_middleware, call, chat, client_sending, get
+from .asgi_fakes import SSE_HEADERS, RecordingSend, wait_until, with_hang_guard
 
 pytest.importorskip("prometheus_client")
 pytestmark = pytest.mark.asyncio
-SECRET = "unit-test-secret-key-0123456789abcdef"
 REPLY = "one two three four five six"
 
 
 def build(engine: MockEngine | None = None, **options: Any) -> ChatStreamMiddleware:
-    return ChatStreamMiddleware(RecordingApp(), engine=engine or MockEngine(REPLY), secret_key=SECRET, **options)
-
-
-async def get(app: ChatStreamMiddleware, path: str) -> RecordingSend:
-    send = RecordingSend()
-    await with_hang_guard(app(http_scope("GET", path), ScriptedReceive(request_messages()), send))
-    return send
-
-
-async def chat(
-    app: ChatStreamMiddleware, text: str = "hi", *, headers: Any = JSON_HEADERS, send: RecordingSend | None = None
-) -> RecordingSend:
-    send = send or RecordingSend()
-    receive = ScriptedReceive(request_messages(json_body({"user_input": text})), wait_for_disconnect=True)
-    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=headers), receive, send))
-    return send
+    return build_middleware(engine or MockEngine(REPLY), **options)
 
 
 def samples(app: ChatStreamMiddleware) -> dict[str, float]:
@@ -177,14 +151,11 @@ async def test_a_stream_ended_by_the_drain_is_counted_and_logged_as_drained(capl
 
 async def test_a_drained_completion_without_streaming_still_answers_503() -> None:
     app = build(MockEngine(" ".join(["word"] * 400), token_delay=0.01))
-    body = json_body({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-    send = RecordingSend()
-    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
-    scope = http_scope("POST", "/v1/chat/completions", headers=JSON_HEADERS)
-    running = asyncio.ensure_future(app(scope, receive, send))
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    running = asyncio.ensure_future(call(app, "POST", "/v1/chat/completions", payload=payload))
     await wait_until(lambda: app.admission.running == 1)
     await with_hang_guard(app.drain(0.1))
-    await with_hang_guard(running)
+    send = await with_hang_guard(running)
     assert send.status == 503 and send.json()["error"]["code"] == "draining"
     assert samples(app)['chatstream_request_outcome_total{outcome="drained"}'] == 1
 
@@ -221,14 +192,13 @@ async def test_request_log_includes_text_only_when_asked(caplog: pytest.LogCaptu
 
 async def test_a_client_leaving_mid_stream_is_counted_as_a_disconnect() -> None:
     app = build(MockEngine(" ".join(["word"] * 200), token_delay=0.01))
-    receive = ScriptedReceive(request_messages(json_body({"user_input": "hi"})), wait_for_disconnect=True)
+    receive = client_sending({"user_input": "hi"})
 
     def leave_after_two_chunks(send: RecordingSend) -> None:
         if len(send.body_chunks) == 2:
             receive.disconnect()
 
-    send = RecordingSend(hook=leave_after_two_chunks)
-    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, send))
+    await call(app, "POST", "/chat_stream", receive=receive, send=RecordingSend(hook=leave_after_two_chunks))
     await wait_until(lambda: app.admission.running == 0)
     values = samples(app)
     assert values['chatstream_client_disconnects_total{stage="streaming"}'] == 1
@@ -237,10 +207,8 @@ async def test_a_client_leaving_mid_stream_is_counted_as_a_disconnect() -> None:
 
 async def test_openai_route_is_measured_too() -> None:
     app = build()
-    send = RecordingSend()
-    body = json_body({"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
-    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
-    await with_hang_guard(app(http_scope("POST", "/v1/chat/completions", headers=JSON_HEADERS), receive, send))
+    payload = {"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    send = await call(app, "POST", "/v1/chat/completions", payload=payload)
     assert send.status == 200
     values = samples(app)
     assert values['chatstream_http_requests_total{route="/v1/chat/completions",status="200"}'] == 1

@@ -4,29 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from chatstream_asgi import ChatStreamMiddleware, MockEngine
+from chatstream_asgi import MockEngine
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.replicas import EngineReplicas
 from chatstream_asgi.errors import ConfigurationError
 
-from .asgi_fakes import (
-    JSON_HEADERS,
-    RecordingApp,
-    RecordingSend,
-    ScriptedReceive,
-    http_scope,
-    json_body,
-    request_messages,
-    wait_until,
-    with_hang_guard,
-)
+from .apps import build_middleware, chat
+from .asgi_fakes import wait_until, with_hang_guard
 
 pytestmark = pytest.mark.asyncio
-SECRET = "unit-test-secret-key-0123456789abcdef"
 PARAMS = SamplingParams(max_new_tokens=8)
 
 
@@ -85,21 +74,13 @@ async def test_bad_replica_sets_are_refused() -> None:
         EngineReplicas.from_pretrained("unused", devices="cpu")  # type: ignore[arg-type]
 
 
-async def chat(app: Any, text: str) -> RecordingSend:
-    send = RecordingSend()
-    body = json_body({"user_input": text, "max_new_tokens": 6})
-    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
-    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, send), 60)
-    return send
-
-
 async def test_two_cpu_transformers_replicas_share_the_chats(tiny_model_dir: Path) -> None:
     replicas = EngineReplicas.from_pretrained(str(tiny_model_dir), devices=["cpu", "cpu"], max_batch_size=2)
-    app = ChatStreamMiddleware(RecordingApp(), engine=replicas.engines, secret_key=SECRET, max_concurrency=4)
+    app = build_middleware(replicas.engines, max_concurrency=4)
     assert isinstance(app.engine, EngineReplicas)
     await app.engine.start()
     try:
-        sends = await asyncio.gather(*(chat(app, f"hello {i}") for i in range(4)))
+        sends = await asyncio.gather(*(chat(app, f"hello {i}", max_new_tokens=6, hang_guard=60) for i in range(4)))
         assert all(send.status == 200 and send.complete for send in sends)
         assert app.engine.served == [2, 2] and app.engine.loads == [0, 0]
         assert app.admission.running == 0

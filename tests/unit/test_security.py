@@ -11,19 +11,11 @@ from chatstream_asgi import ChatStreamMiddleware, MockEngine
 from chatstream_asgi.errors import ConfigurationError
 from chatstream_asgi.security import RequestGuard
 
-from .asgi_fakes import (
-    JSON_HEADERS,
-    RecordingApp,
-    RecordingSend,
-    ScriptedReceive,
-    http_scope,
-    json_body,
-    request_messages,
-    with_hang_guard,
-)
+from . import apps
+from .apps import build_middleware, chat
+from .asgi_fakes import JSON_HEADERS, RecordingApp, RecordingSend
 
 pytestmark = pytest.mark.asyncio
-SECRET = "unit-test-secret-key-0123456789abcdef"
 KEY = "sk-chat-0123456789"
 HOST = [(b"host", b"chat.example.com")]
 
@@ -40,7 +32,7 @@ class CountingEngine(MockEngine):
 
 def build(**options: Any) -> tuple[ChatStreamMiddleware, CountingEngine]:
     engine = CountingEngine()
-    return ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, **options), engine
+    return build_middleware(engine, **options), engine
 
 
 async def call(
@@ -48,17 +40,13 @@ async def call(
     method: str,
     path: str,
     headers: Sequence[tuple[bytes, bytes]] = (),
-    cookie: str = "",
+    cookie: str | None = None,
     payload: dict[str, Any] | None = None,
 ) -> RecordingSend:
-    all_headers = [*JSON_HEADERS, *HOST, *headers] + ([(b"cookie", cookie.encode())] if cookie else [])
+    """``apps.call`` with a ``Host`` for the origin check to compare with; a chat without a payload says "hi"."""
     if payload is None and path == "/chat_stream":
         payload = {"user_input": "hi"}
-    body = b"" if payload is None else json_body(payload)
-    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
-    send = RecordingSend()
-    await with_hang_guard(app(http_scope(method, path, headers=all_headers), receive, send))
-    return send
+    return await apps.call(app, method, path, payload=payload, headers=[*JSON_HEADERS, *HOST, *headers], cookie=cookie)
 
 
 def bearer(key: str) -> list[tuple[bytes, bytes]]:
@@ -186,39 +174,29 @@ async def test_input_limits_are_configurable_and_enforced() -> None:
         seen.append(len(messages))
         return "ok"
 
-    app = ChatStreamMiddleware(
-        RecordingApp(), engine=MockEngine(reply), secret_key=SECRET, max_input_chars=5, max_history_turns=1
-    )
+    app = build_middleware(MockEngine(reply), max_input_chars=5, max_history_turns=1)
     too_long = await call(app, "POST", "/chat_stream", [])  # "hi" fits
     cookie = cookie_of(too_long)
     for _ in range(3):
         assert (await call(app, "POST", "/chat_stream", cookie=cookie)).status == 200
     assert seen == [1, 3, 3, 3]  # one earlier pair at most, plus the new question
-    send = RecordingSend()
-    body = json_body({"user_input": "x" * 6})
-    scope = http_scope("POST", "/chat_stream", headers=JSON_HEADERS)
-    await with_hang_guard(app(scope, ScriptedReceive(request_messages(body), wait_for_disconnect=True), send))
+    send = await chat(app, "x" * 6)
     assert send.status == 400 and "limit is 5" in send.json()["error"]["message"]
     with pytest.raises(ConfigurationError):
-        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, max_history_turns=0)
+        build_middleware(max_history_turns=0)
 
 
 async def test_max_input_tokens_counts_with_the_engine_tokenizer(tiny_model_dir: Any) -> None:
     from chatstream_asgi import TransformersEngine
 
     engine = TransformersEngine.from_pretrained(str(tiny_model_dir), max_batch_size=1)
-    app = ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, max_input_tokens=8)
+    app = build_middleware(engine, max_input_tokens=8)
     text = "The quick brown fox jumps over the lazy dog. " * 3
     tokens = len(engine.tokenizer.encode(text, add_special_tokens=False))
     assert tokens > 8
-    send = RecordingSend()
-    receive = ScriptedReceive(request_messages(json_body({"user_input": text})), wait_for_disconnect=True)
-    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, send))
+    send = await chat(app, text)
     assert send.status == 400 and f"has {tokens} tokens; the limit is 8" in send.json()["error"]["message"]
     assert app.admission.running == 0 and engine.stats.running == 0
-    short = RecordingSend()
-    body = json_body({"user_input": "Hello", "max_new_tokens": 4})
-    receive = ScriptedReceive(request_messages(body), wait_for_disconnect=True)
-    await with_hang_guard(app(http_scope("POST", "/chat_stream", headers=JSON_HEADERS), receive, short), 30)
+    short = await chat(app, "Hello", max_new_tokens=4, hang_guard=30)
     assert short.status == 200 and short.complete
     await engine.close()

@@ -4,40 +4,18 @@ feedback, resource usage, stop, the finish callback, the request interceptor, th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from chatstream_asgi import ChatStreamMiddleware, MockEngine
 from chatstream_asgi.errors import ConfigurationError, HTTPError
 from chatstream_asgi.session_state import SessionStateStore
 
-from .asgi_fakes import RecordingApp, RecordingSend, ScriptedReceive, wait_until, with_hang_guard
-from .test_middleware import Chat, CountingEngine, assert_json_error, session_cookie
+from .apps import REPLY, Chat, CountingEngine, assert_json_error, build_middleware, session_cookie
+from .asgi_fakes import RecordingSend, ScriptedReceive, wait_until, with_hang_guard
 
-SECRET = "unit-test-secret-key-0123456789abcdef"
-REPLY = "Hello there, friend."
 MARKER = b"<::EOS::>"
-
-
-@pytest.fixture
-def make_chat() -> Iterator[Callable[..., Chat]]:
-    built: list[Chat] = []
-
-    def make(engine: MockEngine | None = None, **options: Any) -> Chat:
-        engine = engine or CountingEngine(REPLY)
-        middleware = ChatStreamMiddleware(RecordingApp(), engine=engine, secret_key=SECRET, **options)
-        chat = Chat(middleware, middleware.app, engine, middleware.routes.store)  # type: ignore[arg-type]
-        built.append(chat)
-        return chat
-
-    yield make
-    for chat in built:
-        admission = chat.middleware.admission
-        assert (admission.running, admission.waiting) == (0, 0), f"admission left busy: {admission!r}"
-        assert chat.engine.running == 0 and not chat.middleware.routes.active_sessions
-        assert not chat.middleware.routes.hooks.stops, "a stop switch was left registered"
 
 
 # --- generation params ------------------------------------------------------------------------------------------
@@ -261,11 +239,11 @@ async def test_a_crashing_interceptor_is_a_500_not_a_hang(make_chat: Callable[..
 
 def test_hooks_are_checked_at_construction() -> None:
     with pytest.raises(ValueError, match="wire"):
-        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, wire="sse")  # type: ignore[arg-type]
+        build_middleware(wire="sse")
     with pytest.raises(ValueError, match="on_finish"):
-        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, on_finish="print")  # type: ignore[arg-type]
+        build_middleware(on_finish="print")
     with pytest.raises(ConfigurationError, match="clash"):
-        ChatStreamMiddleware(RecordingApp(), engine=MockEngine(), secret_key=SECRET, ui_path="/get_load")
+        build_middleware(ui_path="/get_load")
 
 
 # --- wire format, stop, resource usage, page ----------------------------------------------------------------
