@@ -134,10 +134,13 @@ class ReplySender:
                 pending = None
                 await self.on_chunk(chunk)
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                # aclose() on a generator that is still running raises: let the cancel land first.
-                await asyncio.wait({pending})
+            if pending is not None:
+                if not pending.done():
+                    pending.cancel()
+                    # aclose() on a generator that is still running raises: let the cancel land first.
+                    await asyncio.wait({pending})
+                if not pending.cancelled():
+                    pending.exception()  # it may have ended anyway (StopAsyncIteration): mark that as seen
             closer = getattr(iterator, "aclose", None)
             if closer is not None:
                 await closer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -415,3 +416,41 @@ async def test_a_disconnect_landing_as_a_send_completes_still_ends_the_stream(of
     result = await with_hang_guard(task)
     assert result.outcome == "disconnected"
     assert len(messages) <= 4, f"{len(messages) - 3} more chunks were sent after the disconnect"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("offset", range(-3, 4))
+async def test_an_engine_ending_as_the_client_leaves_leaves_no_unretrieved_task_error(offset: int) -> None:
+    """The engine's stream ends (``StopAsyncIteration`` in the pending ``anext``) ``offset`` loop turns from the
+    disconnect. Whatever the order, no task may be left with an exception nobody retrieved (asyncio logs those)."""
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    gone, end = asyncio.Event(), asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def ends_on_cue() -> AsyncIterator[GenerationChunk]:
+        yield GenerationChunk("one ")
+        await end.wait()
+
+    try:
+        sent = RecordingSend()
+        task = asyncio.create_task(stream_reply(sent, receive, ends_on_cue(), PlainTextEncoder(), StreamOptions()))
+        await wait_until(lambda: len(sent.body_chunks) == 1)
+        actions = [gone.set, end.set]
+        if offset < 0:
+            actions.reverse()
+        actions[0]()
+        for _ in range(abs(offset)):
+            await asyncio.sleep(0)
+        actions[1]()
+        await with_hang_guard(task)
+        del task
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+    finally:
+        loop.set_exception_handler(previous)
+    assert unretrieved == []
