@@ -321,6 +321,7 @@ def test_feedback_buttons_only_under_replies_the_server_kept(browser: Any, page_
     wait_for(lambda: page.locator(".msg.assistant").count() == 2 and "(failed)" in failed.inner_text())
     assert "word2" in failed.inner_text() and "[error:" not in failed.inner_text()  # the error line is no reply
     assert "mock failure" in page.locator("#status.error").inner_text()
+    assert "not kept" in failed.inner_text() and page.input_value("#input") == "Fail, please"  # to send again
 
     engine.token_delay, engine.fail_after = 5.0, None  # stopped before its first word: nothing to keep
     send_message(page, "Too slow")
@@ -331,4 +332,15 @@ def test_feedback_buttons_only_under_replies_the_server_kept(browser: Any, page_
     page.screenshot(path=str(artifacts / "chat-feedback-kept.png"), full_page=True)
     messages = page.evaluate("fetch('/get_prompt').then((r) => r.json()).then((d) => d.messages)")
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == kept["reply"]
+    # the page's own history is the server's: the turns the server did not keep are not in it
+    assert page.evaluate("history.map((m) => m.content)") == [m["content"] for m in messages]
+
+    engine.token_delay = 5.0  # a regenerate stopped before its first word: the reply it was to replace stays
+    page.click("#regenerate")
+    wait_for(lambda: load(server)["running"] == 1)
+    page.click("#stop")
+    wait_for(lambda: load(server)["running"] == 0 and page.locator(".msg.assistant").count() == 1)
+    assert page.locator(".msg.assistant").inner_text().startswith("word0 word1 word2 word3")
+    assert page.evaluate("history.map((m) => m.content)") == [m["content"] for m in messages]
+    assert page.locator(".feedback").count() == 1  # the kept reply can still be rated
     context.close()
