@@ -344,3 +344,23 @@ def test_feedback_buttons_only_under_replies_the_server_kept(browser: Any, page_
     assert page.evaluate("history.map((m) => m.content)") == [m["content"] for m in messages]
     assert page.locator(".feedback").count() == 1  # the kept reply can still be rated
     context.close()
+
+
+def test_a_reply_cut_by_the_deadline_is_kept_and_rated_like_the_server_keeps_it(browser: Any, page_server: Any) -> None:
+    received, on_feedback = feedback_recorder()
+    server, _ = page_server(LONG_REPLY, delay=0.05, generation_timeout=0.6, on_feedback=on_feedback)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    send_message(page, "Count slowly")
+    reply = page.locator(".msg.assistant")
+    wait_for(lambda: "(failed)" in reply.inner_text(), timeout=10)
+    assert "generation deadline" in page.locator("#status.error").inner_text()
+    assert "not kept" not in reply.inner_text() and page.input_value("#input") == ""
+    messages = page.evaluate("fetch('/get_prompt').then((r) => r.json()).then((d) => d.messages)")
+    assert messages[-1]["role"] == "assistant" and messages[-1]["content"].startswith("word0 word1")
+    assert page.evaluate("history.map((m) => m.content)") == [m["content"] for m in messages]
+    feedback_buttons(page)[0].click()
+    wait_for_feedback(page, received, 1)
+    assert received[0][1]["rating"] == "up" and received[0][1]["reply"] == messages[-1]["content"]
+    context.close()
