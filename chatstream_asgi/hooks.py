@@ -61,6 +61,7 @@ class ChatHooks:
             if self.stops.get(session_id) is switch:
                 del self.stops[session_id]
             await switch.complete()
+            switch.over.set()
 
     def arm_stop(self, session_id: str) -> None:
         """The turn holds its slot now: from here on a stop ends it (a queued turn just leaves when its fetch does)."""
@@ -74,6 +75,18 @@ class ChatHooks:
         if switch is None:
             return False
         switch.stopped.set()
+        return True
+
+    async def wait_until_over(self, session_id: str, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until the session's turn has ended and its reply is saved; False if it hasn't."""
+        switch = self.stops.get(session_id)
+        if switch is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await switch.over.wait()
+        except TimeoutError:
+            return False
         return True
 
     def defaults_for(self, session_id: str | None, defaults: SamplingParams) -> SamplingParams:
@@ -136,6 +149,7 @@ class TurnStop:
 
     def __init__(self, receive: Receive, send: Send) -> None:
         self.stopped = asyncio.Event()
+        self.over = asyncio.Event()  # set once the turn has ended, its reply saved and its response completed
         self._receive, self._send = receive, send
         self.started = self.ended = False
         self.armed = False  # until then every call goes straight through (no extra loop turns while queued)

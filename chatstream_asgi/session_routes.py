@@ -36,6 +36,7 @@ OnFeedback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 ALIASES = {"top_k_value": "top_k", "top_p_value": "top_p"}  # ChatStream's names
 FEEDBACK_FIELDS = ("rating", "text", "message_id")  # what GET /get_feedback shows of each feedback
 MAX_FEEDBACK_CHARS = 4000
+STOP_WAIT = 5.0  # seconds /stop_generation waits for the stopped turn to end before it answers anyway
 ROUTE_NAMES = (
     "set_generation_params",
     "get_generation_params",
@@ -179,10 +180,12 @@ class SessionRoutes:
             logger.exception("the on_feedback callback failed (the feedback is kept)")
 
     async def stop_generation(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """End this session's running reply as if its client had left (the reply so far is kept)."""
+        """End this session's running reply as if its client had left (the reply so far is kept). Answers once the
+        turn is over, so a ``GET /get_prompt`` sent next has the reply as the server kept it."""
         session_id = self.session_id(scope)
         stopped = session_id is not None and self.chat.hooks.stop(session_id)
-        await send_json(send, 200, {"success": True, "stopped": stopped})
+        ended = await self.chat.hooks.wait_until_over(session_id, STOP_WAIT) if session_id and stopped else stopped
+        await send_json(send, 200, {"success": True, "stopped": stopped, "ended": ended})
 
     async def get_resource_usage(self, scope: Scope, receive: Receive, send: Send) -> None:
         usage = resource_usage(self.chat.engine.model_name)

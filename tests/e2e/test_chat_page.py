@@ -332,8 +332,10 @@ def test_feedback_buttons_only_under_replies_the_server_kept(browser: Any, page_
     page.screenshot(path=str(artifacts / "chat-feedback-kept.png"), full_page=True)
     messages = page.evaluate("fetch('/get_prompt').then((r) => r.json()).then((d) => d.messages)")
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == kept["reply"]
-    # the page's own history is the server's: the turns the server did not keep are not in it
+    # the page's own history is the server's: the turns the server did not keep are not in it, and the stopped
+    # reply has the words the server sent just before Stop too (the page asks for them once the turn is over)
     assert page.evaluate("history.map((m) => m.content)") == [m["content"] for m in messages]
+    assert page.locator(".msg.assistant").first.inner_text().startswith(kept["reply"].strip())
 
     engine.token_delay = 5.0  # a regenerate stopped before its first word: the reply it was to replace stays
     page.click("#regenerate")

@@ -274,12 +274,13 @@ async def test_stop_generation_ends_the_sessions_turn_and_frees_the_slot(make_ch
     other = await chat.request("POST", "/stop_generation")  # another client cannot stop it
     assert other.json()["stopped"] is False
     stopped = await chat.request("POST", "/stop_generation", cookie=cookie)
-    assert stopped.json() == {"success": True, "stopped": True}
-    send = await turn.finish()  # the client is still there: its response is completed, not left open
-    assert send.complete and chat.engine.cancelled == 1
-    assert chat.middleware.admission.running == 0
+    assert stopped.json() == {"success": True, "stopped": True, "ended": True}
+    # it answers once the turn is over: the slot is free and the reply saved before the next request
+    assert chat.middleware.admission.running == 0 and chat.engine.cancelled == 1
     history = await chat.history(cookie)
     assert history[-1]["role"] == "assistant" and history[-1]["content"].startswith("w0")
+    send = await turn.finish()  # the client is still there: its response is completed, not left open
+    assert send.complete and history[-1]["content"] == b"".join(send.body_chunks).decode()
 
 
 @pytest.mark.asyncio
