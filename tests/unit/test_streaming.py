@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -377,6 +377,15 @@ async def test_sse_done_event_is_valid_json_for_non_ascii_text() -> None:
     assert json.loads(raw.split("data: ", 1)[1].split("\n", 1)[0]) == {"text": "日本"}
 
 
+async def turns_apart(offset: int, one: Callable[[], object], other: Callable[[], object]) -> None:
+    """Call ``one`` and ``other`` ``abs(offset)`` loop turns apart: ``one`` first, or ``other`` if ``offset`` < 0."""
+    first, second = (one, other) if offset >= 0 else (other, one)
+    first()
+    for _ in range(abs(offset)):
+        await asyncio.sleep(0)
+    second()
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("offset", range(-4, 5))
 async def test_a_disconnect_landing_as_a_send_completes_still_ends_the_stream(offset: int) -> None:
@@ -406,13 +415,7 @@ async def test_a_disconnect_landing_as_a_send_completes_still_ends_the_stream(of
     options = StreamOptions(send_timeout=5.0)
     task = asyncio.create_task(stream_reply(send, receive, endless(), PlainTextEncoder(), options))
     await wait_until(lambda: bool(blocked))
-    actions = [gone.set, lambda: blocked[0].done() or blocked[0].set_result(None)]
-    if offset < 0:
-        actions.reverse()
-    actions[0]()
-    for _ in range(abs(offset)):
-        await asyncio.sleep(0)
-    actions[1]()
+    await turns_apart(offset, gone.set, lambda: blocked[0].done() or blocked[0].set_result(None))
     result = await with_hang_guard(task)
     assert result.outcome == "disconnected"
     assert len(messages) <= 4, f"{len(messages) - 3} more chunks were sent after the disconnect"
@@ -441,13 +444,7 @@ async def test_an_engine_ending_as_the_client_leaves_leaves_no_unretrieved_task_
         sent = RecordingSend()
         task = asyncio.create_task(stream_reply(sent, receive, ends_on_cue(), PlainTextEncoder(), StreamOptions()))
         await wait_until(lambda: len(sent.body_chunks) == 1)
-        actions = [gone.set, end.set]
-        if offset < 0:
-            actions.reverse()
-        actions[0]()
-        for _ in range(abs(offset)):
-            await asyncio.sleep(0)
-        actions[1]()
+        await turns_apart(offset, gone.set, end.set)
         await with_hang_guard(task)
         del task
         gc.collect()  # an unretrieved exception is reported when its task is collected
