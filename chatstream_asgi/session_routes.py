@@ -183,9 +183,11 @@ class SessionRoutes:
         """End this session's running reply as if its client had left (the reply so far is kept). Answers once the
         turn is over, so a ``GET /get_prompt`` sent next has the reply as the server kept it."""
         session_id = self.session_id(scope)
-        stopped = session_id is not None and self.chat.hooks.stop(session_id)
-        ended = await self.chat.hooks.wait_until_over(session_id, STOP_WAIT) if session_id and stopped else stopped
-        await send_json(send, 200, {"success": True, "stopped": stopped, "ended": ended})
+        if session_id is None or not self.chat.hooks.stop(session_id):
+            await send_json(send, 200, {"success": True, "stopped": False, "ended": False})
+            return
+        ended = await self.chat.hooks.wait_until_over(session_id, STOP_WAIT)
+        await send_json(send, 200, {"success": True, "stopped": True, "ended": ended})
 
     async def get_resource_usage(self, scope: Scope, receive: Receive, send: Send) -> None:
         usage = resource_usage(self.chat.engine.model_name)
