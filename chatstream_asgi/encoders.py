@@ -84,7 +84,12 @@ WIRES: tuple[Wire, ...] = ("delta", "chatstream-0.3")
 
 
 def choose_encoder(scope: Scope, ping_interval: float | None = 15.0, wire: Wire = "delta") -> StreamEncoder:
+    """SSE when the client accepts it; otherwise ``wire``, unless the request names one in ``X-ChatStream-Wire``
+    (the built-in page asks for ``delta``, so it also works where the server's default is ChatStream 0.3's)."""
     accept = (header(scope, b"accept") or "").lower()
     if "text/event-stream" in accept:
         return SSEEncoder(ping_interval)
+    requested = (header(scope, b"x-chatstream-wire") or "").strip().lower()
+    if requested in WIRES:
+        wire = requested
     return ChatStream03Encoder() if wire == "chatstream-0.3" else PlainTextEncoder()

@@ -366,3 +366,26 @@ def test_a_reply_cut_by_the_deadline_is_kept_and_rated_like_the_server_keeps_it(
     wait_for_feedback(page, received, 1)
     assert received[0][1]["rating"] == "up" and received[0][1]["reply"] == messages[-1]["content"]
     context.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_the_page_of_the_chatstream_facade_streams_deltas_though_its_wire_is_cumulative(
+    browser: Any, serve: Callable[..., UvicornThread]
+) -> None:
+    from fastapi import FastAPI
+
+    from chatstream_asgi.compat import MOCK_REPLY, ChatStream
+
+    chat_stream = ChatStream(use_mock_response=True, secret_key="k" * 32)  # wire="chatstream-0.3" by default
+    app = FastAPI()
+    chat_stream.append_apis(app, {"all": True})  # the page at "/" with ChatStream's routes
+    server = serve(app)
+    page = browser.new_context().new_page()
+    page.goto(server.url + "/")
+    send_message(page, "hello")
+    seen = watch_reply_grow(page)
+    assert len(seen) >= 3 and seen[-1] == MOCK_REPLY.strip()  # never "reply<::EOS::>reply more<::EOS::>..."
+    assert all(MOCK_REPLY.startswith(text) for text in seen)
+    # a ChatStream 0.3 client that names no wire still gets the cumulative format
+    old_client = httpx.post(f"{server.url}/chat_stream", json={"user_input": "hi"}, timeout=30)
+    assert old_client.text.endswith(MOCK_REPLY + "<::EOS::>")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
-from chatstream_asgi.encoders import PlainTextEncoder, SSEEncoder, choose_encoder
+from chatstream_asgi.encoders import ChatStream03Encoder, PlainTextEncoder, SSEEncoder, choose_encoder
 
 from .asgi_fakes import http_scope
 
@@ -46,3 +48,24 @@ def test_choose_encoder_picks_sse_only_when_accept_asks_for_it(accept: bytes | N
     assert type(encoder) is expected
     if expected is SSEEncoder:
         assert encoder.ping_interval == 2.5
+
+
+@pytest.mark.parametrize(
+    ("requested", "default", "expected"),
+    [
+        (None, "chatstream-0.3", ChatStream03Encoder),
+        (b"delta", "chatstream-0.3", PlainTextEncoder),
+        (b" Delta ", "chatstream-0.3", PlainTextEncoder),
+        (b"chatstream-0.3", "delta", ChatStream03Encoder),
+        (b"no-such-wire", "delta", PlainTextEncoder),  # an unknown name keeps the server's default
+        (b"no-such-wire", "chatstream-0.3", ChatStream03Encoder),
+    ],
+)
+def test_a_request_may_name_its_wire_format(requested: bytes | None, default: Any, expected: type) -> None:
+    headers = [] if requested is None else [(b"x-chatstream-wire", requested)]
+    assert type(choose_encoder(http_scope("POST", headers=headers), wire=default)) is expected
+
+
+def test_sse_wins_over_a_named_wire() -> None:
+    headers = [(b"accept", b"text/event-stream"), (b"x-chatstream-wire", b"chatstream-0.3")]
+    assert type(choose_encoder(http_scope("POST", headers=headers))) is SSEEncoder
