@@ -9,9 +9,10 @@ import secrets
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from .engines.base import Engine
+from .engines.base import Engine, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
 from .errors import ChatStreamError
@@ -19,6 +20,11 @@ from .middleware import ChatStreamMiddleware
 
 logger = logging.getLogger("chatstream_asgi.cli")
 SECRET_ENV = "CHATSTREAM_SECRET_KEY"
+# Greedy for the embedded 135M model (Q4_1): for "What is the capital of France?" it puts "The" and "L" nearly even on
+# the first token (p 0.15 vs 0.14), so any sampling (even its card's temperature 0.2) often wanders off into French
+# ("L'Étoile, la Cité, ..."); greedy answers "The capital of France is Paris.". The penalty keeps long answers from
+# looping.
+EMBEDDED_PARAMS = SamplingParams(temperature=0.0, repetition_penalty=1.1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch device, e.g. cuda:0 (default: cuda if present); a list (cuda:0,cuda:1) serves one model per device",
     )
     serve.add_argument("--system-prompt", default=None)
+    serve.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default sampling temperature (0: greedy; default: greedy for the embedded SmolLM2, else 0.7)",
+    )
     serve.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
     serve.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
     serve.add_argument("--drain-timeout", type=float, default=25.0, help="seconds replies may finish on shutdown")
@@ -83,6 +95,13 @@ def load_model(args: argparse.Namespace, device: str | None) -> Engine:
     return TransformersEngine.from_pretrained(str(path.parent), gguf_file=path.name, **options)
 
 
+def default_params(args: argparse.Namespace) -> SamplingParams:
+    """The server's sampling defaults: what suits the embedded model, with ``--temperature`` on top."""
+    embedded = not (args.mock or args.model or args.gguf)
+    params = EMBEDDED_PARAMS if embedded else SamplingParams()
+    return params if args.temperature is None else replace(params, temperature=args.temperature)
+
+
 def secret_key(args: argparse.Namespace) -> str:
     if args.secret_key:
         return str(args.secret_key)
@@ -103,6 +122,7 @@ def serve(args: argparse.Namespace) -> None:
         max_concurrency=args.max_concurrency * len(getattr(engine, "engines", [engine])),  # per device
         max_queue=args.max_queue,
         system_prompt=args.system_prompt,
+        default_params=default_params(args),
         ui_path=args.ui_path,
         drain_timeout=args.drain_timeout,
         drain_on_signals=args.drain_on_signals,

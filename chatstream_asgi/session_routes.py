@@ -36,6 +36,8 @@ OnFeedback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 ALIASES = {"top_k_value": "top_k", "top_p_value": "top_p"}  # ChatStream's names
 FEEDBACK_FIELDS = ("rating", "text", "message_id")  # what GET /get_feedback shows of each feedback
 MAX_FEEDBACK_CHARS = 4000
+# the page loads nothing from elsewhere: its script and style are inline, its icon a data: URL
+PAGE_CSP = b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
 STOP_WAIT = 5.0  # seconds /stop_generation waits for the stopped turn to end before it answers anyway
 ROUTE_NAMES = (
     "set_generation_params",
@@ -203,7 +205,7 @@ class SessionRoutes:
             (b"content-length", str(len(body)).encode()),
             (b"cache-control", b"no-store"),
             (b"x-content-type-options", b"nosniff"),
-            (b"content-security-policy", b"default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'"),
+            (b"content-security-policy", PAGE_CSP),
         ]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})

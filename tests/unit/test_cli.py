@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from chatstream_asgi import EngineReplicas, MockEngine
-from chatstream_asgi.cli import build_parser, load_engine
+from chatstream_asgi import EngineReplicas, MockEngine, SamplingParams
+from chatstream_asgi.cli import build_parser, default_params, load_engine
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -38,3 +38,17 @@ def test_an_empty_entry_in_the_device_list_is_refused(tiny_model_dir: Path, devi
 def test_the_mock_takes_the_concurrency_as_its_batch_size() -> None:
     engine = load_engine(serve_args("--mock", "--max-concurrency", "5", "--mock-token-delay", "0"))
     assert isinstance(engine, MockEngine) and engine.max_batch_size == 5 and engine.token_delay == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "temperature", "penalty"),
+    [
+        ([], 0.0, 1.1),  # the embedded SmolLM2: greedy (see EMBEDDED_PARAMS), no loops
+        (["--temperature", "0.5"], 0.5, 1.1),
+        (["--mock"], SamplingParams().temperature, 1.0),
+        (["--model", "some/dir", "--temperature", "0"], 0.0, 1.0),
+    ],
+)
+def test_sampling_defaults_suit_the_served_model(argv: list[str], temperature: float, penalty: float) -> None:
+    params = default_params(serve_args(*argv))
+    assert (params.temperature, params.repetition_penalty) == (temperature, penalty)
