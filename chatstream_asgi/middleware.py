@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from ._asgi import route_path, send_error
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import ASGIApp, Receive, Scope, Send
 from .admission import Admission, Rejected
 from .encoders import Wire
 from .engines.base import Engine, SamplingParams
@@ -15,6 +15,7 @@ from .errors import ClientDisconnected, HTTPError
 from .health import OperationsRoutes, drain
 from .history import HistoryStore, MemoryHistoryStore
 from .hooks import ChatHooks, Interceptor, OnFinish
+from .lifespan import Lifespan
 from .metrics import ChatMetrics, Observer, metrics_available
 from .openai_api import OpenAIRoutes, openai_route_table, send_openai_error
 from .routes import DEFAULT_PATHS, ChatRoutes, ChatSettings, check_positive
@@ -159,6 +160,7 @@ class ChatStreamMiddleware:
         self.routes = ChatRoutes(engine, self.admission, sessions, store, settings, hooks)
         self.drain_timeout = drain_timeout
         self.signals = DrainOnSignals(self.drain, enabled=drain_on_signals)
+        self.lifespan = Lifespan(self.startup, self.shutdown)
         chat_paths = {**DEFAULT_PATHS, "chat_stream": path, **(paths or {})}
         self.table = self.routes.table(chat_paths)
         openai_limits = {"max_body_bytes": openai_max_body_bytes, "max_messages": openai_max_messages}
@@ -186,7 +188,7 @@ class ChatStreamMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, self.lifespan_receive(receive), send)
+            await self.lifespan(self.app, scope, receive, send)
             return
         route = self.table.get(route_path(scope)) if scope["type"] == "http" else None
         if route is None:
@@ -211,19 +213,9 @@ class ChatStreamMiddleware:
         except ClientDisconnected:
             return
 
-    def lifespan_receive(self, receive: Receive) -> Receive:
-        """Start the engine before the app sees startup; drain and close it before the app sees shutdown."""
-
-        async def wrapped() -> Message:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await self.engine.start()
-                self.signals.install()
-            elif message["type"] == "lifespan.shutdown":
-                await self.shutdown()
-            return message
-
-        return wrapped
+    async def startup(self) -> None:
+        await self.engine.start()
+        self.signals.install()
 
     async def shutdown(self) -> None:
         self.signals.uninstall()

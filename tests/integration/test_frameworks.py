@@ -1,4 +1,4 @@
-"""The middleware around real FastAPI, Starlette, Litestar and Quart apps, on a real uvicorn.
+"""The middleware around real Django, FastAPI, Starlette, Litestar and Quart apps, on a real uvicorn.
 
 Each app has a JSON route, a path-parameter route and a POST route, and a lifespan hook. The same app
 is served bare and wrapped, and every answer must be identical apart from the ``date`` header; the
@@ -134,7 +134,14 @@ def quart_app() -> Any:
     return app
 
 
+def django_app() -> Any:
+    from .django_site import django_asgi_app
+
+    return django_asgi_app()
+
+
 FRAMEWORKS: dict[str, tuple[str, AppFactory]] = {
+    "django": ("django", django_app),
     "fastapi": ("fastapi", fastapi_app),
     "starlette": ("starlette", starlette_app),
     "litestar": ("litestar", litestar_app),
@@ -173,7 +180,7 @@ async def answers(url: str) -> list[tuple[int, dict[str, str], bytes]]:
 async def test_wrapped_app_routes_answer_exactly_as_the_bare_app(
     serve: Serve, app_factory: AppFactory, root_path: str
 ) -> None:
-    bare = serve(app_factory(), root_path=root_path)
+    bare = serve(app_factory(), root_path=root_path, lifespan="auto")  # Django speaks no lifespan of its own
     wrapped = serve(chat_app(app_factory(), RecordingEngine()), root_path=root_path)
     expected, got = await answers(bare.url), await answers(wrapped.url)
     assert got == expected
