@@ -10,7 +10,9 @@ signals (``signal.signal``, no patching of the server):
   and shuts down as usual, finding the streams already ended. While the signal is held the server still
   listens: ``/readyz`` answers 503 and new chats 503 + ``Retry-After``, where a closed socket would refuse
   them; a load balancer sees the replica go unready instead of failing connections.
-- A later signal passes the held one on, then itself: a second Ctrl+C still force-quits uvicorn.
+- A second SIGINT passes the held one on, then itself: a second Ctrl+C still force-quits uvicorn. A second
+  SIGTERM while the drain runs is the same request again (a process-group kill reaches a gunicorn worker twice)
+  and changes nothing, as in uvicorn.
 - Only in the main thread (Python runs handlers nowhere else, so a server in a test's thread is left alone),
   only over a Python handler (under ``SIG_DFL`` or ``SIG_IGN`` no server is waiting to shut down gracefully),
   and the previous handlers come back at lifespan shutdown.
@@ -80,6 +82,11 @@ class DrainOnSignals:
         if self.installed and not self.fired and loop is not None and loop.is_running():
             self.fired, self.held = True, sig
             loop.call_soon_threadsafe(self.start_drain, signal.Signals(sig).name)
+            return
+        if sig == signal.SIGTERM and self.held is not None:
+            # the same request again, not an escalation: systemd and `timeout` signal the whole process group, so a
+            # gunicorn worker gets its SIGTERM twice (the master forwards one); uvicorn too only lets a second
+            # SIGINT cut the shutdown short
             return
         self.release()
         self.pass_on(sig, frame)

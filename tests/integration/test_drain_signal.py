@@ -1,14 +1,16 @@
 """SIGTERM to a real server process in the middle of a reply: the drain starts at once, not after the stream.
 
 Each test starts ``python -m chatstream_asgi serve --mock`` (or a three-line ``uvicorn.run`` script, what
-``uvicorn app:app`` does) on 127.0.0.1 with a free port, opens an SSE chat whose mock reply lasts ~2.4 s, and
-sends SIGTERM after its first token.
+``uvicorn app:app`` does, or gunicorn with a ``UvicornWorker``) on 127.0.0.1 with a free port, opens an SSE
+chat whose mock reply lasts ~2.4 s, and sends SIGTERM after its first token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
+import os
 import signal
 import socket
 import subprocess
@@ -30,12 +32,14 @@ MOCK_REPLY = "Hello! This is a mock reply from chatstream_asgi."
 PROBE_AFTER = 0.4  # seconds after SIGTERM: uvicorn on its own has closed its socket by then (it checks every 0.1 s)
 MARGIN = 1.0  # for a loaded machine
 START_TIMEOUT = 15.0
-UVICORN_SCRIPT = f"""
-import sys, uvicorn
+APP_MODULE = f"""
 from chatstream_asgi import ChatStreamMiddleware, MockEngine
 from chatstream_asgi.demo import demo_app
 engine = MockEngine(token_delay={TOKEN_DELAY})
 app = ChatStreamMiddleware(demo_app(), engine=engine, secret_key={SECRET_KEY!r}, drain_timeout={GRACE})
+"""
+UVICORN_SCRIPT = APP_MODULE + """
+import sys, uvicorn
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]))
 """
 
@@ -52,10 +56,23 @@ def cli_command(port: int, *options: str) -> list[str]:
     return [sys.executable, "-m", "chatstream_asgi", *serve]
 
 
+def launch(launcher: str, port: int, folder: Path) -> list[str]:
+    """The command line of ``launcher``: our CLI, a ``uvicorn.run`` script, or gunicorn with one uvicorn worker."""
+    if launcher == "cli":
+        return cli_command(port)
+    if launcher == "uvicorn.run":
+        return [sys.executable, "-c", UVICORN_SCRIPT, str(port)]
+    (folder / "drain_app.py").write_text(APP_MODULE)
+    worker = ["-k", "uvicorn.workers.UvicornWorker", "-w", "1", "--graceful-timeout", "20"]
+    where = ["-b", f"127.0.0.1:{port}", "--chdir", str(folder)]
+    return [sys.executable, "-m", "gunicorn", *worker, *where, "drain_app:app"]
+
+
 @contextlib.contextmanager
 def server_process(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        # its own process group, so that a test may signal the whole group (as systemd does) and not itself
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield process
     finally:
@@ -94,19 +111,27 @@ async def wait_for_exit(process: subprocess.Popen[bytes], timeout: float) -> int
     return process.poll()
 
 
+GUNICORN = pytest.mark.skipif(importlib.util.find_spec("gunicorn") is None, reason="gunicorn is not installed")
+
+
 @pytest.mark.parametrize(
-    ("launcher", "exit_code"),
+    ("launcher", "whole_group", "exit_code"),
     [
-        ("cli", 0),
+        pytest.param("cli", False, 0, id="cli"),
         # uvicorn re-raises the SIGTERM it handled once it has shut down, and SIG_DFL ends the process with it
-        ("uvicorn.run", -signal.SIGTERM),
+        pytest.param("uvicorn.run", False, -signal.SIGTERM, id="uvicorn.run"),
+        # the master forwards SIGTERM to its worker, which runs uvicorn's Server in its main thread
+        pytest.param("gunicorn", False, 0, id="gunicorn", marks=GUNICORN),
+        # systemd (KillMode=control-group) signals every process: the worker gets the master's copy as well
+        pytest.param("gunicorn", True, 0, id="gunicorn-process-group", marks=GUNICORN),
     ],
 )
-async def test_sigterm_mid_stream_drains_at_once_then_exits(launcher: str, exit_code: int, tmp_path: Path) -> None:
+async def test_sigterm_mid_stream_drains_at_once_then_exits(
+    launcher: str, whole_group: bool, exit_code: int, tmp_path: Path
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    command = cli_command(port) if launcher == "cli" else [sys.executable, "-c", UVICORN_SCRIPT, str(port)]
-    with server_process(command, tmp_path / "server.log") as process:
+    with server_process(launch(launcher, port, tmp_path), tmp_path / "server.log") as process:
         await wait_until_up(process, url, tmp_path / "server.log")
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
             async with client.stream(**chat_request("hi", sse=True)) as response:
@@ -114,7 +139,10 @@ async def test_sigterm_mid_stream_drains_at_once_then_exits(launcher: str, exit_
                 events = events_of(response)
                 first = await anext(events)
                 assert first[0] == "delta"
-                process.send_signal(signal.SIGTERM)
+                if whole_group:
+                    os.killpg(process.pid, signal.SIGTERM)
+                else:
+                    process.send_signal(signal.SIGTERM)
                 signalled = time.monotonic()
                 await asyncio.sleep(PROBE_AFTER)
                 async with httpx.AsyncClient(base_url=url, timeout=5) as newcomer:  # a new connection

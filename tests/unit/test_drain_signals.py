@@ -112,6 +112,24 @@ async def test_a_second_signal_passes_the_held_one_on_then_itself(server_handler
 
 
 @pytest.mark.asyncio
+async def test_a_second_sigterm_during_the_drain_is_the_same_request(server_handler: ServerHandler) -> None:
+    app = build(drain_timeout=0.3)
+    lifespan = Lifespan(app)
+    await lifespan.startup()
+    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
+    await wait_until(lambda: app.admission.running == 1)
+    signal.raise_signal(signal.SIGTERM)
+    await wait_until(lambda: app.admission.draining)
+    signal.raise_signal(signal.SIGTERM)  # a process-group kill: the worker's copy and the master's forwarded one
+    assert server_handler.received == []  # still held: the stream keeps its grace
+    events = (await running).sse_events()
+    assert events[-1][0] == "error" and events[-1][1]["error"]["type"] == "draining"
+    await wait_until(lambda: server_handler.received == [signal.SIGTERM])  # once, after the drain
+    await lifespan.shutdown()
+    assert server_handler.received == [signal.SIGTERM]
+
+
+@pytest.mark.asyncio
 async def test_drain_on_signals_false_leaves_the_handlers_alone(server_handler: ServerHandler) -> None:
     app = build(drain_on_signals=False)
     lifespan = Lifespan(app)
