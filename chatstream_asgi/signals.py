@@ -17,8 +17,10 @@ signals (``signal.signal``, no patching of the server):
   only over a Python handler (under ``SIG_DFL`` or ``SIG_IGN`` no server is waiting to shut down gracefully),
   and the previous handlers come back at lifespan shutdown.
 
-A server that listens through ``loop.add_signal_handler`` (hypercorn) is told by asyncio at once whatever
-Python handler is set; the drain still starts at once, beside that server's own shutdown.
+Hypercorn is not covered: it takes the signal in its parent process and shuts its worker down through an event
+(the worker's handlers never run), closes its socket at once and cancels what is still open after its
+``--graceful-timeout`` (3 s by default), before the lifespan shutdown drains. Behind hypercorn, call
+``drain()`` from a pre-stop hook, or keep ``drain_timeout`` below its graceful timeout.
 """
 
 from __future__ import annotations
