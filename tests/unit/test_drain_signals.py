@@ -75,16 +75,23 @@ def build(reply: str = LONG_REPLY, **options: Any) -> ChatStreamMiddleware:
     return build_middleware(MockEngine(reply, token_delay=0.01), **options)
 
 
+async def streaming_then_signalled(app: ChatStreamMiddleware, sig: int) -> tuple[Lifespan, asyncio.Future[Any]]:
+    """Start ``app``'s lifespan (our handlers chain onto the server's), open an SSE chat, raise ``sig`` while it
+    streams, and return once the drain has begun, with the chat still running."""
+    lifespan = Lifespan(app)
+    await lifespan.startup()
+    assert signal.getsignal(sig) == app.signals.handle
+    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
+    await wait_until(lambda: app.admission.running == 1)
+    signal.raise_signal(sig)
+    await wait_until(lambda: app.admission.draining)
+    return lifespan, running
+
+
 @pytest.mark.asyncio
 async def test_sigterm_drains_at_once_and_reaches_the_server_only_after_it(server_handler: ServerHandler) -> None:
     app = build(drain_timeout=0.2)
-    lifespan = Lifespan(app)
-    await lifespan.startup()
-    assert signal.getsignal(signal.SIGTERM) == app.signals.handle
-    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
-    await wait_until(lambda: app.admission.running == 1)
-    signal.raise_signal(signal.SIGTERM)
-    await wait_until(lambda: app.admission.draining)
+    lifespan, running = await streaming_then_signalled(app, signal.SIGTERM)
     assert server_handler.received == []  # held while the stream has its grace
     refused = await chat(app)
     assert refused.status == 503 and refused.json()["error"]["type"] == "draining"
@@ -98,12 +105,7 @@ async def test_sigterm_drains_at_once_and_reaches_the_server_only_after_it(serve
 @pytest.mark.asyncio
 async def test_a_second_signal_passes_the_held_one_on_then_itself(server_handler: ServerHandler) -> None:
     app = build(" ".join(["word"] * 30), drain_timeout=5.0)
-    lifespan = Lifespan(app)
-    await lifespan.startup()
-    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
-    await wait_until(lambda: app.admission.running == 1)
-    signal.raise_signal(signal.SIGINT)
-    await wait_until(lambda: app.admission.draining)
+    lifespan, running = await streaming_then_signalled(app, signal.SIGINT)
     signal.raise_signal(signal.SIGINT)  # impatient: a second Ctrl+C must reach the server (uvicorn force-quits)
     assert server_handler.received == [signal.SIGINT, signal.SIGINT]
     assert (await running).sse_events()[-1][0] == "done"  # the drain goes on: the reply finished in its grace
@@ -114,12 +116,7 @@ async def test_a_second_signal_passes_the_held_one_on_then_itself(server_handler
 @pytest.mark.asyncio
 async def test_a_second_sigterm_during_the_drain_is_the_same_request(server_handler: ServerHandler) -> None:
     app = build(drain_timeout=0.3)
-    lifespan = Lifespan(app)
-    await lifespan.startup()
-    running = asyncio.ensure_future(chat(app, headers=SSE_HEADERS))
-    await wait_until(lambda: app.admission.running == 1)
-    signal.raise_signal(signal.SIGTERM)
-    await wait_until(lambda: app.admission.draining)
+    lifespan, running = await streaming_then_signalled(app, signal.SIGTERM)
     signal.raise_signal(signal.SIGTERM)  # a process-group kill: the worker's copy and the master's forwarded one
     assert server_handler.received == []  # still held: the stream keeps its grace
     events = (await running).sse_events()
