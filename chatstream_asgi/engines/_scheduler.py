@@ -4,8 +4,9 @@ Each step: drop finished and cancelled sequences, run ONE decode forward over ev
 sequence, then at most one prefill forward (a left-padded group of waiting prompts bounded by
 ``prefill_chunk_tokens``, or the next chunk of a prompt longer than that). Prefilled sequences
 emit their first token at once and join the running batch for the next step; nobody waits for a
-batch to drain. A failure in a forward pass fails only the sequences of that forward (their cache
-may be half-updated) and the worker keeps serving.
+batch to drain. What a step emitted is handed over once, at its end (``_delivery``). A failure in a
+forward pass fails only the sequences of that forward (their cache may be half-updated) and the
+worker keeps serving.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import DynamicCache
 
 from ..errors import EngineError, EngineNotReady
 from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk
+from ._delivery import Channel
 from ._sampling import choose_tokens
 from ._sequence import Sequence
 
@@ -75,6 +77,7 @@ class Scheduler:
         self._pad_id = pad_id
         self._intake: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
         self._pending: deque[Sequence] = deque()
+        self._channels: dict[Channel, None] = {}  # every channel that may hold events (an ordered set)
         self._partial: _Partial | None = None
         self._batch: KVBatch | None = None
         self._steps = 0
@@ -125,8 +128,16 @@ class Scheduler:
                         self._step()
                     except Exception as exc:  # a bug outside a forward: lose the batch, not the worker
                         self._recover(exc)
+                    self._flush()
         finally:
             self._shutdown()
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's events over: one call per channel (event loop or connection), not one per token."""
+        for channel in list(self._channels):
+            if not channel.flush():
+                del self._channels[channel]
 
     def _take_new(self, *, block: bool) -> None:
         try:
@@ -134,6 +145,7 @@ class Scheduler:
             while True:
                 if item is not None:
                     self._pending.append(item)
+                    self._channels[item.channel] = None
                 item = self._intake.get_nowait()
         except queue.Empty:
             pass

@@ -1,22 +1,20 @@
 """One request's life inside the engine: its prompt, sampler, reply text and event sink.
 
 The worker thread owns every field but ``cancelled``, which the event loop sets when the consumer
-goes away; the worker reads it once per step. Events leave through ``sink``, which hands them to
-the event loop thread-safely.
+goes away; the worker reads it once per step. Events leave through the sequence's ``Channel``
+(``_delivery``), which the scheduler flushes once per step.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from typing import Any
 
+from ._delivery import Channel, Event
 from ._sampling import RowSampler
 from .base import FinishReason, GenerationChunk, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
-
-Event = GenerationChunk | BaseException
-Sink = Callable[[Event], None]
 
 
 class Sequence:
@@ -26,7 +24,8 @@ class Sequence:
         self,
         prompt_ids: Seq[int],
         params: SamplingParams,
-        sink: Sink,
+        channel: Channel,
+        key: Any,
         *,
         decoder: DecoderSpec,
         eos_ids: frozenset[int],
@@ -36,9 +35,11 @@ class Sequence:
         self.sampler = RowSampler(params, self.prompt_ids)
         self.completion_tokens = 0
         self.done = False
+        self._sent_text = False
         self._text = ReplyText(decoder, params.stop)
         self._eos = frozenset() if params.ignore_eos else eos_ids
-        self._sink = sink
+        self.channel = channel
+        self.key = key  # who the channel delivers to: a ReplyBuffer, or a request id across a process boundary
         self._cancelled = threading.Event()
 
     @property
@@ -66,7 +67,8 @@ class Sequence:
             text += self._text.finish()
             return self._finish("stop" if self._text.stopped else "length", text)
         if text:
-            self._emit(GenerationChunk(text))
+            self._emit(text, urgent=not self._sent_text)
+            self._sent_text = True
         return False
 
     def fail(self, error: BaseException) -> None:
@@ -80,9 +82,6 @@ class Sequence:
         self._emit(GenerationChunk(text, reason, len(self.prompt_ids), self.completion_tokens))
         return True
 
-    def _emit(self, event: Event) -> None:
-        try:
-            self._sink(event)
-        except RuntimeError:
-            # The consumer's event loop is closed: nobody is listening any more.
-            self._cancelled.set()
+    def _emit(self, event: Event, urgent: bool = True) -> None:
+        if not self.channel.post(self.key, event, urgent):
+            self._cancelled.set()  # nobody listens any more (the consumer's loop or connection is gone)

@@ -1,9 +1,9 @@
 """``TransformersEngine``: a transformers causal LM served with continuous batching.
 
 The model lives on one worker thread (``_scheduler.Scheduler``); the event loop only renders
-prompts (in a thread), submits sequences and awaits their events, which the worker delivers
-through ``loop.call_soon_threadsafe``. Closing a stream marks its sequence cancelled and the worker
-drops it at its next step.
+prompts (in a thread), submits sequences and awaits their events, which the worker delivers once
+per step for all the streams of a loop (``_delivery``). Closing a stream marks its sequence
+cancelled and the worker drops it at its next step.
 """
 
 from __future__ import annotations
@@ -19,15 +19,27 @@ import torch
 from ..errors import ConfigurationError, EngineNotReady
 from ..prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
 from ._batch import ModelRunner
+from ._delivery import LoopChannel, ReplyBuffer
 from ._sampling import check_params
 from ._scheduler import Scheduler, SchedulerStats
-from ._sequence import Event, Sequence
+from ._sequence import Sequence
 from .base import ChatMessage, GenerationChunk, SamplingParams
 from .detokenizer import DecoderSpec
 
 ENGINE_KWARGS = frozenset(
-    {"device", "dtype", "max_batch_size", "context_len", "prefill_chunk_tokens", "model_name", "system_prompt"}
+    {
+        "device",
+        "dtype",
+        "max_batch_size",
+        "context_len",
+        "prefill_chunk_tokens",
+        "model_name",
+        "system_prompt",
+        "stream_interval",
+    }
 )
+#: seconds a stream's text may wait to be sent with the next (see ``_delivery``): 50 writes a second at most.
+STREAM_INTERVAL = 0.02
 
 
 def _positive(name: str, value: int) -> int:
@@ -86,6 +98,9 @@ class TransformersEngine:
             in chunks between decode steps so running streams keep flowing.
         model_name: the name served to clients; default the basename of ``model.config.name_or_path``.
         system_prompt: prepended to conversations that carry no system message.
+        stream_interval: seconds a stream's text may be held back to go out with the next tokens, so a model
+            faster than anyone reads costs one write per interval, not one per token; a reply's first text and
+            its end are never held. 0 hands every step's tokens over at once.
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class TransformersEngine:
         prefill_chunk_tokens: int = 512,
         model_name: str | None = None,
         system_prompt: str | None = None,
+        stream_interval: float = STREAM_INTERVAL,
     ) -> None:
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.prefill_chunk_tokens = _positive("prefill_chunk_tokens", prefill_chunk_tokens)
@@ -113,6 +129,9 @@ class TransformersEngine:
         self.tokenizer = tokenizer
         self.model_name = model_name or _default_name(model)
         self.system_prompt = system_prompt
+        if not isinstance(stream_interval, (int, float)) or not 0 <= stream_interval <= 1:
+            raise ConfigurationError(f"stream_interval must be seconds in [0, 1], got {stream_interval!r}")
+        self.stream_interval = float(stream_interval)
         self._runner = ModelRunner(self.model)
         self._decoder = DecoderSpec(tokenizer)
         self._eos_ids = eos_token_ids(tokenizer, self.model)
@@ -120,6 +139,7 @@ class TransformersEngine:
         self._pad_id = int(pad if pad is not None else next(iter(self._eos_ids), 0))
         self._scheduler: Scheduler | None = None
         self._closed = False
+        self._channel: LoopChannel | None = None
 
     @classmethod
     def from_pretrained(
@@ -197,24 +217,27 @@ class TransformersEngine:
         check_params(params)
         scheduler = await self._running_scheduler()
         prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:  # called on the worker thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        seq = Sequence(prompt.token_ids, params, sink, decoder=self._decoder, eos_ids=self._eos_ids)
+        replies = ReplyBuffer()
+        channel = self._loop_channel()
+        seq = Sequence(prompt.token_ids, params, channel, replies, decoder=self._decoder, eos_ids=self._eos_ids)
         scheduler.submit(seq)
         try:
             while True:
-                event = await events.get()
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-                if event.finish_reason is not None:
+                chunk = await replies.take()
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
         finally:
             seq.cancel()
+
+    def _loop_channel(self) -> LoopChannel:
+        """The channel of the running loop: every stream of one loop shares one hand-over per step."""
+        loop = asyncio.get_running_loop()
+        channel = self._channel
+        if channel is None or channel.loop is not loop or channel.closed:
+            # one engine used from another loop (tests do) gets that loop's own channel; old streams keep theirs
+            channel = self._channel = LoopChannel(loop, self.stream_interval)
+        return channel
 
     async def _running_scheduler(self) -> Scheduler:
         if self._scheduler is None:
