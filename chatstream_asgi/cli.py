@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch device, e.g. cuda:0 (default: cuda if present); a list (cuda:0,cuda:1) serves one model per device",
     )
+    serve.add_argument(
+        "--engine-process",
+        action="store_true",
+        help="run the model in its own process (one per device): the web server never shares a GIL with it",
+    )
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument(
         "--temperature",
@@ -81,18 +86,21 @@ def devices_of(args: argparse.Namespace) -> list[str | None]:
 
 
 def load_model(args: argparse.Namespace, device: str | None) -> Engine:
-    from .engines.transformers import TransformersEngine
+    if args.engine_process:
+        from .engines.process import ProcessEngine as engine_class
+    else:
+        from .engines.transformers import TransformersEngine as engine_class  # type: ignore[assignment]
 
     options: dict[str, Any] = {"device": device, "max_batch_size": args.max_concurrency}
     if args.model:
-        return TransformersEngine.from_pretrained(args.model, **options)
+        return engine_class.from_pretrained(args.model, **options)
     if args.gguf:
         gguf = os.path.abspath(args.gguf)
-        return TransformersEngine.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), **options)
+        return engine_class.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf), **options)
     from .embedded import smollm2_gguf
 
     path = smollm2_gguf()
-    return TransformersEngine.from_pretrained(str(path.parent), gguf_file=path.name, **options)
+    return engine_class.from_pretrained(str(path.parent), gguf_file=path.name, **options)
 
 
 def default_params(args: argparse.Namespace) -> SamplingParams:

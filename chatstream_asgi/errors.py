@@ -19,6 +19,17 @@ class EngineNotReady(EngineError):
     """The engine was used before ``start()`` or after ``close()``."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot take work right now (its process is restarting); answered 503 with ``Retry-After``."""
+
+    status = 503
+    error_type = "engine_unavailable"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after))}
+
+
 class HistoryStoreError(ChatStreamError):
     """The history store could not be reached or answered garbage."""
 

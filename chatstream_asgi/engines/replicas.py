@@ -40,13 +40,19 @@ class EngineReplicas:
         self._next = 0
 
     @classmethod
-    def from_pretrained(cls, path_or_dir: str | Path, *, devices: Sequence[str], **kwargs: Any) -> EngineReplicas:
-        """One ``TransformersEngine.from_pretrained(path_or_dir, device=d, **kwargs)`` per device in ``devices``."""
+    def from_pretrained(
+        cls, path_or_dir: str | Path, *, devices: Sequence[str], process: bool = False, **kwargs: Any
+    ) -> EngineReplicas:
+        """One ``TransformersEngine.from_pretrained(path_or_dir, device=d, **kwargs)`` per device in ``devices``;
+        with ``process=True`` each in its own engine process (``ProcessEngine``)."""
         if isinstance(devices, str) or not devices:
             raise ConfigurationError(f"devices must be a list such as ['cuda:0', 'cuda:1'], got {devices!r}")
-        from .transformers import TransformersEngine
+        if process:
+            from .process import ProcessEngine as engine_class
+        else:
+            from .transformers import TransformersEngine as engine_class  # type: ignore[assignment]
 
-        return cls([TransformersEngine.from_pretrained(path_or_dir, device=device, **kwargs) for device in devices])
+        return cls([engine_class.from_pretrained(path_or_dir, device=device, **kwargs) for device in devices])
 
     @property
     def ready(self) -> bool:

@@ -19,7 +19,7 @@ import torch
 from ..errors import ConfigurationError, EngineNotReady
 from ..prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
 from ._batch import ModelRunner
-from ._delivery import LoopChannel, ReplyBuffer
+from ._delivery import Channel, LoopChannel, ReplyBuffer
 from ._sampling import check_params
 from ._scheduler import Scheduler, SchedulerStats
 from ._sequence import Sequence
@@ -181,6 +181,10 @@ class TransformersEngine:
     async def start(self) -> None:
         if self._scheduler is not None:
             return
+        self._scheduler, self._closed = self.start_scheduler(), False
+
+    def start_scheduler(self) -> Scheduler:
+        """A new worker thread over this model (the engine process drives one without an event loop)."""
         scheduler = Scheduler(
             self._runner,
             max_batch_size=self.max_batch_size,
@@ -188,7 +192,12 @@ class TransformersEngine:
             pad_id=self._pad_id,
         )
         scheduler.start()
-        self._scheduler, self._closed = scheduler, False
+        return scheduler
+
+    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, channel: Channel, key: Any) -> Sequence:
+        """A request for the worker: its events go to ``channel`` for ``key``."""
+        check_params(params)
+        return Sequence(prompt_ids, params, channel, key, decoder=self._decoder, eos_ids=self._eos_ids)
 
     async def close(self) -> None:
         scheduler, self._scheduler = self._scheduler, None
@@ -218,8 +227,7 @@ class TransformersEngine:
         scheduler = await self._running_scheduler()
         prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
         replies = ReplyBuffer()
-        channel = self._loop_channel()
-        seq = Sequence(prompt.token_ids, params, channel, replies, decoder=self._decoder, eos_ids=self._eos_ids)
+        seq = self.new_sequence(prompt.token_ids, params, self._loop_channel(), replies)
         scheduler.submit(seq)
         try:
             while True:

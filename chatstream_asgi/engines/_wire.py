@@ -1,0 +1,81 @@
+"""What crosses the boundary between web processes and an engine process: framed, pickled batches.
+
+A frame is a 4-byte big-endian length and a pickle. Pickle (protocol 5) of plain tuples is the
+cheapest serialisation the standard library has for what goes through here (a step's batch of
+``(request id, event)`` pairs, a few microseconds per stream), and the peer is trusted by
+construction: the socket lives in a folder only its user can enter and the server checks the
+peer's uid (``SO_PEERCRED``) before it reads anything.
+
+Client to engine: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``.
+Engine to client: ``("hello", info)`` once, then one ``("step", [(rid, event), ...])`` per step, where
+an event is a ``str`` (text), ``("end", text, reason, prompt_tokens, completion_tokens)`` or
+``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+import struct
+from typing import Any
+
+from .base import GenerationChunk
+
+HEADER = struct.Struct("!I")
+MAX_FRAME = 1 << 30
+
+
+def encode(message: Any) -> bytes:
+    payload = pickle.dumps(message, protocol=5)
+    return HEADER.pack(len(payload)) + payload
+
+
+def recv_message(sock: socket.socket) -> Any:
+    """One message from a blocking socket; ``None`` at a clean end of stream."""
+    header = _recv_exactly(sock, HEADER.size)
+    if header is None:
+        return None
+    (size,) = HEADER.unpack(header)
+    payload = _recv_exactly(sock, size)
+    if payload is None or size > MAX_FRAME:
+        raise ConnectionError("the peer sent a truncated or oversized frame")
+    return pickle.loads(payload)
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes | None:
+    chunks, left = [], size
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            if left == size:
+                return None
+            raise ConnectionError("the peer closed the connection inside a frame")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+async def read_message(reader: asyncio.StreamReader) -> Any:
+    """One message from an asyncio stream; raises ``asyncio.IncompleteReadError`` at the end."""
+    (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+    if size > MAX_FRAME:
+        raise ConnectionError("the engine sent an oversized frame")
+    return pickle.loads(await reader.readexactly(size))
+
+
+def wire_event(event: Any) -> Any:
+    """An engine event (``str``, ``GenerationChunk`` or exception) as plain tuples."""
+    if isinstance(event, str):
+        return event
+    if isinstance(event, GenerationChunk):
+        return ("end", event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens)
+    return ("error", f"{event}")
+
+
+def local_event(event: Any) -> str | GenerationChunk | tuple[str, str]:
+    """The inverse of ``wire_event`` for text and ends; an error stays ``("error", message)``."""
+    if isinstance(event, str) or event[0] == "error":
+        return event  # type: ignore[no-any-return]
+    _, text, reason, prompt_tokens, completion_tokens = event
+    return GenerationChunk(text, reason, prompt_tokens, completion_tokens)

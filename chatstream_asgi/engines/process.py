@@ -1,0 +1,223 @@
+"""``ProcessEngine``: a ``TransformersEngine`` in its own process, shared by every web worker that names it.
+
+Why: on a fast model the serving path sets the pace, and in one process the model loop and the web
+app's event loop share one GIL. Here the model runs in ``_engine_server`` (vLLM's engine core and
+SGLang's scheduler made the same choice); the web process renders and tokenizes prompts, sends
+``(request id, token ids, params)`` and receives one frame per step with every stream's events.
+Several web workers (``uvicorn --workers 4``, gunicorn ``-w 4``) that pass the same ``address``
+share one engine: one model copy, one batch. If the engine process dies (``kill -9``, a CUDA
+error), running replies end with an in-band error, new chats get ``503`` with ``Retry-After`` while
+it is restarted, and the web app never notices beyond that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from collections.abc import Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigurationError, EngineNotReady, EngineUnavailable
+from ..prompts import Prompt, fit_prompt, with_system_prompt
+from ._delivery import ReplyBuffer
+from ._launcher import Launcher
+from ._link import EngineLink
+from .base import ChatMessage, GenerationChunk, SamplingParams
+
+logger = logging.getLogger("chatstream_asgi")
+RESTART_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnection attempts, seconds
+
+
+class ProcessEngine:
+    """Streams chat replies from a ``TransformersEngine`` that runs in a separate process.
+
+    Args:
+        spec: how the engine process builds its engine; use ``from_pretrained`` or ``from_factory``.
+        address: the engine's Unix socket path. Web workers passing the same path share one engine process
+            (the first to start it, under a lock); default: a private socket in a new temporary folder.
+        linger: seconds the engine process stays up with no web process connected (a worker restart keeps it).
+        start_timeout: seconds to wait for the model to load.
+        tokenizer, context_len, model_name, max_batch_size, system_prompt: what the web side knows before the
+            engine answers (``from_pretrained`` fills them in); the engine's own values replace them once connected.
+    """
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        *,
+        address: str | Path | None = None,
+        linger: float = 10.0,
+        start_timeout: float = 600.0,
+        tokenizer: Any = None,
+        context_len: int | None = None,
+        model_name: str = "model",
+        max_batch_size: int = 8,
+        system_prompt: str | None = None,
+    ) -> None:
+        self.private = address is None
+        address = address or os.path.join(tempfile.mkdtemp(prefix="chatstream-engine-"), "engine.sock")
+        if len(os.fsencode(address)) > 100:
+            raise ConfigurationError(f"address {address!r} is too long for a Unix socket; use a path under ~100 bytes")
+        self.address = str(address)
+        self.launcher = Launcher(spec, self.address, 0.5 if self.private else linger, start_timeout)
+        self.tokenizer, self.context_len, self.system_prompt = tokenizer, context_len, system_prompt
+        self.model_name, self.max_batch_size = model_name, max_batch_size
+        self._link: EngineLink | None = None
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._closed = False
+        self.restarts = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_dir: str | Path,
+        *,
+        gguf_file: str | None = None,
+        address: str | Path | None = None,
+        linger: float = 10.0,
+        start_timeout: float = 600.0,
+        **kwargs: Any,
+    ) -> ProcessEngine:
+        """The engine process runs ``TransformersEngine.from_pretrained(path_or_dir, gguf_file=..., **kwargs)``.
+
+        The tokenizer (for prompts) and the model config (for the context length) are also loaded here.
+        """
+        from transformers import AutoConfig, AutoTokenizer
+
+        gguf = {"gguf_file": gguf_file} if gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(path_or_dir, **gguf)
+        config = AutoConfig.from_pretrained(path_or_dir, **gguf)
+        spec = {"path": str(path_or_dir), "gguf_file": gguf_file, "kwargs": kwargs}
+        name = kwargs.get("model_name") or (Path(gguf_file).stem if gguf_file else Path(str(path_or_dir)).name)
+        return cls(
+            spec,
+            address=address,
+            linger=linger,
+            start_timeout=start_timeout,
+            tokenizer=tokenizer,
+            context_len=kwargs.get("context_len") or getattr(config, "max_position_embeddings", None),
+            model_name=name,
+            max_batch_size=kwargs.get("max_batch_size", 8),
+            system_prompt=kwargs.get("system_prompt"),
+        )
+
+    @classmethod
+    def from_factory(cls, factory: str, *, max_batch_size: int, model_name: str, **options: Any) -> ProcessEngine:
+        """The engine process calls ``factory`` (``"package.module:function"``), which returns a TransformersEngine.
+
+        ``max_batch_size`` and ``model_name`` must match what it builds (admission and ``/v1/models`` need them
+        before it answers). Options go to ``ProcessEngine`` (``address``, ``linger``, ``factory_kwargs``...).
+        """
+        if ":" not in factory:
+            raise ConfigurationError(f"factory must be 'package.module:function', got {factory!r}")
+        spec = {"factory": factory, "kwargs": options.pop("factory_kwargs", {})}
+        return cls(spec, max_batch_size=max_batch_size, model_name=model_name, **options)
+
+    @property
+    def ready(self) -> bool:
+        return self._link is not None and not self._link.closed
+
+    @property
+    def running_count(self) -> int:
+        return len(self._link.buffers) if self._link is not None else 0
+
+    async def start(self) -> None:
+        """Connect to the engine process, starting it if nobody serves the address yet (idempotent)."""
+        if self.ready:
+            return
+        self._closed = False
+        await asyncio.to_thread(self.launcher.ensure_started)
+        await self._connect(deadline=asyncio.get_running_loop().time() + self.launcher.start_timeout)
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconnecting
+        link, self._link = self._link, None
+        if link is not None:
+            await link.close()
+        if self.private:
+            await asyncio.to_thread(self.launcher.stop)
+
+    def fit_prompt(self, messages: Seq[ChatMessage], params: SamplingParams) -> Prompt:
+        if self.tokenizer is None or self.context_len is None:
+            raise EngineNotReady("The engine has not answered yet; start() it before rendering prompts.")
+        messages = with_system_prompt(messages, self.system_prompt)
+        return fit_prompt(self.tokenizer, messages, max_new_tokens=params.max_new_tokens, context_len=self.context_len)
+
+    def render_prompt(self, messages: Seq[ChatMessage], params: SamplingParams) -> str:
+        return self.fit_prompt(messages, params).text
+
+    async def stream(self, messages: Seq[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
+        """Generate a reply in the engine process; closing the iterator cancels it there at its next step."""
+        link = await self._usable_link()
+        prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
+        replies = ReplyBuffer()
+        rid = link.submit(prompt.token_ids, params, replies)
+        try:
+            while True:
+                chunk = await replies.take()
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            link.cancel(rid)
+
+    async def _usable_link(self) -> EngineLink:
+        if self._closed:
+            raise EngineNotReady("The engine is closed; call start() again before streaming.")
+        if self._link is None and self._reconnecting is None:
+            await self.start()
+        if self._link is None or self._link.closed:
+            retry = round(self.launcher.load_seconds) + 1
+            raise EngineUnavailable("The engine process is restarting; retry shortly.", retry_after=retry)
+        return self._link
+
+    async def _connect(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        wait = RESTART_BACKOFF[0]
+        while True:
+            try:
+                link = await EngineLink.open(self.address, on_lost=self._lost)
+                break
+            except OSError:
+                if loop.time() > deadline:
+                    raise EngineNotReady(f"No engine answered on {self.address}") from None
+                await asyncio.to_thread(self.launcher.ensure_started)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, RESTART_BACKOFF[1])
+        info = link.info
+        self.tokenizer, self.context_len = info["tokenizer"], info["context_len"]
+        self.model_name, self.max_batch_size = info["model_name"], info["max_batch_size"]
+        self.system_prompt = info["system_prompt"]
+        self._link = link
+
+    def _lost(self, link: EngineLink) -> None:
+        """The engine process went away: its streams already got an error; reconnect (restarting it) in the back."""
+        if self._closed or link is not self._link or self._reconnecting is not None:
+            return
+        self.restarts += 1
+        logger.error("the engine process on %s went away; restarting it", self.address)
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self._closed:
+                try:
+                    await self._connect(deadline=asyncio.get_running_loop().time() + self.launcher.start_timeout)
+                    return
+                except Exception as exc:  # a failed start (e.g. the GPU still busy): keep answering 503, try again
+                    logger.error("restarting the engine process failed: %s", exc)
+                    await asyncio.sleep(RESTART_BACKOFF[1])
+        finally:
+            self._reconnecting = None
+
+    def __repr__(self) -> str:
+        return f"ProcessEngine({self.model_name!r}, address={self.address!r}, ready={self.ready})"

@@ -1,0 +1,149 @@
+"""``ProcessEngine`` on real processes: same replies as in-thread, cancellation across the boundary, one engine
+shared by several web processes, and a killed engine that ends running replies in-band, answers 503 while it
+restarts, and comes back by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+
+from chatstream_asgi.engines.base import SamplingParams
+from chatstream_asgi.engines.process import ProcessEngine
+from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.errors import EngineError, EngineUnavailable
+
+from .servers import chat, chat_app, get_load, not_found_app, wait_for_load, wait_until
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
+LONG = SamplingParams(max_new_tokens=480, temperature=0.0, ignore_eos=True)
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest_asyncio.fixture
+async def process_engine(tiny_model_dir: Path) -> AsyncIterator[ProcessEngine]:
+    engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=4, dtype="float32", stream_interval=0)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def engine_pid(engine: ProcessEngine) -> int:
+    assert engine._link is not None
+    pid: int = engine._link.info["pid"]
+    return pid
+
+
+async def reply(engine: Any, params: SamplingParams = GREEDY, content: str = "What is the capital of France?") -> str:
+    return "".join([chunk.text async for chunk in engine.stream([{"role": "user", "content": content}], params)])
+
+
+@pytest.mark.asyncio
+async def test_replies_equal_the_in_thread_engine_token_for_token(
+    process_engine: ProcessEngine, tiny_engine_parts: tuple[Any, Any]
+) -> None:
+    model, tokenizer = tiny_engine_parts
+    local = TransformersEngine(model, tokenizer, max_batch_size=4)
+    contents = ["hi", "What is the capital of France?", "東京は日本の首都です。😀"]
+    try:
+        expected = [await reply(local, content=c) for c in contents]
+        got = await asyncio.gather(*(reply(process_engine, content=c) for c in contents))
+    finally:
+        await local.close()
+    assert got == expected
+    assert process_engine.model_name == tiny_model_name(process_engine)
+
+
+def tiny_model_name(engine: ProcessEngine) -> str:
+    return Path(engine.launcher.spec["path"]).name
+
+
+@pytest.mark.asyncio
+async def test_a_closed_stream_is_cancelled_in_the_engine_process(tiny_model_dir: Path) -> None:
+    engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=1, stream_interval=0)
+    await engine.start()
+    try:
+        long_reply = engine.stream(MESSAGES, LONG)
+        await anext(aiter(long_reply))
+        await long_reply.aclose()
+        # One batch slot: had the long reply kept running, the next one would wait for its 480 tokens.
+        started = time.monotonic()
+        await reply(engine)
+        assert time.monotonic() - started < 2.0
+        assert engine.running_count == 0
+    finally:
+        await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_engines_naming_one_address_share_one_engine_process(tiny_model_dir: Path, tmp_path: Path) -> None:
+    address = tmp_path / "engine.sock"
+    engines = [ProcessEngine.from_pretrained(tiny_model_dir, address=address, linger=1.0) for _ in range(3)]
+    try:
+        await asyncio.gather(*(engine.start() for engine in engines))
+        assert len({engine_pid(engine) for engine in engines}) == 1
+        replies = await asyncio.gather(*(reply(engine) for engine in engines))
+        assert len(set(replies)) == 1 and replies[0]
+    finally:
+        for engine in engines:
+            await engine.close()
+    starters = [engine.launcher.process for engine in engines if engine.launcher.process is not None]
+    assert len(starters) == 1  # one of them started it, under the lock; the others connected
+    await wait_until(lambda: starters[0].poll() is not None, timeout=10)  # idle for `linger` s, it exits by itself
+
+
+@pytest.mark.asyncio
+async def test_a_killed_engine_fails_running_replies_answers_503_then_restarts(
+    process_engine: ProcessEngine,
+) -> None:
+    running = process_engine.stream(MESSAGES, LONG)
+    await anext(aiter(running))
+    os.kill(engine_pid(process_engine), signal.SIGKILL)
+    with pytest.raises(EngineError, match="engine process ended"):
+        async for _ in running:
+            pass
+    with pytest.raises(EngineUnavailable) as unavailable:
+        await reply(process_engine)
+    assert int(unavailable.value.headers["Retry-After"]) >= 1
+    await wait_until(lambda: process_engine.ready, timeout=60)
+    assert await reply(process_engine)
+    assert process_engine.restarts == 1
+
+
+@pytest.mark.asyncio
+async def test_over_http_a_killed_engine_ends_the_stream_in_band_and_new_chats_get_503(
+    tiny_model_dir: Path, serve: Any
+) -> None:
+    # started and closed by the server's lifespan, on the server's own loop
+    process_engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=4, stream_interval=0)
+    server = serve(chat_app(not_found_app, process_engine, max_concurrency=4), fail_on_errors=False)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        fields = {"max_new_tokens": 480, "temperature": 0, "ignore_eos": True}
+        async with client.stream("POST", "/chat_stream", json={"user_input": "hi", **fields}) as response:
+            assert response.status_code == 200
+            chunks = response.aiter_raw()
+            await anext(chunks)
+            os.kill(engine_pid(process_engine), signal.SIGKILL)
+            rest = b"".join([chunk async for chunk in chunks])
+        assert b"[error: generation_error]" in rest and b"engine process ended" in rest
+        refused = await client.post("/chat_stream", json={"user_input": "hi"})
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["type"] == "engine_unavailable"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert (await client.get("/readyz")).status_code == 503
+        await wait_until(lambda: process_engine.ready, timeout=60)
+        again = await chat(client, "hi")
+        assert again.status == 200 and again.text
+        load = await wait_for_load(client, running=0, waiting=0)
+        assert load["running"] == 0
+        assert (await get_load(client))["waiting"] == 0
