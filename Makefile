@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench soak
+.PHONY: install install-test demo test lint typecheck bench soak bench-stack
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -42,3 +42,10 @@ soak: install-test
 bench: install
 	$(PIP) install -q -e ".[bench]"
 	$(PYTHON) benchmarks/serving.py
+
+# The fast-model regime (issue 10): a random 1-layer Llama whose decode step costs what a small model's step costs
+# on a GPU; the bare forward loop, generate, the engine in and out of process, and the middleware on uvicorn, at
+# N = 32 and 64 (about 5 min). Writes between the stack markers of benchmarks/RESULTS.md.
+bench-stack: install
+	$(PIP) install -q -e ".[bench]"
+	$(PYTHON) benchmarks/stack.py

@@ -1,0 +1,89 @@
+"""The served contenders of ``stack.py``: the middleware around a tiny Starlette app, on uvicorn, 127.0.0.1.
+
+    python benchmarks/_stack_server.py --port P --engine thread|process|mock --batch N [--model DIR]
+
+``thread``: ``TransformersEngine`` (its worker thread in this process); ``process``: ``ProcessEngine``
+(the model in a process of its own); ``mock``: ``MockEngine`` replying ``--mock-tokens`` words with no
+delay, the client's capacity check. The wrapped app answers ``/hello`` (polled during the load) and
+``/bench_info`` (what the numbers depend on; the driver waits for it). Access logs off, as in production
+behind a proxy that logs; the middleware's own metrics stay on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent)]  # run from a checkout without `pip install -e .`
+
+import uvicorn  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+from starlette.requests import Request  # noqa: E402
+from starlette.responses import JSONResponse  # noqa: E402
+from starlette.routing import Route  # noqa: E402
+
+from chatstream_asgi import ChatStreamMiddleware  # noqa: E402
+
+SECRET_KEY = "stack-benchmark-secret-key"
+
+
+def wrapped_app(info: dict[str, Any]) -> Starlette:
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"hello": "from the wrapped app"})
+
+    async def bench_info(request: Request) -> JSONResponse:
+        return JSONResponse(info)
+
+    return Starlette(routes=[Route("/hello", hello), Route("/bench_info", bench_info)])
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    if args.engine == "mock":
+        from chatstream_asgi.engines.mock import MockEngine
+
+        return MockEngine(" ".join(["word"] * args.mock_tokens), token_delay=0.0, max_batch_size=args.batch)
+    if args.engine == "process":
+        from chatstream_asgi.engines.process import ProcessEngine
+
+        return ProcessEngine.from_pretrained(args.model, max_batch_size=args.batch)
+    from chatstream_asgi.engines.transformers import TransformersEngine
+
+    return TransformersEngine.from_pretrained(args.model, max_batch_size=args.batch)
+
+
+def runtime_info(engine: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"engine": engine, "pid": os.getpid(), "cpu_count": os.cpu_count()}
+    if "torch" in sys.modules:  # the mock server never imports it
+        import torch
+
+        info["torch_threads"] = [torch.get_num_threads(), torch.get_num_interop_threads()]
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--engine", choices=["thread", "process", "mock"], required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--mock-tokens", type=int, default=200)
+    args = parser.parse_args()
+    engine = build_engine(args)
+    app = ChatStreamMiddleware(
+        wrapped_app(runtime_info(args.engine)),
+        engine=engine,
+        secret_key=SECRET_KEY,
+        max_concurrency=args.batch,
+        max_queue=args.batch,
+        queue_timeout=None,
+        generation_timeout=None,
+    )
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
