@@ -65,6 +65,15 @@ def _fail(seqs: list[Sequence], exc: BaseException) -> None:
         error = EngineError(f"Generation failed in the model worker: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         seq.fail(error)
+    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give the failed batch's blocks back before the next step allocates
+
+
+def poisons_the_device(exc: BaseException) -> bool:
+    """A CUDA error other than OOM (an illegal address, a device-side assert) leaves the context unusable:
+    every later step would fail too, so the worker stops (an engine process then exits and is restarted)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) and not isinstance(exc, torch.OutOfMemoryError)
 
 
 class Scheduler:
@@ -168,7 +177,7 @@ class Scheduler:
                 seq.accept(token)
         except Exception as exc:  # the cache may be half-updated: every row of it is lost
             self._batch = None
-            _fail(batch.seqs, exc)
+            self._fail(batch.seqs, exc)
 
     def _prefill_next(self) -> None:
         if self._partial is not None:
@@ -184,7 +193,7 @@ class Scheduler:
                 cache, logits = prefill(self._runner, [s.prompt_ids for s in group], self._pad_id)
                 self._admit(group, cache, logits)
             except Exception as exc:
-                _fail(group, exc)
+                self._fail(group, exc)
 
     def _take_group(self, free: int) -> list[Sequence]:
         """FIFO prompts whose padded batch fits the prefill budget (the first one always goes)."""
@@ -209,7 +218,7 @@ class Scheduler:
                 self._admit([part.seq], part.cache, logits)
         except Exception as exc:
             self._partial = None
-            _fail([part.seq], exc)
+            self._fail([part.seq], exc)
 
     def _admit(self, seqs: list[Sequence], cache: DynamicCache, logits: torch.Tensor) -> None:
         """Emit each prefilled sequence's first token and move the unfinished ones into the batch."""
@@ -228,7 +237,7 @@ class Scheduler:
             batch.merge(joined)
         except Exception as exc:  # a half-merged cache is lost for the running rows too
             self._batch = None
-            _fail(batch.seqs, exc)
+            self._fail(batch.seqs, exc)
             raise
 
     def _drop_finished(self) -> None:
@@ -247,10 +256,16 @@ class Scheduler:
     def _in_flight(self) -> list[Sequence]:
         return (self._batch.seqs if self._batch else []) + ([self._partial.seq] if self._partial else [])
 
+    def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
+        _fail(seqs, exc)
+        if poisons_the_device(exc):
+            logger.critical("the device is unusable after %s; the engine worker stops", type(exc).__name__)
+            self._stopping.set()
+
     def _recover(self, exc: Exception) -> None:
         seqs = self._in_flight()
         self._batch = self._partial = None
-        _fail(seqs, exc)
+        self._fail(seqs, exc)
 
     def _shutdown(self) -> None:
         with self._lock:

@@ -147,3 +147,26 @@ async def test_over_http_a_killed_engine_ends_the_stream_in_band_and_new_chats_g
         load = await wait_for_load(client, running=0, waiting=0)
         assert load["running"] == 0
         assert (await get_load(client))["waiting"] == 0
+
+
+@pytest.mark.asyncio
+async def test_a_cuda_error_restarts_the_engine_process_instead_of_failing_every_later_request(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "poisoned-once"
+    engine = ProcessEngine.from_factory(
+        "tests.integration.faulty_engine:build",
+        max_batch_size=2,
+        model_name="tiny",
+        factory_kwargs={"model_dir": str(tiny_model_dir), "marker": str(marker)},
+    )
+    await engine.start()
+    try:
+        first_pid = engine_pid(engine)
+        with pytest.raises(EngineError, match="AcceleratorError|engine process ended"):
+            await reply(engine)  # its third forward raises what a poisoned CUDA context raises
+        await wait_until(lambda: engine.ready and engine_pid(engine) != first_pid, timeout=60)
+        assert await reply(engine)  # the new process works
+        assert engine.restarts == 1 and marker.exists()
+    finally:
+        await engine.close()
