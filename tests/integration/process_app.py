@@ -13,4 +13,6 @@ from .servers import SECRET_KEY, not_found_app
 engine = ProcessEngine.from_pretrained(
     os.environ["CHATSTREAM_TEST_MODEL"], address=os.environ["CHATSTREAM_TEST_ENGINE"], linger=2.0, max_batch_size=4
 )
-app = ChatStreamMiddleware(not_found_app, engine=engine, secret_key=SECRET_KEY, max_concurrency=4, max_queue=16, drain_timeout=2)
+app = ChatStreamMiddleware(
+    not_found_app, engine=engine, secret_key=SECRET_KEY, max_concurrency=4, max_queue=16, drain_timeout=2
+)
