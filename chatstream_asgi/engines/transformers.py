@@ -58,9 +58,16 @@ def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _placed(model: Any, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
-    """``model`` moved or cast only where asked and needed (quantized models refuse a no-op cast)."""
+    """``model`` moved or cast only where asked and needed (quantized models refuse a no-op cast).
+
+    With no ``dtype``, a float32 model on a CUDA device that has bf16 runs in bfloat16: half the weight bytes
+    to read per decode step, which is what bounds it, and what every serving engine does there.
+    """
     if device is not None and torch.device(device) != model.device:
         model = model.to(device)
+    on_cuda = model.device.type == "cuda"
+    if dtype is None and model.dtype == torch.float32 and on_cuda and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
     if dtype is not None and dtype != model.dtype:
         model = model.to(dtype=dtype)
     return model
@@ -91,7 +98,8 @@ class TransformersEngine:
         model: a loaded ``AutoModelForCausalLM`` with a full-attention KV cache.
         tokenizer: its tokenizer; its chat template renders the prompts.
         device: move the model there (``"cpu"``, ``"cuda:0"``); default: where it already is.
-        dtype: cast the model (``torch.bfloat16`` or ``"bfloat16"``); default: keep its dtype.
+        dtype: cast the model (``torch.bfloat16`` or ``"bfloat16"``); default: keep its dtype, except that a
+            float32 model on a CUDA device with bf16 support runs in bfloat16 (pass ``"float32"`` to keep it).
         max_batch_size: sequences decoded together; more wait inside the engine, first come first served.
         context_len: token budget of prompt plus reply; default ``model.config.max_position_embeddings``.
         prefill_chunk_tokens: padded prompt tokens per prefill forward; longer prompts are prefilled
