@@ -18,6 +18,7 @@ import pytest_asyncio
 
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.process import ProcessEngine
+from chatstream_asgi.engines.replicas import EngineReplicas
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import EngineError, EngineUnavailable
 
@@ -170,3 +171,17 @@ async def test_a_cuda_error_restarts_the_engine_process_instead_of_failing_every
         assert engine.restarts == 1 and marker.exists()
     finally:
         await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_replicas_of_engine_processes_split_the_chats(tiny_model_dir: Path) -> None:
+    replicas = EngineReplicas.from_pretrained(tiny_model_dir, devices=["cpu", "cpu"], process=True, max_batch_size=2)
+    await replicas.start()
+    try:
+        pids = {engine_pid(engine) for engine in replicas.engines}  # type: ignore[arg-type]
+        replies = await asyncio.gather(*(reply(replicas) for _ in range(4)))
+    finally:
+        await replicas.close()
+    assert len(pids) == 2
+    assert len(set(replies)) == 1 and replies[0]
+    assert replicas.served == [2, 2]

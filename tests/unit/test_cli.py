@@ -23,6 +23,17 @@ def test_a_device_list_loads_one_replica_per_device(tiny_model_dir: Path) -> Non
     assert engine.engines[0] is not engine.engines[1]
 
 
+def test_engine_process_serves_each_device_from_its_own_engine_process(tiny_model_dir: Path) -> None:
+    argv = ("--model", str(tiny_model_dir), "--engine-process", "--max-concurrency", "3")
+    single = load_engine(serve_args(*argv))
+    assert type(single).__name__ == "ProcessEngine"
+    assert single.max_batch_size == 3 and single.model_name == tiny_model_dir.name
+    replicas = load_engine(serve_args(*argv, "--device", "cpu,cpu"))
+    assert isinstance(replicas, EngineReplicas)
+    assert [type(e).__name__ for e in replicas.engines] == ["ProcessEngine", "ProcessEngine"]
+    assert replicas.engines[0].address != replicas.engines[1].address  # type: ignore[attr-defined]
+
+
 def test_one_device_loads_one_engine(tiny_model_dir: Path) -> None:
     engine = load_engine(serve_args("--model", str(tiny_model_dir), "--device", "cpu"))
     assert type(engine).__name__ == "TransformersEngine"
