@@ -30,7 +30,7 @@ from ._link import EngineLink
 from .base import ChatMessage, GenerationChunk, SamplingParams
 
 logger = logging.getLogger("chatstream_asgi")
-RESTART_BACKOFF = (0.05, 2.0)  # first and longest wait between reconnection attempts, seconds
+RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection attempts, seconds
 
 
 class ProcessEngine:

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from .servers import chat
+from .servers import Streamed, chat
 
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = 3
@@ -71,9 +71,19 @@ def ready(url: str) -> bool:
         return False
 
 
-async def chats(url: str, count: int) -> list[str]:
+async def chats(url: str, count: int, retries: int = 0) -> list[str]:
+    """``count`` concurrent chats; each retries a 503 up to ``retries`` times, as a client that honours it would."""
+
+    async def one(client: httpx.AsyncClient) -> Streamed:
+        for _ in range(retries):
+            reply = await chat(client, "hi", max_new_tokens=16, temperature=0)
+            if reply.status != 503:
+                return reply
+            await asyncio.sleep(min(float(reply.headers["retry-after"]), 0.5))
+        return await chat(client, "hi", max_new_tokens=16, temperature=0)
+
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        replies = await asyncio.gather(*(chat(client, "hi", max_new_tokens=16, temperature=0) for _ in range(count)))
+        replies = await asyncio.gather(*(one(client) for _ in range(count)))
     assert all(reply.status == 200 for reply in replies), [(r.status, r.text[:300]) for r in replies if r.status != 200]
     return [reply.text for reply in replies]
 
@@ -93,7 +103,8 @@ def test_a_killed_shared_engine_is_restarted_once_for_every_worker(workers: tupl
     while not (ready(url) and engine_processes(address)):
         assert time.monotonic() < deadline, "the engine was not restarted"
         time.sleep(0.2)
-    replies = asyncio.run(chats(url, 12))
+    # a worker whose reconnection is still backing off answers 503 + Retry-After meanwhile
+    replies = asyncio.run(chats(url, 12, retries=40))
     assert all(replies)
     time.sleep(1.0)  # every worker has reconnected by now: none may have started a second engine
     restarted = engine_processes(address)
