@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench soak bench-stack
+.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-gpu
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -49,3 +49,10 @@ bench: install
 bench-stack: install
 	$(PIP) install -q -e ".[bench]"
 	$(PYTHON) benchmarks/stack.py
+
+# Decode throughput on one CUDA GPU: random-weight SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B built on the device
+# in bf16, at N = 1, 8, 32 and 64 (under 8 min on an H200). No install step: it runs on a bare CUDA machine with torch
+# and transformers; the HTTP rows also need uvicorn, starlette, itsdangerous and asgiref (see benchmarks/gpu.py).
+# Writes between the gpu markers of benchmarks/RESULTS.md.
+bench-gpu:
+	$(PYTHON) benchmarks/gpu.py

@@ -52,10 +52,14 @@ class UvicornThread:
     Args:
         app: the ASGI application.
         fail_on_errors: raise on exit if the server logged an error (set False where a test provokes one).
+        start_timeout: seconds for the lifespan startup (an engine process loads its model then).
         config: more ``uvicorn.Config`` options, e.g. ``root_path="/api"`` or ``lifespan="off"``.
     """
 
-    def __init__(self, app: Any, *, fail_on_errors: bool = True, **config: Any) -> None:
+    def __init__(
+        self, app: Any, *, fail_on_errors: bool = True, start_timeout: float = START_TIMEOUT, **config: Any
+    ) -> None:
+        self.start_timeout = start_timeout  # an app whose lifespan starts an engine process needs longer
         options: dict[str, Any] = {
             "log_config": None,  # leave the test process's logging alone
             "log_level": "warning",
@@ -88,14 +92,14 @@ class UvicornThread:
             target=self.server.run, kwargs={"sockets": [self.sock]}, name=f"uvicorn-{self.port}", daemon=True
         )
         self.thread.start()
-        deadline = time.monotonic() + START_TIMEOUT
+        deadline = time.monotonic() + self.start_timeout
         while not self.server.started:
             if not self.thread.is_alive():
                 self.stop()
                 raise RuntimeError(f"uvicorn failed to start: {self.errors.messages()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"uvicorn did not start within {START_TIMEOUT} s")
+                raise RuntimeError(f"uvicorn did not start within {self.start_timeout} s")
             time.sleep(0.01)
 
     def stop(self) -> None:

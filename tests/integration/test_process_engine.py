@@ -127,7 +127,7 @@ async def test_over_http_a_killed_engine_ends_the_stream_in_band_and_new_chats_g
 ) -> None:
     # started and closed by the server's lifespan, on the server's own loop
     process_engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=4, stream_interval=0)
-    server = serve(chat_app(not_found_app, process_engine, max_concurrency=4), fail_on_errors=False)
+    server = serve(chat_app(not_found_app, process_engine, max_concurrency=4), fail_on_errors=False, start_timeout=90)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
         fields = {"max_new_tokens": 480, "temperature": 0, "ignore_eos": True}
         async with client.stream("POST", "/chat_stream", json={"user_input": "hi", **fields}) as response:

@@ -438,22 +438,6 @@ async def test_greedy_repetition_penalty_matches_generate(tiny_engine_parts: Par
         assert tokens_of(token_log, prompt) == reference_greedy(tiny_engine_parts, prompt, params)
 
 
-def test_top_k_top_p_keep_the_same_tokens_as_transformers() -> None:
-    from transformers import TopKLogitsWarper, TopPLogitsWarper
-
-    from chatstream_asgi.engines._sampling import _filtered_probs
-
-    torch.manual_seed(0)
-    for top_k, top_p in [(10, 1.0), (0, 0.8), (50, 0.5), (5, 0.99)]:
-        logits = torch.randn(300) * 3
-        ours = _filtered_probs(logits, top_k, top_p) > 0
-        theirs = logits.unsqueeze(0)
-        if top_k:
-            theirs = TopKLogitsWarper(top_k)(None, theirs)
-        theirs = TopPLogitsWarper(top_p)(None, theirs)
-        assert torch.equal(ours, theirs[0] > float("-inf"))
-
-
 @pytest.mark.asyncio
 async def test_from_pretrained_loads_model_and_tokenizer(tiny_model_dir: Any) -> None:
     engine = TransformersEngine.from_pretrained(tiny_model_dir, max_batch_size=3, dtype="float32")
@@ -462,21 +446,6 @@ async def test_from_pretrained_loads_model_and_tokenizer(tiny_model_dir: Any) ->
     _, last = await collect(engine, "hi", SamplingParams(max_new_tokens=4, ignore_eos=True))
     await engine.close()
     assert last.completion_tokens == 4
-
-
-def test_repetition_penalty_matches_transformers_formula() -> None:
-    from transformers import RepetitionPenaltyLogitsProcessor
-
-    from chatstream_asgi.engines._sampling import RowSampler
-
-    torch.manual_seed(1)
-    logits = torch.randn(50) * 4
-    sampler = RowSampler(SamplingParams(temperature=0.0, repetition_penalty=1.7), prompt_ids=[3, 9, 9, 41])
-    sampler.choose(logits)  # builds the seen-token mask from the prompt
-    sampler.observe(17)
-    ids = torch.tensor([[3, 9, 9, 41, 17]])
-    expected = RepetitionPenaltyLogitsProcessor(1.7)(ids, logits.unsqueeze(0))[0]
-    assert torch.allclose(sampler._penalise(logits), expected)
 
 
 def test_growing_cache_layer_matches_concatenation() -> None:
