@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from ._cache import append_rows, keep_rows, new_cache
+from ._sampling import upload
 from ._sequence import Sequence
 
 
@@ -87,8 +88,9 @@ class KVBatch:
     def step(self, runner: ModelRunner) -> torch.Tensor:
         """One decode forward for every row; return the ``[rows, vocab]`` logits."""
         dev, width = runner.device, self.width
-        lengths = torch.tensor(self.lengths, dtype=torch.long, device=dev)
-        tokens = torch.tensor(self.next_tokens, dtype=torch.long, device=dev).unsqueeze(1)
+        # pinned, non-blocking copies: a plain copy to a GPU would first wait for the work queued before it
+        lengths = upload(self.lengths, torch.long, dev)
+        tokens = upload(self.next_tokens, torch.long, dev).unsqueeze(1)
         columns = torch.arange(width + 1, device=dev)
         attend = columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)  # [rows, width + 1]: the row's real columns
         # SDPA takes a boolean [rows, 1, query, key] mask as it is (True = attend), exactly what it would build.
