@@ -19,15 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _fast_model import CHAT_TEMPLATE  # one template for every benchmark model
+
 REPO = Path(__file__).resolve().parents[1]
 SEED = 1234
 SPECIALS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 CORPUS = [
     "Explain in detail how photosynthesis turns sunlight into chemical energy in the leaves of plants.",
     "Write a long story about a lighthouse keeper who finds a message in a bottle on a stormy night.",

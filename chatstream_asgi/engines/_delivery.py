@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from .base import GenerationChunk
@@ -112,6 +113,14 @@ class ReplyBuffer:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    async def chunks(self) -> AsyncIterator[GenerationChunk]:
+        """Every chunk of the reply, up to and including the last one (which carries the finish reason)."""
+        while True:
+            chunk = await self.take()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
 
     async def take(self) -> GenerationChunk:
         """Wait for events; return them as one chunk (text joined), or raise the failure they carry."""

@@ -162,11 +162,8 @@ class ProcessEngine:
         replies = ReplyBuffer()
         rid = link.submit(prompt.token_ids, params, replies)
         try:
-            while True:
-                chunk = await replies.take()
+            async for chunk in replies.chunks():
                 yield chunk
-                if chunk.finish_reason is not None:
-                    return
         finally:
             link.cancel(rid)
 

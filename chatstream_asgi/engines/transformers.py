@@ -238,11 +238,8 @@ class TransformersEngine:
         seq = self.new_sequence(prompt.token_ids, params, self._loop_channel(), replies)
         scheduler.submit(seq)
         try:
-            while True:
-                chunk = await replies.take()
+            async for chunk in replies.chunks():
                 yield chunk
-                if chunk.finish_reason is not None:
-                    return
         finally:
             seq.cancel()
 
