@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-gpu
+.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-gpu bench-workers
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -56,3 +56,10 @@ bench-stack: install
 # Writes between the gpu markers of benchmarks/RESULTS.md.
 bench-gpu:
 	$(PYTHON) benchmarks/gpu.py
+
+# Several web workers, one engine (`uvicorn --workers 1` and `4`, ProcessEngine on one address against a
+# TransformersEngine per worker): tokens/s and TTFT on the fast model, RSS/USS of the whole server and the model copies
+# on the fast model and SmolLM2-135M (about 6 min). Writes between the workers markers of benchmarks/RESULTS.md.
+bench-workers: install
+	$(PIP) install -q -e ".[bench]"
+	$(PYTHON) benchmarks/workers.py
