@@ -78,8 +78,9 @@ class RowSampler:
 
 def upload(values: list[Any], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``values`` as a tensor on ``device``, copied without waiting for the device."""
-    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return host.to(device, non_blocking=True)
+    if device.type != "cuda":  # nothing to overlap with: one plain tensor, no pinning or copy
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def _restacked(group: list[RowSampler], vocab: int, device: torch.device) -> torch.Tensor:
