@@ -42,26 +42,31 @@ class Channel(Protocol):
 
 
 class HoldBack:
-    """When a channel's pending events are due: at once if urgent, else ``interval`` after the oldest."""
+    """When a channel's pending events are due: at once if urgent, else ``interval`` after the last hand-over.
 
-    __slots__ = ("interval", "since", "urgent")
+    Measured from the last hand-over, not from the oldest event: on a model slower than the interval every
+    step goes out at once, and on a faster one the hand-overs are ``interval`` apart.
+    """
+
+    __slots__ = ("interval", "last", "pending", "urgent")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
-        self.since: float | None = None
+        self.last = 0.0
+        self.pending = False
         self.urgent = False
 
     def posted(self, urgent: bool) -> None:
-        if self.since is None:
-            self.since = time.monotonic() if self.interval > 0 else 0.0
+        self.pending = True
         self.urgent = self.urgent or urgent
 
     def due(self) -> bool:
-        since = self.since
-        if since is None:
+        if not self.pending:
             return False
-        if self.urgent or self.interval <= 0 or time.monotonic() - since >= self.interval:
-            self.since, self.urgent = None, False
+        now = time.monotonic() if self.interval > 0 else 0.0
+        if self.urgent or now - self.last >= self.interval:
+            self.pending = self.urgent = False
+            self.last = now
             return True
         return False
 

@@ -53,16 +53,26 @@ async def test_take_waits_until_a_push_arrives() -> None:
     assert await asyncio.wait_for(waiting, 1) == GenerationChunk("late")
 
 
-def test_hold_back_releases_urgent_events_at_once_and_others_after_the_interval() -> None:
+def test_hold_back_releases_urgent_events_at_once_and_others_an_interval_after_the_last_release() -> None:
     hold = HoldBack(0.05)
-    assert not hold.due()
+    assert not hold.due()  # nothing pending
     hold.posted(urgent=False)
-    assert not hold.due()
+    assert hold.due()  # nothing was handed over yet: it goes at once
+    hold.posted(urgent=False)
+    assert not hold.due()  # within the interval of that release: held
     time.sleep(0.06)
     assert hold.due()
     hold.posted(urgent=True)
-    assert hold.due()
-    assert not hold.due()  # nothing pending after a release
+    assert hold.due()  # a first token or an end never waits
+    assert not hold.due()
+
+
+def test_a_step_slower_than_the_interval_is_never_held() -> None:
+    hold = HoldBack(0.01)
+    for _ in range(3):
+        time.sleep(0.015)  # one slow step
+        hold.posted(urgent=False)
+        assert hold.due()
 
 
 @pytest.mark.asyncio
