@@ -72,18 +72,20 @@ def ready(url: str) -> bool:
 
 
 async def chats(url: str, count: int, retries: int = 0) -> list[str]:
-    """``count`` concurrent chats; each retries a 503 up to ``retries`` times, as a client that honours it would."""
+    """``count`` concurrent chats, each its own client and session; each retries a 503 up to ``retries`` times,
+    as a client that honours it would."""
 
-    async def one(client: httpx.AsyncClient) -> Streamed:
-        for _ in range(retries):
-            reply = await chat(client, "hi", max_new_tokens=16, temperature=0)
-            if reply.status != 503:
-                return reply
-            await asyncio.sleep(min(float(reply.headers["retry-after"]), 0.5))
-        return await chat(client, "hi", max_new_tokens=16, temperature=0)
+    async def one() -> Streamed:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:  # no cookie shared with the others
+            for _ in range(retries):
+                reply = await chat(client, "hi", max_new_tokens=16, temperature=0)
+                if reply.status != 503:
+                    return reply
+                client.cookies.clear()
+                await asyncio.sleep(min(float(reply.headers["retry-after"]), 0.5))
+            return await chat(client, "hi", max_new_tokens=16, temperature=0)
 
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        replies = await asyncio.gather(*(one(client) for _ in range(count)))
+    replies = await asyncio.gather(*(one() for _ in range(count)))
     assert all(reply.status == 200 for reply in replies), [(r.status, r.text[:300]) for r in replies if r.status != 200]
     return [reply.text for reply in replies]
 
