@@ -89,6 +89,8 @@ class LoopChannel:
 
     def flush(self) -> bool:
         if self.closed or not self._hold.due():
+            # a loop that closed with nothing pending (a test's, a notebook's) leaves the scheduler's list too
+            self.closed = self.closed or self.loop.is_closed()
             return not self.closed
         batch, self._pending = self._pending, []
         try:

@@ -100,6 +100,14 @@ async def test_a_flush_hands_every_stream_of_the_step_over_in_one_loop_call() ->
     assert [c.text for c in chunks] == ["x"] * 5
 
 
+def test_a_channel_whose_loop_closed_with_nothing_pending_leaves_the_scheduler() -> None:
+    loop = asyncio.new_event_loop()
+    channel = LoopChannel(loop)
+    assert channel.flush()
+    loop.close()
+    assert not channel.flush()
+
+
 def test_a_closed_loop_makes_posts_fail_so_the_sequences_cancel() -> None:
     loop = asyncio.new_event_loop()
     channel = LoopChannel(loop)
