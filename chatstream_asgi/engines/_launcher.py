@@ -37,6 +37,7 @@ class Launcher:
 
     def ensure_started(self) -> None:
         """Blocking: return once something serves ``address`` (started here or by another process)."""
+        os.makedirs(os.path.dirname(self.address) or ".", mode=0o700, exist_ok=True)
         with self._start_lock() as ours:
             if not ours or serving(self.address):
                 return  # another process is starting it, or it is up: the caller just connects

@@ -55,6 +55,8 @@ class EngineLink:
         return cls(reader, writer, info, on_lost)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, replies: ReplyBuffer) -> int:
+        if self.closed:  # nobody would ever answer this request
+            raise ConnectionError("the connection to the engine is closed")
         rid = next(self._ids)
         self.buffers[rid] = replies
         self.writer.write(encode(("submit", rid, prompt_ids, dataclasses.asdict(params))))

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -145,6 +146,7 @@ class ProcessEngine:
             await link.close()
         if self.private:
             await asyncio.to_thread(self.launcher.stop)
+            shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)  # the socket's private folder
 
     def fit_prompt(self, messages: Seq[ChatMessage], params: SamplingParams) -> Prompt:
         if self.tokenizer is None or self.context_len is None:
@@ -157,8 +159,9 @@ class ProcessEngine:
 
     async def stream(self, messages: Seq[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         """Generate a reply in the engine process; closing the iterator cancels it there at its next step."""
-        link = await self._usable_link()
+        await self._usable_link()  # started and connected: the tokenizer is known
         prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
+        link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered
         replies = ReplyBuffer()
         rid = link.submit(prompt.token_ids, params, replies)
         try:
