@@ -12,7 +12,14 @@ from .admission import Draining, QueueFull, QueueTimeout, Rejected
 from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
-from .errors import ChatStreamError, ConfigurationError, EngineError, HistoryStoreError, HTTPError
+from .errors import (
+    ChatStreamError,
+    ConfigurationError,
+    EngineError,
+    EngineUnavailable,
+    HistoryStoreError,
+    HTTPError,
+)
 from .history import HistoryStore, MemoryHistoryStore
 from .hooks import Interceptor, OnFinish
 from .middleware import ChatStreamMiddleware
@@ -21,6 +28,7 @@ from .session_state import SessionStateStore
 
 if TYPE_CHECKING:
     from .engines.openai_upstream import OpenAIUpstreamEngine
+    from .engines.process import ProcessEngine
     from .engines.transformers import TransformersEngine
     from .redis_store import RedisHistoryStore
 
@@ -34,6 +42,7 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineReplicas",
+    "EngineUnavailable",
     "GenerationChunk",
     "HTTPError",
     "HistoryStore",
@@ -44,6 +53,7 @@ __all__ = [
     "OnFeedback",
     "OnFinish",
     "OpenAIUpstreamEngine",
+    "ProcessEngine",
     "QueueFull",
     "QueueTimeout",
     "RedisHistoryStore",
@@ -60,6 +70,10 @@ def __getattr__(name: str) -> Any:
         from .engines.transformers import TransformersEngine
 
         return TransformersEngine
+    if name == "ProcessEngine":
+        from .engines.process import ProcessEngine
+
+        return ProcessEngine
     if name == "RedisHistoryStore":
         from .redis_store import RedisHistoryStore
 
