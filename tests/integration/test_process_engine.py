@@ -185,3 +185,12 @@ async def test_replicas_of_engine_processes_split_the_chats(tiny_model_dir: Path
     assert len(pids) == 2
     assert len(set(replies)) == 1 and replies[0]
     assert replicas.served == [2, 2]
+
+
+@pytest.mark.asyncio
+async def test_an_engine_process_that_cannot_load_its_model_fails_start_with_a_clear_error(tmp_path: Path) -> None:
+    engine = ProcessEngine({"path": str(tmp_path / "no-such-model"), "kwargs": {}}, model_name="missing")
+    with pytest.raises(EngineError, match="exited with code 1 before serving"):
+        await engine.start()
+    assert not engine.ready
+    await engine.close()
