@@ -3,10 +3,9 @@
 Started by ``ProcessEngine`` as ``python -m chatstream_asgi.engines._engine_server ADDRESS`` with the
 engine's spec pickled on stdin (a fresh interpreter: what CUDA needs, and nothing inherited from the
 web process). It loads the model, then binds the socket under a temporary name and renames it into
-place, so a client that can connect knows the model is loaded. Each connection has a reader thread
-(submits and cancels) and a writer thread (one frame per step), so a slow client never stalls the
-model loop. The process exits once no client has been connected for ``linger`` seconds; every web
-worker that names the same address shares it.
+place, so a client that can connect knows the model is loaded. Each connection is a
+``ClientConnection`` (``_engine_connection``). The process exits once no client has been connected
+for ``linger`` seconds; every web worker that names the same address shares it.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import queue
 import signal
 import socket
 import struct
@@ -24,137 +22,11 @@ import time
 from typing import Any
 
 from ..errors import EngineNotReady
-from ._delivery import Event, HoldBack
-from ._scheduler import Scheduler
-from ._sequence import Sequence
-from ._wire import encode, recv_message, wire_event
-from .base import SamplingParams
+from ._engine_connection import ClientConnection
 from .transformers import TransformersEngine
 
 logger = logging.getLogger("chatstream_asgi.engine")
 ACCEPT_POLL = 0.25
-
-
-class ClientConnection:
-    """One web process: its requests in, its events out (the ``Channel`` of its sequences)."""
-
-    def __init__(self, sock: socket.socket, engine: TransformersEngine, scheduler: Scheduler) -> None:
-        self.sock = sock
-        self.engine = engine
-        self.scheduler = scheduler
-        self.closed = False
-        self._sequences: dict[int, Sequence] = {}
-        self._pending: list[tuple[int, Any]] = []
-        self._hold = HoldBack(engine.stream_interval)
-        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._queued = 0  # frames handed to the writer thread and not yet sent
-        self._send_lock = threading.Lock()
-        self._writer = threading.Thread(target=self._write_loop, name="engine-writer", daemon=True)
-
-    def serve(self, on_close: Any) -> None:
-        self._writer.start()
-        threading.Thread(target=self._read_loop, args=(on_close,), name="engine-reader", daemon=True).start()
-
-    def finish(self, timeout: float) -> None:
-        """Send what is queued (the errors of a shutdown), then stop writing."""
-        self._outbox.put(None)
-        self._writer.join(timeout)
-
-    # Channel, called on the scheduler thread
-    def post(self, key: Any, event: Event, urgent: bool) -> bool:
-        if self.closed:
-            return False
-        self._pending.append((key, wire_event(event)))
-        if not isinstance(event, str):
-            self._sequences.pop(key, None)
-        self._hold.posted(urgent)
-        return True
-
-    def flush(self) -> bool:
-        if not self.closed and self._hold.due():
-            batch, self._pending = self._pending, []
-            self._send(encode(("step", batch)))
-        return not self.closed
-
-    def _send(self, frame: bytes) -> None:
-        """Write now when nothing is queued and the socket takes it, else leave it to the writer thread.
-
-        A step's frame is small and the socket buffer nearly always has room: sending here saves a thread
-        hand-over (and its GIL round trip) per step, while a client that does not read never blocks the model.
-        """
-        with self._send_lock:
-            if self._queued == 0:
-                try:
-                    sent = self.sock.send(frame, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    sent = len(frame)  # the reader sees the connection end and closes it
-                if sent == len(frame):
-                    return
-                frame = frame[sent:]
-            self._queued += 1
-            self._outbox.put(frame)
-
-    def send_hello(self) -> None:
-        engine = self.engine
-        info = {
-            "model_name": engine.model_name,
-            "max_batch_size": engine.max_batch_size,
-            "context_len": engine.context_len,
-            "system_prompt": engine.system_prompt,
-            "tokenizer": engine.tokenizer,
-            "pid": os.getpid(),
-        }
-        self._send(encode(("hello", info)))
-
-    def _write_loop(self) -> None:
-        try:
-            while (frame := self._outbox.get()) is not None:
-                self.sock.sendall(frame)
-                with self._send_lock:
-                    self._queued -= 1
-        except OSError:
-            self._close()
-
-    def _read_loop(self, on_close: Any) -> None:
-        try:
-            while (message := recv_message(self.sock)) is not None:
-                self._handle(message)
-        except (OSError, ConnectionError, pickle.UnpicklingError, EOFError):
-            pass
-        finally:
-            self._close()
-            on_close(self)
-
-    def _handle(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "hello":  # asked for, so that a probe connection costs nothing
-            self.send_hello()
-        elif message[0] == "submit":
-            _, rid, prompt_ids, params = message
-            try:
-                seq = self.engine.new_sequence(prompt_ids, SamplingParams(**params), self, rid)
-                self._sequences[rid] = seq
-                self.scheduler.submit(seq)
-            except Exception as exc:  # a closed scheduler, bad parameters: that request fails, not the connection
-                self._send(encode(("step", [(rid, wire_event(exc))])))
-        elif message[0] == "cancel":
-            cancelled = self._sequences.pop(message[1], None)
-            if cancelled is not None:
-                cancelled.cancel()
-
-    def _close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for seq in list(self._sequences.values()):
-            seq.cancel()  # the web process is gone: stop computing for it at the next step
-        self._sequences.clear()
-        self._outbox.put(None)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class EngineServer:
