@@ -21,11 +21,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from .base import GenerationChunk
 
-Event = str | GenerationChunk | BaseException
+Reply = str | GenerationChunk | BaseException  # what a stream's consumer gets
+Event = Reply | int  # int: a token id, posted for a consumer that detokenizes itself (an engine process's)
 
 
 class Channel(Protocol):
@@ -77,13 +78,13 @@ class LoopChannel:
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
         self.loop = loop
         self.closed = False
-        self._pending: list[tuple[ReplyBuffer, Event]] = []
+        self._pending: list[tuple[ReplyBuffer, Reply]] = []  # its sequences detokenize: no token ids
         self._hold = HoldBack(interval)
 
     def post(self, key: Any, event: Event, urgent: bool) -> bool:
         if self.closed:
             return False
-        self._pending.append((key, event))
+        self._pending.append((key, cast(Reply, event)))
         self._hold.posted(urgent)
         return True
 
@@ -100,7 +101,7 @@ class LoopChannel:
         return not self.closed
 
 
-def _dispatch(batch: list[tuple[ReplyBuffer, Event]]) -> None:
+def _dispatch(batch: list[tuple[ReplyBuffer, Reply]]) -> None:
     for buffer, event in batch:
         buffer.push(event)
 
@@ -111,10 +112,10 @@ class ReplyBuffer:
     __slots__ = ("_events", "_waiter")
 
     def __init__(self) -> None:
-        self._events: list[Event] = []
+        self._events: list[Reply] = []
         self._waiter: asyncio.Future[None] | None = None
 
-    def push(self, event: Event) -> None:
+    def push(self, event: Reply) -> None:
         """Called on the loop: store ``event`` and wake the consumer."""
         self._events.append(event)
         waiter = self._waiter

@@ -53,7 +53,7 @@ class ClientConnection:
         if self.closed:
             return False
         self._pending.append((key, wire_event(event)))
-        if not isinstance(event, str):
+        if not isinstance(event, (int, str)):  # the last event of that sequence
             self._sequences.pop(key, None)
         self._hold.posted(urgent)
         return True
@@ -121,7 +121,7 @@ class ClientConnection:
         elif message[0] == "submit":
             _, rid, prompt_ids, params = message
             try:
-                seq = self.engine.new_sequence(prompt_ids, SamplingParams(**params), self, rid)
+                seq = self.engine.new_sequence(prompt_ids, SamplingParams(**params), self, rid, detokenize=False)
                 self._sequences[rid] = seq
                 self.scheduler.submit(seq)
             except Exception as exc:  # a closed scheduler, bad parameters: that request fails, not the connection

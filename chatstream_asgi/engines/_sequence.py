@@ -29,6 +29,7 @@ class Sequence:
         *,
         decoder: DecoderSpec,
         eos_ids: frozenset[int],
+        detokenize: bool = True,
     ) -> None:
         self.prompt_ids = list(prompt_ids)
         self.params = params
@@ -36,7 +37,8 @@ class Sequence:
         self.completion_tokens = 0
         self.done = False
         self._sent_text = False
-        self._text = ReplyText(decoder, params.stop)
+        # None: token ids leave as they are and the consumer detokenizes (and watches the stop strings)
+        self._text = ReplyText(decoder, params.stop) if detokenize else None
         self._eos = frozenset() if params.ignore_eos else eos_ids
         self.channel = channel
         self.key = key  # who the channel delivers to: a ReplyBuffer, or a request id across a process boundary
@@ -58,6 +60,8 @@ class Sequence:
     def accept(self, token_id: int) -> bool:
         """Take one generated token, emit the text it completes; True when the reply is over."""
         self.completion_tokens += 1
+        if self._text is None:
+            return self._accept_id(token_id)
         if token_id in self._eos:
             return self._finish("stop", self._text.finish())
         text = self._text.push(token_id)
@@ -69,6 +73,14 @@ class Sequence:
         if text:
             self._emit(text, urgent=not self._sent_text)
             self._sent_text = True
+        return False
+
+    def _accept_id(self, token_id: int) -> bool:
+        if token_id in self._eos:
+            return self._finish("stop", "")
+        self._emit(token_id, urgent=self.completion_tokens == 1)
+        if self.completion_tokens >= self.params.max_new_tokens:
+            return self._finish("length", "")
         return False
 
     def fail(self, error: BaseException) -> None:

@@ -8,8 +8,8 @@ peer's uid (``SO_PEERCRED``) before it reads anything.
 
 Client to engine: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``.
 Engine to client: ``("hello", info)`` once, then one ``("step", [(rid, event), ...])`` per step, where
-an event is a ``str`` (text), ``("end", text, reason, prompt_tokens, completion_tokens)`` or
-``("error", message)``.
+an event is an ``int`` (a generated token id: the web process detokenizes), ``("end", text, reason,
+prompt_tokens, completion_tokens)`` or ``("error", message)``.
 """
 
 from __future__ import annotations
@@ -65,17 +65,17 @@ async def read_message(reader: asyncio.StreamReader) -> Any:
 
 
 def wire_event(event: Any) -> Any:
-    """An engine event (``str``, ``GenerationChunk`` or exception) as plain tuples."""
-    if isinstance(event, str):
+    """An engine event (token id, text, ``GenerationChunk`` or exception) as plain values and tuples."""
+    if isinstance(event, (int, str)):
         return event
     if isinstance(event, GenerationChunk):
         return ("end", event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens)
     return ("error", f"{event}")
 
 
-def local_event(event: Any) -> str | GenerationChunk | tuple[str, str]:
-    """The inverse of ``wire_event`` for text and ends; an error stays ``("error", message)``."""
-    if isinstance(event, str) or event[0] == "error":
+def local_event(event: Any) -> int | str | GenerationChunk | tuple[str, str]:
+    """The inverse of ``wire_event`` for ids, text and ends; an error stays ``("error", message)``."""
+    if isinstance(event, (int, str)) or event[0] == "error":
         return event  # type: ignore[no-any-return]
     _, text, reason, prompt_tokens, completion_tokens = event
     return GenerationChunk(text, reason, prompt_tokens, completion_tokens)

@@ -125,7 +125,7 @@ class ProcessEngine:
 
     @property
     def running_count(self) -> int:
-        return len(self._link.buffers) if self._link is not None else 0
+        return len(self._link.replies) if self._link is not None else 0
 
     async def start(self) -> None:
         """Connect to the engine process, starting it if nobody serves the address yet (idempotent)."""

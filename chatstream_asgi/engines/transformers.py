@@ -202,10 +202,14 @@ class TransformersEngine:
         scheduler.start()
         return scheduler
 
-    def new_sequence(self, prompt_ids: list[int], params: SamplingParams, channel: Channel, key: Any) -> Sequence:
-        """A request for the worker: its events go to ``channel`` for ``key``."""
+    def new_sequence(
+        self, prompt_ids: list[int], params: SamplingParams, channel: Channel, key: Any, *, detokenize: bool = True
+    ) -> Sequence:
+        """A request for the worker: its events go to ``channel`` for ``key``; token ids if not ``detokenize``."""
         check_params(params)
-        return Sequence(prompt_ids, params, channel, key, decoder=self._decoder, eos_ids=self._eos_ids)
+        return Sequence(
+            prompt_ids, params, channel, key, decoder=self._decoder, eos_ids=self._eos_ids, detokenize=detokenize
+        )
 
     async def close(self) -> None:
         scheduler, self._scheduler = self._scheduler, None

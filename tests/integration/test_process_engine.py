@@ -194,3 +194,23 @@ async def test_an_engine_process_that_cannot_load_its_model_fails_start_with_a_c
         await engine.start()
     assert not engine.ready
     await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_stop_strings_end_the_reply_in_the_web_process_like_the_in_thread_engine(
+    process_engine: ProcessEngine, tiny_engine_parts: tuple[Any, Any]
+) -> None:
+    model, tokenizer = tiny_engine_parts
+    local = TransformersEngine(model, tokenizer, max_batch_size=4)
+    try:
+        full = await reply(local)
+        stop = full[len(full) // 2 : len(full) // 2 + 3]  # the engine process sends ids; the web side must cut here
+        params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True, stop=(stop,))
+        expected = [chunk async for chunk in local.stream(MESSAGES, params)]
+        got = [chunk async for chunk in process_engine.stream(MESSAGES, params)]
+    finally:
+        await local.close()
+    assert "".join(c.text for c in got) == "".join(c.text for c in expected) == full[: full.index(stop)]
+    assert got[-1].finish_reason == expected[-1].finish_reason == "stop"
+    assert got[-1].completion_tokens == expected[-1].completion_tokens
+    assert process_engine.running_count == 0
