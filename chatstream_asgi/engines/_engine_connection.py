@@ -18,7 +18,7 @@ from typing import Any
 from ._delivery import Event, HoldBack
 from ._scheduler import Scheduler
 from ._sequence import Sequence
-from ._wire import encode, recv_message, wire_event
+from ._wire import WIRE_VERSION, encode, recv_message, wire_event
 from .base import SamplingParams
 from .transformers import TransformersEngine
 
@@ -93,6 +93,7 @@ class ClientConnection:
             "system_prompt": engine.system_prompt,
             "tokenizer": engine.tokenizer,
             "pid": os.getpid(),
+            "wire": WIRE_VERSION,
         }
         self._send(encode(("hello", info)))
 

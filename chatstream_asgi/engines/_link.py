@@ -15,15 +15,17 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import EngineError
+from ..errors import EngineError, EngineNotReady
 from ._delivery import ReplyBuffer
-from ._wire import encode, local_event, read_message
+from ._wire import WIRE_VERSION, encode, local_event, read_message
 from .base import GenerationChunk, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
 
+logger = logging.getLogger("chatstream_asgi")
 LINK_BUFFER = 1 << 22  # bytes the reader may take in one read: a step of many streams is one read
 LOST = "The engine process ended while generating this reply; it is being restarted."
 
@@ -68,6 +70,13 @@ class EngineLink:
         if kind != "hello":
             writer.close()
             raise ConnectionError(f"the engine on {address} answered {kind!r} instead of hello")
+        if info.get("wire") != WIRE_VERSION:
+            writer.close()
+            raise EngineNotReady(
+                f"the engine process on {address} (pid {info.get('pid')}) speaks wire version {info.get('wire')}, "
+                f"this web process {WIRE_VERSION}: it is from another chatstream_asgi version; stop it (or wait for "
+                "it to exit once its last web process has gone) and start again"
+            )
         return cls(reader, writer, info, on_lost)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, replies: ReplyBuffer) -> int:
@@ -100,6 +109,8 @@ class EngineLink:
                     self._deliver(batch)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except Exception:  # a frame this side cannot handle: lose the link (its streams fail), never hang them
+            logger.exception("unreadable frame from the engine process; dropping the connection")
         finally:
             self._lose()
 

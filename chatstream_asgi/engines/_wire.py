@@ -23,6 +23,8 @@ from typing import Any
 from .base import GenerationChunk
 
 HEADER = struct.Struct("!I")
+#: bumped whenever a message changes shape: a web process never talks to an engine of another version
+WIRE_VERSION = 2
 MAX_FRAME = 1 << 30
 
 

@@ -20,7 +20,7 @@ from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.process import ProcessEngine
 from chatstream_asgi.engines.replicas import EngineReplicas
 from chatstream_asgi.engines.transformers import TransformersEngine
-from chatstream_asgi.errors import EngineError, EngineUnavailable
+from chatstream_asgi.errors import EngineError, EngineNotReady, EngineUnavailable
 
 from .servers import chat, chat_app, get_load, not_found_app, wait_for_load, wait_until
 
@@ -214,3 +214,18 @@ async def test_stop_strings_end_the_reply_in_the_web_process_like_the_in_thread_
     assert got[-1].finish_reason == expected[-1].finish_reason == "stop"
     assert got[-1].completion_tokens == expected[-1].completion_tokens
     assert process_engine.running_count == 0
+
+
+@pytest.mark.asyncio
+async def test_a_web_process_refuses_an_engine_of_another_wire_version(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chatstream_asgi.engines import _link
+
+    monkeypatch.setattr(_link, "WIRE_VERSION", _link.WIRE_VERSION + 1)  # as if this web process were newer
+    engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=2)
+    try:
+        with pytest.raises(EngineNotReady, match="speaks wire version"):
+            await engine.start()
+    finally:
+        await engine.close()
