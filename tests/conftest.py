@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.integration.servers import UvicornThread
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import TokenLog, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +39,19 @@ def serve() -> Iterator[Callable[..., UvicornThread]]:
             return servers.enter_context(UvicornThread(app, **options))
 
         yield start
+
+
+@pytest.fixture
+def token_log(monkeypatch: pytest.MonkeyPatch) -> TokenLog:
+    """Every token the worker accepts, in order, keyed by the sequence's prompt ids."""
+    from chatstream_asgi.engines import _sequence  # imports torch: only for the tests that ask for it
+
+    log: TokenLog = []
+    accept = _sequence.Sequence.accept
+
+    def recording(self: _sequence.Sequence, token_id: int) -> bool:
+        log.append((tuple(self.prompt_ids), token_id))
+        return accept(self, token_id)
+
+    monkeypatch.setattr(_sequence.Sequence, "accept", recording)
+    return log

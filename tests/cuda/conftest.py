@@ -21,13 +21,10 @@ from typing import Any
 import pytest
 import torch
 
-from chatstream_asgi.engines import _sequence
-
 HERE = Path(__file__).parent
 ON_CPU = os.environ.get("CHATSTREAM_CUDA_TESTS_ON_CPU") == "1"
 SKIP = pytest.mark.skip(reason="needs a CUDA GPU (CHATSTREAM_CUDA_TESTS_ON_CPU=1 runs these tests on the CPU)")
 
-TokenLog = list[tuple[tuple[int, ...], int]]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -59,20 +56,6 @@ def float32_parts(tiny_model_dir: Path, device: torch.device) -> tuple[Any, Any]
 @pytest.fixture(scope="session")
 def bfloat16_parts(tiny_model_dir: Path, device: torch.device) -> tuple[Any, Any]:
     return load_parts(tiny_model_dir, device, torch.bfloat16)
-
-
-@pytest.fixture
-def token_log(monkeypatch: pytest.MonkeyPatch) -> TokenLog:
-    """Every token the worker accepts, in order, keyed by the sequence's prompt ids."""
-    log: TokenLog = []
-    accept = _sequence.Sequence.accept
-
-    def recording(self: _sequence.Sequence, token_id: int) -> bool:
-        log.append((tuple(self.prompt_ids), token_id))
-        return accept(self, token_id)
-
-    monkeypatch.setattr(_sequence.Sequence, "accept", recording)
-    return log
 
 
 def raise_out_of_memory(device: torch.device) -> None:

@@ -13,8 +13,7 @@ from chatstream_asgi.engines._sampling import RowSampler, pick_tokens
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import EngineError
-
-from .conftest import TokenLog
+from tests.tiny_model import TokenLog
 
 LONG_TEXT = "Streaming replies token by token keeps the user interface responsive. " * 12
 PROMPTS = ["hi", "What is the capital of France? Tell me now, please.", "東京は日本の首都です。😀", LONG_TEXT]

@@ -8,18 +8,17 @@ from typing import Any
 import pytest
 import torch
 
-from chatstream_asgi.engines import _sequence
 from chatstream_asgi.engines.base import Engine, GenerationChunk, SamplingParams
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import ConfigurationError, EngineError, EngineNotReady
 from chatstream_asgi.prompts import PromptTooLong
+from tests.tiny_model import TokenLog
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 LONG_TEXT = "Streaming replies token by token keeps the user interface responsive. " * 12
 PROMPTS = ["hi", "What is the capital of France? Tell me now, please.", "東京は日本の首都です。😀", LONG_TEXT]
 
 Parts = tuple[Any, Any]
-TokenLog = list[tuple[tuple[int, ...], int]]
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -52,20 +51,6 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> No
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.001)
-
-
-@pytest.fixture
-def token_log(monkeypatch: pytest.MonkeyPatch) -> TokenLog:
-    """Every token the worker accepts, in order, keyed by the sequence's prompt ids."""
-    log: TokenLog = []
-    accept = _sequence.Sequence.accept
-
-    def recording(self: _sequence.Sequence, token_id: int) -> bool:
-        log.append((tuple(self.prompt_ids), token_id))
-        return accept(self, token_id)
-
-    monkeypatch.setattr(_sequence.Sequence, "accept", recording)
-    return log
 
 
 def tokens_of(log: TokenLog, prompt: list[int]) -> list[int]:
