@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import psutil
+from _cpu_load import busy_seconds, our_cpu_seconds
 from _stack_inprocess import Measure
 
 HERE = Path(__file__).resolve().parent
@@ -116,22 +116,6 @@ def run_client(port: int, n: int, requests: int, new_tokens: int, sse: bool, tim
 def in_windows(samples: list[tuple[int, float, float]], port: int, windows: list[tuple[float, float]]) -> list[float]:
     """Latencies of the polls of ``port`` that started inside one of ``windows``."""
     return [s for p, at, s in samples if p == port and any(start <= at <= end for start, end in windows)]
-
-
-def our_cpu_seconds() -> float:
-    """CPU of this process, its live descendants (servers, engine workers, poller) and its waited-for children."""
-    me, total = psutil.Process(), 0.0
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    finished = os.times()
-    return total + finished.children_user + finished.children_system
-
-
-def busy_seconds() -> float:
-    times = psutil.cpu_times()
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 class OtherLoad:

@@ -58,6 +58,7 @@ from _bench_client import (  # noqa: E402
     warm_up,
 )
 from _bench_common import INFO_PATH, gguf_path  # noqa: E402
+from _cpu_load import busy_seconds, our_cpu_seconds  # noqa: E402
 
 VENV = HERE / ".venv-chatstream"
 CACHE = HERE / ".cache"
@@ -148,17 +149,6 @@ class Sampler:
         self.thread.join()
 
 
-def our_cpu_seconds() -> float:
-    """CPU time of this process, its live descendants (servers, poller) and its children already waited for."""
-    me, total = psutil.Process(), 0.0
-    for proc in [me, *me.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    finished = os.times()
-    return total + finished.children_user + finished.children_system
-
-
 @contextlib.contextmanager
 def other_load() -> Iterator[list[float]]:
     """Yields a one-item list that ends up holding the cores used by other processes while the block ran."""
@@ -181,11 +171,6 @@ def wait_for_quiet(max_wait: float, threshold: float = BUSY_CORES) -> None:
             if busy > threshold:
                 print(f"  (other processes still use {busy:.1f} cores; measuring anyway)", flush=True)
             return
-
-
-def busy_seconds() -> float:
-    times = psutil.cpu_times()
-    return float(sum(times) - times.idle - getattr(times, "iowait", 0.0))
 
 
 class Server:
