@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from tests.engine_helpers import TokenLog
 from tests.integration.servers import UvicornThread
-from tests.tiny_model import TokenLog, build_tiny_model
+from tests.tiny_model import build_tiny_model
 
 
 @pytest.fixture(scope="session")

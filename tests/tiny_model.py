@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-#: every token the engine's worker accepted, in order, keyed by its sequence's prompt ids (``token_log`` fixture)
-TokenLog = list[tuple[tuple[int, ...], int]]
 VOCAB_SIZE = 600
 PAD, BOS, IM_START, IM_END = "<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, BOS, IM_START, IM_END]

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,7 +12,7 @@ from chatstream_asgi.engines._sampling import RowSampler, pick_tokens
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import EngineError
-from tests.tiny_model import TokenLog
+from tests.engine_helpers import TokenLog, tokens_of, wait_until
 
 LONG_TEXT = "Streaming replies token by token keeps the user interface responsive. " * 12
 PROMPTS = ["hi", "What is the capital of France? Tell me now, please.", "東京は日本の首都です。😀", LONG_TEXT]
@@ -22,6 +21,7 @@ GREEDY = SamplingParams(temperature=0.0, max_new_tokens=48, ignore_eos=True)
 BF16_NEAR_TIE = 0.25
 
 Parts = tuple[Any, Any]
+DEVICE_WAIT = 30.0  # seconds: a first CUDA step loads kernels
 
 
 def user(text: str) -> list[dict[str, str]]:
@@ -34,17 +34,6 @@ async def collect(engine: TransformersEngine, text: str, params: SamplingParams)
         out += chunk.text
         last = chunk
     return out, last
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
-
-
-def tokens_of(log: TokenLog, prompt: list[int]) -> list[int]:
-    return [token for key, token in log if key == tuple(prompt)]
 
 
 def generate_greedy(parts: Parts, prompt: list[int], new_tokens: int) -> list[int]:
@@ -73,9 +62,9 @@ async def staggered_batch(parts: Parts, device: torch.device, log: TokenLog) -> 
         return False
 
     first = asyncio.create_task(collect(engine, PROMPTS[0], GREEDY))
-    await wait_until(lambda: watch() or engine.stats.steps >= 3)
+    await wait_until(lambda: watch() or engine.stats.steps >= 3, timeout=DEVICE_WAIT)
     second = asyncio.create_task(collect(engine, PROMPTS[1], GREEDY))
-    await wait_until(lambda: watch() or engine.stats.steps >= 7)
+    await wait_until(lambda: watch() or engine.stats.steps >= 7, timeout=DEVICE_WAIT)
     rest = [asyncio.create_task(collect(engine, p, GREEDY)) for p in PROMPTS[2:]]
     while not all(t.done() for t in [first, second, *rest]):
         watch()
@@ -160,9 +149,10 @@ async def test_cancel_frees_the_row_and_the_other_stream_matches_solo(
     doomed = engine.stream(user(PROMPTS[2]), params)
     for _ in range(3):
         await doomed.__anext__()
-    await wait_until(lambda: engine.stats.batch_rows == 2)  # the survivor may join a step or two later
+    # the survivor may join a step or two later
+    await wait_until(lambda: engine.stats.batch_rows == 2, timeout=DEVICE_WAIT)
     await doomed.aclose()  # type: ignore[attr-defined]
-    await wait_until(lambda: engine.stats.batch_rows == 1)
+    await wait_until(lambda: engine.stats.batch_rows == 1, timeout=DEVICE_WAIT)
     assert not survivor.done()
     await survivor
     await engine.close()

@@ -12,7 +12,7 @@ from chatstream_asgi.engines.base import Engine, GenerationChunk, SamplingParams
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import ConfigurationError, EngineError, EngineNotReady
 from chatstream_asgi.prompts import PromptTooLong
-from tests.tiny_model import TokenLog
+from tests.engine_helpers import TokenLog, tokens_of, wait_until
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)
 LONG_TEXT = "Streaming replies token by token keeps the user interface responsive. " * 12
@@ -44,17 +44,6 @@ async def running_task(engine: TransformersEngine, text: str, params: SamplingPa
         return first.text + "".join([chunk.text async for chunk in stream])
 
     return asyncio.create_task(rest())
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.001)
-
-
-def tokens_of(log: TokenLog, prompt: list[int]) -> list[int]:
-    return [token for key, token in log if key == tuple(prompt)]
 
 
 def reference_greedy(parts: Parts, prompt: list[int], params: SamplingParams) -> list[int]:
