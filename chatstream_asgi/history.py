@@ -25,6 +25,8 @@ Message = dict[str, str]
 
 DEFAULT_MAX_SESSIONS = 10_000
 DEFAULT_TTL = 24 * 3600.0
+# trim_turns moves the kept window's start by 1/TRIM_STEPS of max_turns at a time (see its docstring)
+TRIM_STEPS = 4
 
 
 @runtime_checkable
@@ -55,17 +57,28 @@ def copy_messages(messages: Iterable[Mapping[str, str]]) -> list[Message]:
 
 
 def trim_turns(messages: list[Message], max_turns: int | None) -> list[Message]:
-    """Keep leading system messages and the last ``max_turns`` user/assistant pairs."""
+    """Keep leading system messages and at most the last ``max_turns`` user/assistant pairs, cut in steps.
+
+    Pairs are numbered from the start of the conversation, and the kept window starts at a multiple of
+    ``step = max(1, max_turns // 4)`` pairs: it holds between ``max_turns - step + 1`` and ``max_turns`` pairs,
+    and its start moves only every ``step`` turns. Cutting the fewest pairs would change the beginning of the
+    rendered prompt on every turn, and the engine's prefix KV cache would never hit. A pair opens with a user
+    message (replies before the first one count as a pair of their own): a kept tail that opened with a reply
+    would have lost its question.
+    """
     if max_turns is None:
         return messages
     head = 0
     while head < len(messages) and messages[head]["role"] == "system":
         head += 1
-    tail = messages[head:][-2 * max_turns :]
-    # a kept tail that opens with a reply has lost its question; drop the orphan
-    if tail and tail[0]["role"] == "assistant" and len(messages) - head > len(tail):
-        tail = tail[1:]
-    return messages[:head] + tail
+    starts = [i for i in range(head, len(messages)) if i == head or messages[i]["role"] == "user"]
+    excess = len(starts) - max_turns
+    if excess <= 0:
+        return messages
+    step = max(1, max_turns // TRIM_STEPS)
+    # the smallest multiple of step that drops enough: it depends only on the pair count, not on earlier calls
+    first = -(-excess // step) * step
+    return messages[:head] + messages[starts[first] :]
 
 
 def user_message(text: str) -> Message:

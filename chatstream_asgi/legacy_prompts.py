@@ -9,6 +9,7 @@ The presets themselves are in ``legacy_presets.py``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, auto
@@ -200,8 +201,7 @@ class OutputReplacingEngine:
                 text = replace_all(pending + chunk.text, self.replacements)
                 keep = 0 if chunk.finish_reason is not None else self.held_back(text)
                 pending = text[len(text) - keep :] if keep else ""
-                yield GenerationChunk(text[: len(text) - keep], chunk.finish_reason, chunk.prompt_tokens,
-                                      chunk.completion_tokens)
+                yield dataclasses.replace(chunk, text=text[: len(text) - keep])
         finally:
             closer = getattr(chunks, "aclose", None)
             if closer is not None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from .engines.base import prefix_cache_stats
 from .errors import ConfigurationError, HTTPError
 
 if TYPE_CHECKING:
@@ -43,9 +44,10 @@ class ChatMetrics:
     Args:
         admission: read at scrape time for the running and waiting gauges.
         registry: a ``prometheus_client.CollectorRegistry``; by default a new one of its own.
+        engine: read at scrape time for the prefix cache figures, if it has a prefix cache.
     """
 
-    def __init__(self, admission: Admission, *, registry: Any = None) -> None:
+    def __init__(self, admission: Admission, *, registry: Any = None, engine: object = None) -> None:
         try:
             import prometheus_client as prom
         except ImportError as exc:
@@ -74,10 +76,37 @@ class ChatMetrics:
         self.rejected = counter("request_rejected", "Requests refused, by reason.", ("reason",))
         self.outcomes = counter("request_outcome", "Generations by how they ended.", ("outcome",))
         self.disconnects = counter("client_disconnects", "Clients that left, by stage (queued, streaming).", ("stage",))
+        if prefix_cache_stats(engine) is not None:
+            r.register(PrefixCacheCollector(engine))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every collector, and its content type."""
         return self._prom.generate_latest(self.registry), self._prom.CONTENT_TYPE_LATEST
+
+
+class PrefixCacheCollector:
+    """The engine's prefix cache, read at scrape time (the engine counts; nothing is done per request here).
+
+    ``queries`` and ``hits`` count prompt tokens, as vLLM's ``prefix_cache_queries`` / ``prefix_cache_hits``:
+    their rates' ratio is the hit rate.
+    """
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = prefix_cache_stats(self.engine)
+        if stats is None:
+            return
+        name = "chatstream_prefix_cache_"
+        yield CounterMetricFamily(name + "queries", "Prompt tokens looked up in the cache.", stats.queries_tokens)
+        yield CounterMetricFamily(name + "hits", "Prompt tokens read from the cache.", stats.hit_tokens)
+        yield CounterMetricFamily(name + "evictions", "Prefix cache entries evicted for room.", stats.evictions)
+        yield GaugeMetricFamily(name + "bytes", "KV bytes held by the prefix cache.", stats.bytes)
+        yield GaugeMetricFamily(name + "capacity_bytes", "The prefix cache's budget (0: off).", stats.capacity_bytes)
+        yield GaugeMetricFamily(name + "entries", "Sequences held by the prefix cache.", stats.entries)
 
 
 class Observer:
@@ -192,5 +221,6 @@ class GenerationProbe:
             "duration_s": round(duration, 6),
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
+            "cached_tokens": result.cached_tokens,
             "error": None if result.error is None else type(result.error).__name__,
         }

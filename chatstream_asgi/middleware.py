@@ -72,7 +72,8 @@ class ChatStreamMiddleware:
         allowed_origins: origins besides this server's own allowed to POST with the session cookie (CSRF check).
         csrf: set False to turn the ``Origin``/``Sec-Fetch-Site`` check off.
         max_input_chars: the longest ``user_input`` (on the OpenAI routes, each message) accepted (400 beyond).
-        max_history_turns: user/assistant pairs of history sent to the model with a new turn; None sends all
+        max_history_turns: at most this many user/assistant pairs of history sent to the model with a new turn
+            (older pairs are cut a quarter of it at a time, so the prompt prefix stays cacheable); None sends all
             (the engine still truncates to its context).
         max_input_tokens: the most tokens one ``user_input`` (on the OpenAI routes, the whole prompt) may have,
             counted with the engine's tokenizer (engines without one, like the mock or an upstream, are limited by
@@ -173,7 +174,9 @@ class ChatStreamMiddleware:
         if metrics_path is not None and metrics_registry is None and not metrics_available():
             logger.warning("prometheus-client is not installed, so %s is not served; pip install it", metrics_path)
             metrics_path = None
-        metrics = None if metrics_path is None else ChatMetrics(self.admission, registry=metrics_registry)
+        metrics = None
+        if metrics_path is not None:
+            metrics = ChatMetrics(self.admission, registry=metrics_registry, engine=engine)
         self.observer = self.routes.observer = openai_routes.observer = Observer(metrics, log_text=log_text)
         operations = OperationsRoutes(engine, self.admission, metrics)
         ops_paths = {"healthz": health_path, "readyz": ready_path, "metrics": metrics_path}

@@ -29,6 +29,7 @@ from .openai_schema import (
     error_body,
     models_body,
     parse_completion_request,
+    usage,
 )
 from .requests import require_json
 from .routes import ChatSettings
@@ -221,7 +222,8 @@ class OpenAIRoutes:
         if result.outcome == "error":
             raise as_http_error(result.error or RuntimeError("generation failed"))
         finish_reason = result.finish_reason or "stop"
-        body = reply.completion(result.text, finish_reason, result.prompt_tokens, result.completion_tokens)
+        counts = usage(result.prompt_tokens, result.completion_tokens, result.cached_tokens)
+        body = reply.completion(result.text, finish_reason, counts)
         await send_json(send, 200, body, headers)
 
     def stream_options(self, headers: list[tuple[bytes, bytes]]) -> StreamOptions:

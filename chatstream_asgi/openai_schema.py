@@ -179,9 +179,14 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    total = prompt_tokens + completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens read from the prefix cache (OpenAI's prompt caching)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
 @dataclass(frozen=True)
@@ -192,10 +197,11 @@ class ReplyHeader:
     created: int
     model: str
 
-    def completion(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    def completion(self, text: str, finish_reason: str, counts: dict[str, Any]) -> dict[str, Any]:
+        """The whole reply; ``counts`` is its ``usage``."""
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        return {**self.fields("chat.completion"), "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        return {**self.fields("chat.completion"), "choices": [choice], "usage": counts}
 
     def chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
@@ -231,7 +237,9 @@ class OpenAIStreamEncoder:
     def done(self, summary: dict[str, Any]) -> bytes:
         final = self.event(self.header.chunk({}, summary.get("finish_reason") or "stop"))
         if self.include_usage:
-            counts = usage(summary.get("prompt_tokens", 0), summary.get("completion_tokens", 0))
+            counts = usage(
+                summary.get("prompt_tokens", 0), summary.get("completion_tokens", 0), summary.get("cached_tokens", 0)
+            )
             final += self.event({**self.header.fields("chat.completion.chunk"), "choices": [], "usage": counts})
         return self.role() + final + DONE
 

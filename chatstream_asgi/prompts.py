@@ -6,6 +6,16 @@ the replies up to the next user message), so the template always sees a history 
 user turn. System messages and the last user turn with what follows it are never dropped; when
 they alone are over budget, ``PromptTooLong`` says by how many tokens.
 
+Turns are dropped in steps of about a quarter of the context, not one at a time. The engine keeps a
+prefix KV cache, and every turn's prompt is rendered from the whole history: dropping the fewest
+turns that fit would move the prompt's beginning on every turn of a long chat, and the cache would
+never hit again. So the allowed cut points are the first turn boundaries at or past 1, 2, 3, ...
+quarters of the context, counted from the oldest turn with a cheap per-message token estimate, and
+the smallest cut whose real render fits wins. The cut points depend only on the conversation, not
+on the turn or on earlier requests: turns appended at the end do not move the boundaries of the
+earlier ones, so the same cut, and the same prompt prefix, is kept until it no longer fits, and then
+the window jumps by about a quarter of the context at once.
+
 Nothing here imports torch: the helpers take a tokenizer and a model duck-typed.
 """
 
@@ -17,6 +27,12 @@ from typing import Any
 
 from .engines.base import ChatMessage
 from .errors import ChatStreamError
+
+# the cut points of truncation lie this fraction of the context apart (see the module docstring)
+TRUNCATION_STEP = 0.25
+# what a chat template adds around each message's content (role markers, separators); only an estimate:
+# it places the cut points, while whether a prompt fits is always decided on the real render
+MESSAGE_OVERHEAD_TOKENS = 4
 
 
 class PromptTooLong(ChatStreamError):
@@ -99,8 +115,35 @@ def _droppable_turns(messages: Sequence[ChatMessage]) -> list[list[int]]:
     return turns
 
 
+def _turn_sizes(tokenizer: Any, messages: Sequence[ChatMessage], turns: list[list[int]]) -> list[int]:
+    """A cheap token estimate for each turn: its contents tokenized alone, plus a per-message overhead."""
+    return [
+        sum(len(tokenizer.encode(messages[i].get("content", ""), add_special_tokens=False)) for i in turn)
+        + MESSAGE_OVERHEAD_TOKENS * len(turn)
+        for turn in turns
+    ]
+
+
+def _drop_counts(sizes: list[int], step: int) -> list[int]:
+    """The allowed numbers of oldest turns to drop, ascending, ending with all of them.
+
+    For k = 1, 2, ... the first turn boundary at or past ``k * step`` estimated tokens from the oldest
+    turn; a turn that spans several multiples of ``step`` gives one count for all of them.
+    """
+    counts: list[int] = []
+    total, threshold = 0, step
+    for count, size in enumerate(sizes, start=1):
+        total += size
+        if total >= threshold:
+            counts.append(count)
+            threshold = (total // step + 1) * step
+    if not counts or counts[-1] != len(sizes):
+        counts.append(len(sizes))
+    return counts
+
+
 def fit_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, max_new_tokens: int, context_len: int) -> Prompt:
-    """Render ``messages``, dropping the oldest turns until the prompt plus reply fits ``context_len``.
+    """Render ``messages``, dropping the oldest turns in steps until the prompt plus reply fits ``context_len``.
 
     Raises:
         PromptTooLong: when even the system messages and the last user turn do not fit.
@@ -116,14 +159,15 @@ def fit_prompt(tokenizer: Any, messages: Sequence[ChatMessage], *, max_new_token
     kept, text, ids = attempt(0)
     if len(ids) <= budget:
         return Prompt(text, ids, kept, 0)
-    # Fewer turns never means more tokens, so the smallest drop that fits is found by bisection.
-    low, high = 1, len(turns)
-    best = attempt(high)
+    counts = _drop_counts(_turn_sizes(tokenizer, messages, turns), max(1, int(context_len * TRUNCATION_STEP)))
+    best = attempt(counts[-1])
     if len(best[2]) > budget:
         raise PromptTooLong(len(best[2]), max_new_tokens, context_len)
+    # Fewer turns never means more tokens, so the smallest allowed drop that fits is found by bisection.
+    low, high = 0, len(counts) - 1
     while low < high:
         middle = (low + high) // 2
-        candidate = attempt(middle)
+        candidate = attempt(counts[middle])
         if len(candidate[2]) <= budget:
             high, best = middle, candidate
         else:

@@ -15,7 +15,7 @@ from ._asgi import read_body, send_json
 from ._types import Receive, Scope, Send
 from .admission import Admission
 from .encoders import choose_encoder
-from .engines.base import ChatMessage, Engine, SamplingParams
+from .engines.base import ChatMessage, Engine, SamplingParams, prefix_cache_stats
 from .errors import ConfigurationError, HistoryStoreError, HTTPError
 from .history import HistoryStore, previous_turns, trim_turns, user_message
 from .hooks import ChatHooks
@@ -45,7 +45,7 @@ class ChatSettings:
     system_prompt: str | None = None
     max_body_bytes: int = 64 * 1024
     max_input_chars: int = 16_000
-    max_history_turns: int | None = None  # user/assistant pairs of history sent to the model; None sends all
+    max_history_turns: int | None = None  # at most this many user/assistant pairs sent to the model; None sends all
     max_input_tokens: int | None = None  # needs an engine with a ``tokenizer``; None: only max_input_chars
     max_new_tokens_limit: int = 4096
     generation_timeout: float | None = 300.0
@@ -196,7 +196,11 @@ class ChatRoutes:
         await send_json(send, 200, {"messages": history, "prompt": prompt})
 
     async def get_load(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send_json(send, 200, {**self.admission.snapshot(), "model": self.engine.model_name})
+        load = {**self.admission.snapshot(), "model": self.engine.model_name}
+        cache = prefix_cache_stats(self.engine)
+        if cache is not None:  # cached_tokens: prompt tokens the prefix cache supplied since start
+            load.update(cached_tokens=cache.hit_tokens, prefix_cache=cache.as_dict())
+        await send_json(send, 200, load)
 
     @contextlib.contextmanager
     def exclusive_turn(self, session_id: str) -> Iterator[Callable[[], None]]:

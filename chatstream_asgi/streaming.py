@@ -43,6 +43,7 @@ class StreamResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
     started: bool = False
     time_to_first_token: float | None = None
     error: BaseException | None = None
@@ -177,6 +178,7 @@ class ReplySender:
             self.result.finish_reason = chunk.finish_reason
             self.result.prompt_tokens = chunk.prompt_tokens
             self.result.completion_tokens = chunk.completion_tokens
+            self.result.cached_tokens = chunk.cached_tokens
 
     async def finish(self) -> None:
         await self.start()
@@ -188,6 +190,7 @@ class ReplySender:
             "finish_reason": r.finish_reason,
             "prompt_tokens": r.prompt_tokens,
             "completion_tokens": r.completion_tokens,
+            "cached_tokens": r.cached_tokens,
             "time_to_first_token_s": r.time_to_first_token,
             "duration_s": time.perf_counter() - self.started_at,
             **self.options.summary,

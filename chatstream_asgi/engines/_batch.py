@@ -17,7 +17,8 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache
 
-from ._cache import append_rows, keep_rows, new_cache
+from ._cache import append_rows, keep_rows, new_cache, row_kv, seed_cache
+from ._prefix_cache import LayerKV
 from ._sampling import upload
 from ._sequence import Sequence
 
@@ -51,19 +52,43 @@ class ModelRunner:
         return cast(torch.Tensor, out.logits[:, -1, :].float())
 
 
-def prefill(runner: ModelRunner, prompts: Seq[Seq[int]], pad_id: int) -> tuple[DynamicCache, torch.Tensor]:
-    """Prefill whole prompts as one left-padded batch; return the new cache and last logits."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+def prefill(
+    runner: ModelRunner, prompts: Seq[Seq[int]], pad_id: int, reused: Seq[tuple[LayerKV | None, int]] | None = None
+) -> tuple[DynamicCache, torch.Tensor]:
+    """Prefill prompts as one left-padded batch; return the new cache and last logits.
+
+    ``reused[i] = (layers, n)``: row i's first ``n`` tokens are already computed (a cached prefix) and only
+    the rest is fed. All rows feed the same number of columns, so a row whose uncomputed tail is shorter than
+    the widest one reuses less (its prefix's last columns are fed again) and the row's tokens stay contiguous:
+    the batch keeps its layout (real tokens right-aligned, padding only on the left).
+    """
+    cached = reused_columns(prompts, [n for _, n in reused] if reused else [0] * len(prompts))
+    feed = max(len(p) - n for p, n in zip(prompts, cached, strict=True))
     cache = runner.new_cache()
+    past = seed_cache(cache, [(r[0], n) for r, n in zip(reused, cached, strict=True)]) if reused and any(cached) else 0
+    ids = torch.full((len(prompts), feed), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), past + feed), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        fed = prompt[cached[row] :]
+        ids[row, feed - len(fed) :] = torch.tensor(fed, dtype=torch.long)
+        mask[row, past + feed - len(prompt) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:]
     dev = runner.device
     logits = runner.forward(ids.to(dev), mask.to(dev), positions.to(dev), cache)
     return cache, logits
+
+
+def reused_columns(prompts: Seq[Seq[int]], hits: Seq[int]) -> list[int]:
+    """How many cached tokens each row of one ``prefill`` group really reuses (see ``prefill``)."""
+    feed = max(len(p) - n for p, n in zip(prompts, hits, strict=True))
+    return [max(0, len(p) - feed) for p in prompts]
+
+
+def prefix_cache(runner: ModelRunner, layers: LayerKV, length: int) -> DynamicCache:
+    """A one-row cache holding the first ``length`` tokens of a cached prefix (a long prompt's chunks follow)."""
+    cache = runner.new_cache()
+    seed_cache(cache, [(layers, length)])
+    return cache
 
 
 def prefill_chunk(runner: ModelRunner, cache: DynamicCache, chunk: Seq[int], offset: int) -> torch.Tensor:
@@ -99,6 +124,10 @@ class KVBatch:
         self.lengths = [n + 1 for n in self.lengths]
         self.width = width + 1
         return logits
+
+    def row_kv(self, row: int) -> LayerKV:
+        """A copy of row ``row``'s KV without the batch's padding (for the prefix cache)."""
+        return row_kv(self.cache, row, self.width - self.lengths[row], self.width)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (ascending) and cut the columns that became padding for all of them."""

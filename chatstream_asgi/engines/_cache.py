@@ -105,3 +105,29 @@ def append_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
             torch.cat([_pad_left(my_keys, width), _pad_left(their_keys, width)]),
             torch.cat([_pad_left(my_values, width), _pad_left(their_values, width)]),
         )
+
+
+def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of columns ``[start, stop)`` of batch row ``row`` in every layer, to keep once the row has left."""
+    copies = []
+    for layer in _layers(cache):
+        keys, values = _kv(layer)
+        copies.append((keys[row : row + 1, :, start:stop, :].clone(), values[row : row + 1, :, start:stop, :].clone()))
+    return copies
+
+
+def seed_cache(cache: DynamicCache, prefixes: list[tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]]) -> int:
+    """Fill an empty cache with each row's reused prefix: row ``i`` gets the first ``n`` columns of its
+    ``prefixes[i] = (layers, n)``, right-aligned, zeros on the left (see ``_pad_left``). Returns the width."""
+    width = max(n for _, n in prefixes)
+    template = next(layers for layers, n in prefixes if layers is not None and n)
+    for index, layer in enumerate(_layers(cache)):
+        key_like, value_like = template[index]
+        keys = key_like.new_zeros((len(prefixes), key_like.shape[1], width, key_like.shape[3]))
+        values = value_like.new_zeros((len(prefixes), value_like.shape[1], width, value_like.shape[3]))
+        for row, (layers, n) in enumerate(prefixes):
+            if layers is not None and n:
+                keys[row, :, width - n :, :] = layers[index][0][0, :, :n, :]
+                values[row, :, width - n :, :] = layers[index][1][0, :, :n, :]
+        layer.replace(keys, values)
+    return width

@@ -19,14 +19,23 @@ exception for a failure.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Protocol, cast
+from typing import Any, NamedTuple, Protocol, cast
 
 from .base import GenerationChunk
 
+
+class FirstToken(NamedTuple):
+    """A reply's first token id for a consumer that detokenizes itself, with what its prefill reused."""
+
+    token_id: int
+    cached_tokens: int
+
+
 Reply = str | GenerationChunk | BaseException  # what a stream's consumer gets
-Event = Reply | int  # int: a token id, posted for a consumer that detokenizes itself (an engine process's)
+Event = Reply | int | FirstToken  # ids: posted for a consumer that detokenizes itself (an engine process's)
 
 
 class Channel(Protocol):
@@ -156,9 +165,7 @@ class ReplyBuffer:
             del events[: index + 1]
             if texts:
                 texts.append(event.text)
-                return GenerationChunk(
-                    "".join(texts), event.finish_reason, event.prompt_tokens, event.completion_tokens
-                )
+                return dataclasses.replace(event, text="".join(texts))
             return event
         events.clear()
         return GenerationChunk("".join(texts))

@@ -13,13 +13,14 @@ import pickle
 import queue
 import socket
 import threading
+from dataclasses import astuple
 from typing import Any
 
-from ._delivery import Event, HoldBack
+from ._delivery import Event, FirstToken, HoldBack
 from ._scheduler import Scheduler
 from ._sequence import Sequence
-from ._wire import WIRE_VERSION, encode, recv_message, wire_event
-from .base import SamplingParams
+from ._wire import WIRE_VERSION, encode, recv_message, step_frame, wire_event
+from .base import PrefixCacheStats, SamplingParams
 from .transformers import TransformersEngine
 
 
@@ -34,6 +35,7 @@ class ClientConnection:
         self._sequences: dict[int, Sequence] = {}
         self._pending: list[tuple[int, Any]] = []
         self._hold = HoldBack(engine.stream_interval)
+        self._cache_sent: PrefixCacheStats | None = None
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued = 0  # frames handed to the writer thread and not yet sent
         self._send_lock = threading.Lock()
@@ -53,7 +55,7 @@ class ClientConnection:
         if self.closed:
             return False
         self._pending.append((key, wire_event(event)))
-        if not isinstance(event, (int, str)):  # the last event of that sequence
+        if not isinstance(event, (int, str, FirstToken)):  # the last event of that sequence
             self._sequences.pop(key, None)
         self._hold.posted(urgent)
         return True
@@ -61,7 +63,7 @@ class ClientConnection:
     def flush(self) -> bool:
         if not self.closed and self._hold.due():
             batch, self._pending = self._pending, []
-            self._send(encode(("step", batch)))
+            self._send(step_frame(batch, self._cache_changes()))
         return not self.closed
 
     def _send(self, frame: bytes) -> None:
@@ -83,6 +85,14 @@ class ClientConnection:
                 frame = frame[sent:]
             self._queued += 1
             self._outbox.put(frame)
+
+    def _cache_changes(self) -> tuple[int, ...] | None:
+        """The prefix cache's figures if they changed since the last frame (what ``/metrics`` shows there)."""
+        stats = self.engine.prefix_cache_stats()
+        if stats == self._cache_sent:
+            return None
+        self._cache_sent = stats
+        return astuple(stats)
 
     def send_hello(self) -> None:
         engine = self.engine
@@ -126,7 +136,7 @@ class ClientConnection:
                 self._sequences[rid] = seq
                 self.scheduler.submit(seq)
             except Exception as exc:  # a closed scheduler, bad parameters: that request fails, not the connection
-                self._send(encode(("step", [(rid, wire_event(exc))])))
+                self._send(step_frame([(rid, wire_event(exc))]))
         elif message[0] == "cancel":
             cancelled = self._sequences.pop(message[1], None)
             if cancelled is not None:

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import EngineError, EngineNotReady
-from ._delivery import ReplyBuffer
+from ._delivery import FirstToken, ReplyBuffer
 from ._wire import WIRE_VERSION, encode, local_event, read_message
-from .base import GenerationChunk, SamplingParams
+from .base import GenerationChunk, PrefixCacheStats, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
 
 logger = logging.getLogger("chatstream_asgi")
@@ -38,6 +38,7 @@ class OpenReply:
     text: ReplyText
     prompt_tokens: int
     completion_tokens: int = 0
+    cached_tokens: int = 0
 
 
 class EngineLink:
@@ -53,6 +54,7 @@ class EngineLink:
         self.reader, self.writer, self.info = reader, writer, info
         self.decoder = DecoderSpec(info["tokenizer"])
         self.replies: dict[int, OpenReply] = {}
+        self.cache_stats = PrefixCacheStats()  # the engine's prefix cache, as of its last frame that changed it
         self.closed = False
         self._ids = itertools.count()
         self._on_lost = on_lost
@@ -104,9 +106,11 @@ class EngineLink:
     async def _read_loop(self) -> None:
         try:
             while True:
-                kind, batch = await read_message(self.reader)
+                kind, batch, *cache = await read_message(self.reader)
                 if kind == "step":
                     self._deliver(batch)
+                    if cache and cache[0] is not None:
+                        self.cache_stats = PrefixCacheStats(*cache[0])
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except Exception:  # a frame this side cannot handle: lose the link (its streams fail), never hang them
@@ -124,7 +128,10 @@ class EngineLink:
                 self._token(rid, reply, wire)
                 continue
             event = local_event(wire)
-            if isinstance(event, GenerationChunk):
+            if isinstance(event, FirstToken):
+                reply.cached_tokens = event.cached_tokens
+                self._token(rid, reply, event.token_id)
+            elif isinstance(event, GenerationChunk):
                 del replies[rid]
                 reply.buffer.push(self._last_chunk(reply, event))
             elif isinstance(event, tuple):
@@ -135,7 +142,8 @@ class EngineLink:
         reply.completion_tokens += 1
         text = reply.text.push(token_id)
         if reply.text.stopped:  # a stop string: the reply ends with the text before it
-            reply.buffer.push(GenerationChunk(text, "stop", reply.prompt_tokens, reply.completion_tokens))
+            end = GenerationChunk(text, "stop", reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens)
+            reply.buffer.push(end)
             self.cancel(rid)
         elif text:
             reply.buffer.push(text)
@@ -145,7 +153,7 @@ class EngineLink:
         """The engine ended the reply (EOS, max_new_tokens): release the held-back text with the end."""
         text = reply.text.finish()
         reason = "stop" if reply.text.stopped else end.finish_reason
-        return GenerationChunk(text, reason, end.prompt_tokens, end.completion_tokens)
+        return dataclasses.replace(end, text=text, finish_reason=reason)
 
     def _lose(self) -> None:
         """The engine is gone: fail what was running here, then let the engine restart it."""

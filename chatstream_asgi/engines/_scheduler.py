@@ -15,14 +15,19 @@ import logging
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import DynamicCache
 
 from ..errors import EngineError, EngineNotReady
-from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk
+from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk, prefix_cache, reused_columns
+from ._cache import row_kv
 from ._delivery import Channel
+from ._prefix_cache import LayerKV, PrefixCache
+from ._prefix_index import BLOCK_TOKENS
 from ._sampling import choose_tokens
 from ._sequence import Sequence
 
@@ -58,6 +63,11 @@ class _Partial:
     offset: int = 0
 
 
+def _to_compute(seq: Sequence) -> int:
+    """Prompt tokens left to compute once its cached prefix (``seq.hit``) is reused."""
+    return len(seq.prompt_ids) - (seq.hit.length if seq.hit else 0)
+
+
 def _fail(seqs: list[Sequence], exc: BaseException) -> None:
     logger.error("generation step failed for %d sequence(s)", len(seqs), exc_info=exc)
     for seq in seqs:
@@ -79,8 +89,17 @@ def poisons_the_device(exc: BaseException) -> bool:
 class Scheduler:
     """Owns the model on one daemon thread; ``submit`` is the only way in."""
 
-    def __init__(self, runner: ModelRunner, *, max_batch_size: int, prefill_chunk_tokens: int, pad_id: int) -> None:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        *,
+        max_batch_size: int,
+        prefill_chunk_tokens: int,
+        pad_id: int,
+        prefix_cache: PrefixCache | None = None,
+    ) -> None:
         self._runner = runner
+        self._prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
         self._pad_id = pad_id
@@ -185,27 +204,46 @@ class Scheduler:
             return
         free = self._max_batch - (len(self._batch.seqs) if self._batch else 0)
         group = self._take_group(free)
-        if len(group) == 1 and len(group[0].prompt_ids) > self._chunk:
-            self._partial = _Partial(group[0], self._runner.new_cache())
+        if len(group) == 1 and _to_compute(group[0]) > self._chunk:
+            self._partial = self._start_partial(group[0])
             self._continue_partial(self._partial)
         elif group:
             try:
-                cache, logits = prefill(self._runner, [s.prompt_ids for s in group], self._pad_id)
+                prompts = [s.prompt_ids for s in group]
+                reused = [(s.hit.entry.layers, s.hit.length) if s.hit else (None, 0) for s in group]
+                for seq, n in zip(group, reused_columns(prompts, [n for _, n in reused]), strict=True):
+                    self._count_hit(seq, n)
+                cache, logits = prefill(self._runner, prompts, self._pad_id, reused)
                 self._admit(group, cache, logits)
             except Exception as exc:
                 self._fail(group, exc)
 
     def _take_group(self, free: int) -> list[Sequence]:
-        """FIFO prompts whose padded batch fits the prefill budget (the first one always goes)."""
+        """FIFO prompts whose padded batch of uncached tokens fits the prefill budget (the first one always goes)."""
         group: list[Sequence] = []
         width = 0
         while self._pending and len(group) < free:
-            widest = max(width, len(self._pending[0].prompt_ids))
+            head = self._pending[0]
+            head.hit = self._prefix_cache.lookup(head.prompt_ids) if self._prefix_cache else None
+            widest = max(width, _to_compute(head))
             if group and widest * (len(group) + 1) > self._chunk:
                 break
             group.append(self._pending.popleft())
             width = widest
         return group
+
+    def _start_partial(self, seq: Sequence) -> _Partial:
+        """A long prompt prefilled chunk by chunk, from the end of its cached prefix."""
+        hit = seq.hit
+        self._count_hit(seq, hit.length if hit else 0)
+        if hit is None:
+            return _Partial(seq, self._runner.new_cache())
+        return _Partial(seq, prefix_cache(self._runner, hit.entry.layers, hit.length), hit.length)
+
+    def _count_hit(self, seq: Sequence, reused: int) -> None:
+        seq.cached_tokens = reused
+        if self._prefix_cache is not None:
+            self._prefix_cache.record(len(seq.prompt_ids), reused, seq.hit)
 
     def _continue_partial(self, part: _Partial) -> None:
         prompt = part.seq.prompt_ids
@@ -225,6 +263,8 @@ class Scheduler:
         tokens = choose_tokens(logits, [s.sampler for s in seqs])
         joined = KVBatch(seqs, cache, [len(s.prompt_ids) for s in seqs], tokens)
         rows = [i for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not seq.accept(token)]
+        if len(rows) < len(seqs):
+            self._keep_prefixes(joined, [i for i in range(len(seqs)) if i not in rows])
         if not rows:
             return
         if len(rows) < len(seqs):
@@ -244,14 +284,31 @@ class Scheduler:
         if any(s.finished for s in self._pending):
             self._pending = deque(s for s in self._pending if not s.finished)
         if self._partial is not None and self._partial.seq.finished:
-            self._partial = None
+            part, self._partial = self._partial, None
+            self._keep_prefix(part.seq, part.offset, partial(row_kv, part.cache, 0, 0, part.offset))
         batch = self._batch
         if batch is not None:
             rows = [i for i, s in enumerate(batch.seqs) if not s.finished]
+            if len(rows) < len(batch.seqs):
+                self._keep_prefixes(batch, [i for i, s in enumerate(batch.seqs) if s.finished])
             if not rows:
                 self._batch = None
             elif len(rows) < len(batch.seqs):
                 batch.keep(rows)
+
+    def _keep_prefixes(self, batch: KVBatch, rows: list[int]) -> None:
+        """Keep the KV of the sequences in ``rows``, which are leaving ``batch``, in the prefix cache."""
+        for row in rows:
+            self._keep_prefix(batch.seqs[row], batch.lengths[row], partial(batch.row_kv, row))
+
+    def _keep_prefix(self, seq: Sequence, length: int, copy_kv: Callable[[], LayerKV]) -> None:
+        cache = self._prefix_cache
+        if cache is None or length < BLOCK_TOKENS:
+            return
+        try:
+            cache.insert(seq.tokens_in_cache(length), len(seq.prompt_ids), copy_kv(), seq.hit)
+        except Exception:  # e.g. no memory left for the copy: a lost cache entry costs a recompute, nothing else
+            logger.warning("could not keep a finished sequence's KV in the prefix cache", exc_info=True)
 
     def _in_flight(self) -> list[Sequence]:
         return (self._batch.seqs if self._batch else []) + ([self._partial.seq] if self._partial else [])

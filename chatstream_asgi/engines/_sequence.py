@@ -11,7 +11,8 @@ import threading
 from collections.abc import Sequence as Seq
 from typing import Any
 
-from ._delivery import Channel, Event
+from ._delivery import Channel, Event, FirstToken
+from ._prefix_cache import PrefixHit
 from ._sampling import RowSampler
 from .base import FinishReason, GenerationChunk, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
@@ -35,6 +36,9 @@ class Sequence:
         self.params = params
         self.sampler = RowSampler(params, self.prompt_ids)
         self.completion_tokens = 0
+        self.generated: list[int] = []  # the reply's token ids: with the prompt, what a prefix cache entry holds
+        self.cached_tokens = 0  # prompt tokens reused from the prefix cache
+        self.hit: PrefixHit | None = None  # the cache entry it started from
         self.done = False
         self._sent_text = False
         # None: token ids leave as they are and the consumer detokenizes (and watches the stop strings)
@@ -60,6 +64,7 @@ class Sequence:
     def accept(self, token_id: int) -> bool:
         """Take one generated token, emit the text it completes; True when the reply is over."""
         self.completion_tokens += 1
+        self.generated.append(token_id)
         if self._text is None:
             return self._accept_id(token_id)
         if token_id in self._eos:
@@ -78,10 +83,16 @@ class Sequence:
     def _accept_id(self, token_id: int) -> bool:
         if token_id in self._eos:
             return self._finish("stop", "")
-        self._emit(token_id, urgent=self.completion_tokens == 1)
+        first = self.completion_tokens == 1  # it tells the consumer what the prefill reused, too
+        self._emit(FirstToken(token_id, self.cached_tokens) if first else token_id, urgent=first)
         if self.completion_tokens >= self.params.max_new_tokens:
             return self._finish("length", "")
         return False
+
+    def tokens_in_cache(self, length: int) -> list[int]:
+        """The first ``length`` tokens of prompt and reply: what its KV cache row holds once ``length`` long."""
+        prompt = self.prompt_ids
+        return prompt[:length] if length <= len(prompt) else prompt + self.generated[: length - len(prompt)]
 
     def fail(self, error: BaseException) -> None:
         """End the stream with ``error`` (raised by the consumer); no-op once the reply is over."""
@@ -91,7 +102,7 @@ class Sequence:
 
     def _finish(self, reason: FinishReason, text: str) -> bool:
         self.done = True
-        self._emit(GenerationChunk(text, reason, len(self.prompt_ids), self.completion_tokens))
+        self._emit(GenerationChunk(text, reason, len(self.prompt_ids), self.completion_tokens, self.cached_tokens))
         return True
 
     def _emit(self, event: Event, urgent: bool = True) -> None:

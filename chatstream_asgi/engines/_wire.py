@@ -7,9 +7,11 @@ construction: the socket lives in a folder only its user can enter and the serve
 peer's uid (``SO_PEERCRED``) before it reads anything.
 
 Client to engine: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``.
-Engine to client: ``("hello", info)`` once, then one ``("step", [(rid, event), ...])`` per step, where
-an event is an ``int`` (a generated token id: the web process detokenizes), ``("end", text, reason,
-prompt_tokens, completion_tokens)`` or ``("error", message)``.
+Engine to client: ``("hello", info)`` once, then one ``("step", [(rid, event), ...], cache)`` per step,
+where an event is an ``int`` (a generated token id: the web process detokenizes), ``("first", token id,
+cached_tokens)`` for a reply's first token, ``("end", text, reason, prompt_tokens, completion_tokens,
+cached_tokens)`` or ``("error", message)``, and ``cache`` is the prefix cache's ``PrefixCacheStats``
+fields when they changed since the last frame, else None.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import asyncio
 import pickle
 import socket
 import struct
+from dataclasses import astuple
 from typing import Any
 
+from ._delivery import FirstToken
 from .base import GenerationChunk
 
 HEADER = struct.Struct("!I")
 #: bumped whenever a message changes shape: a web process never talks to an engine of another version
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 MAX_FRAME = 1 << 30
 
 
@@ -70,14 +74,22 @@ def wire_event(event: Any) -> Any:
     """An engine event (token id, text, ``GenerationChunk`` or exception) as plain values and tuples."""
     if isinstance(event, (int, str)):
         return event
+    if isinstance(event, FirstToken):
+        return ("first", *event)
     if isinstance(event, GenerationChunk):
-        return ("end", event.text, event.finish_reason, event.prompt_tokens, event.completion_tokens)
+        return ("end", *astuple(event))
     return ("error", f"{event}")
 
 
-def local_event(event: Any) -> int | str | GenerationChunk | tuple[str, str]:
+def local_event(event: Any) -> int | str | GenerationChunk | FirstToken | tuple[str, str]:
     """The inverse of ``wire_event`` for ids, text and ends; an error stays ``("error", message)``."""
     if isinstance(event, (int, str)) or event[0] == "error":
         return event  # type: ignore[no-any-return]
-    _, text, reason, prompt_tokens, completion_tokens = event
-    return GenerationChunk(text, reason, prompt_tokens, completion_tokens)
+    if event[0] == "first":
+        return FirstToken(event[1], event[2])
+    return GenerationChunk(*event[1:])
+
+
+def step_frame(batch: list[tuple[int, Any]], cache: tuple[int, ...] | None = None) -> bytes:
+    """One step's events, and the prefix cache's figures when they changed."""
+    return encode(("step", batch, cache))

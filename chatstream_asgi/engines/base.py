@@ -9,8 +9,8 @@ Engines never run model code on the event loop.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 
@@ -53,13 +53,50 @@ class GenerationChunk:
     """One piece of a streamed reply.
 
     Every chunk but the last has ``finish_reason is None``; the last one carries the reason and
-    the token counts of the whole request (its ``text`` may be empty).
+    the token counts of the whole request (its ``text`` may be empty): ``cached_tokens`` of the
+    ``prompt_tokens`` were read from the engine's prefix cache instead of computed.
     """
 
     text: str
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class PrefixCacheStats:
+    """Counters and gauges of one cache (or the sum over replicas).
+
+    Args:
+        capacity_bytes: the budget; 0 means the cache is off.
+        bytes: KV bytes held now. peak_bytes: the most ever held.
+        entries: sequences held now.
+        queries_tokens: prompt tokens of the requests admitted since start; hit_tokens: how many of them were
+            read from the cache instead of computed (vLLM's ``prefix_cache_queries`` and ``hits``).
+        evictions: entries dropped to make room.
+    """
+
+    capacity_bytes: int = 0
+    bytes: int = 0
+    peak_bytes: int = 0
+    entries: int = 0
+    queries_tokens: int = 0
+    hit_tokens: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __add__(self, other: PrefixCacheStats) -> PrefixCacheStats:
+        mine, theirs = self.as_dict().values(), other.as_dict().values()
+        return PrefixCacheStats(*(a + b for a, b in zip(mine, theirs, strict=True)))
+
+
+def prefix_cache_stats(engine: object) -> PrefixCacheStats | None:
+    """The engine's prefix cache figures, or None for an engine without one (mock, OpenAI upstream)."""
+    stats = getattr(engine, "prefix_cache_stats", None)
+    return stats() if callable(stats) else None
 
 
 @runtime_checkable

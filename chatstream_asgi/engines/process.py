@@ -28,7 +28,7 @@ from ..prompts import Prompt, fit_prompt, with_system_prompt
 from ._delivery import ReplyBuffer
 from ._launcher import Launcher
 from ._link import EngineLink
-from .base import ChatMessage, GenerationChunk, SamplingParams
+from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
 
 logger = logging.getLogger("chatstream_asgi")
 RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection attempts, seconds
@@ -122,6 +122,10 @@ class ProcessEngine:
     @property
     def ready(self) -> bool:
         return self._link is not None and not self._link.closed
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """The engine process's prefix cache figures, as of its last step that changed them."""
+        return self._link.cache_stats if self._link is not None else PrefixCacheStats()
 
     @property
     def running_count(self) -> int:

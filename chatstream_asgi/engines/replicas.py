@@ -1,9 +1,11 @@
-"""``EngineReplicas``: one engine per device in one process; each new chat goes to the least loaded one.
+"""``EngineReplicas``: one engine per device; a new chat goes where its prefix is cached, or to the least loaded.
 
-Batching stays inside each engine (one worker thread per device); this layer only chooses where a new
-sequence runs. Load is the number of streams a replica is serving right now, counted here, so it is
-exact and costs nothing per token; ties rotate, so an idle pool still spreads its first requests.
-Set the middleware's ``max_concurrency`` to the sum of the replicas' batch sizes (``max_batch_size``).
+Batching stays inside each engine (one worker thread or engine process per device); this layer only chooses
+where a new sequence runs. A chat's next turn goes to the replica that served its previous one while that
+replica has room (``_affinity``: its prefix cache holds the conversation's KV); anything else goes to the
+least loaded. Load is the number of streams a replica is serving right now, counted here, so it is exact
+and costs nothing per token; ties rotate, so an idle pool still spreads its first requests. Set the
+middleware's ``max_concurrency`` to the sum of the replicas' batch sizes (``max_batch_size``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
-from .base import ChatMessage, Engine, GenerationChunk, SamplingParams
+from ._affinity import ReplicaMemory, holder
+from .base import ChatMessage, Engine, GenerationChunk, PrefixCacheStats, SamplingParams
 
 
 class EngineReplicas:
@@ -35,6 +38,10 @@ class EngineReplicas:
         self.engines = engines
         self.loads = [0] * len(engines)
         self.served = [0] * len(engines)  # streams started per replica, for tests and dashboards
+        self.affine = 0  # streams sent to a replica for its prefix rather than its load
+        self.memories = [ReplicaMemory() for _ in engines]
+        # prefix affinity needs the prompt's token ids before the engine renders them: engines with fit_prompt
+        self._prompts = getattr(engines[0], "fit_prompt", None)
         self.model_name = engines[0].model_name
         self.max_batch_size = sum(engine.max_batch_size for engine in engines)
         self._next = 0
@@ -67,6 +74,25 @@ class EngineReplicas:
     def render_prompt(self, messages: Sequence[ChatMessage], params: SamplingParams) -> str:
         return self.engines[0].render_prompt(messages, params)
 
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """The replicas' prefix cache figures, summed."""
+        stats = [getattr(engine, "prefix_cache_stats", PrefixCacheStats)() for engine in self.engines]
+        return sum(stats, PrefixCacheStats())
+
+    async def choose(self, messages: Sequence[ChatMessage], params: SamplingParams) -> int:
+        """The replica for a new stream: the one holding its prefix if it has room, else the least loaded."""
+        if self._prompts is None or len(self.engines) == 1:
+            return self.least_loaded()
+        tokens = (await asyncio.to_thread(self._prompts, messages, params)).token_ids
+        room = [load < engine.max_batch_size for load, engine in zip(self.loads, self.engines, strict=True)]
+        index = holder(self.memories, tokens, room)
+        if index is None:
+            index = self.least_loaded()
+        else:
+            self.affine += 1
+        self.memories[index].served(tokens)
+        return index
+
     def least_loaded(self) -> int:
         """The index of the replica serving the fewest streams; ties go round-robin."""
         count = len(self.engines)
@@ -76,7 +102,7 @@ class EngineReplicas:
         return chosen
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
-        index = self.least_loaded()
+        index = await self.choose(messages, params)
         self.loads[index] += 1
         self.served[index] += 1
         chunks = self.engines[index].stream(messages, params)

@@ -20,10 +20,11 @@ from ..errors import ConfigurationError, EngineNotReady
 from ..prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
 from ._batch import ModelRunner
 from ._delivery import Channel, LoopChannel, ReplyBuffer
+from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
 from ._sampling import check_params
 from ._scheduler import Scheduler, SchedulerStats
 from ._sequence import Sequence
-from .base import ChatMessage, GenerationChunk, SamplingParams
+from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
 from .detokenizer import DecoderSpec
 
 ENGINE_KWARGS = frozenset(
@@ -36,6 +37,7 @@ ENGINE_KWARGS = frozenset(
         "model_name",
         "system_prompt",
         "stream_interval",
+        "prefix_cache_bytes",
     }
 )
 #: seconds a stream's text may wait to be sent with the next (see ``_delivery``): 50 writes a second at most.
@@ -109,6 +111,9 @@ class TransformersEngine:
         stream_interval: seconds a stream's text may be held back to go out with the next tokens, so a model
             faster than anyone reads costs one write per interval, not one per token; a reply's first text and
             its end are never held. 0 hands every step's tokens over at once.
+        prefix_cache_bytes: bytes of KV kept from ended sequences so that a chat's next turn (or any prompt that
+            starts the same way) computes only its new tokens; 0 turns the cache off. Default: a tenth of the
+            memory free on the model's device at start, at most 4 GiB (``default_prefix_cache_bytes``).
     """
 
     def __init__(
@@ -124,6 +129,7 @@ class TransformersEngine:
         model_name: str | None = None,
         system_prompt: str | None = None,
         stream_interval: float = STREAM_INTERVAL,
+        prefix_cache_bytes: int | None = None,
     ) -> None:
         self.max_batch_size = _positive("max_batch_size", max_batch_size)
         self.prefill_chunk_tokens = _positive("prefill_chunk_tokens", prefill_chunk_tokens)
@@ -141,6 +147,11 @@ class TransformersEngine:
             raise ConfigurationError(f"stream_interval must be seconds in [0, 1], got {stream_interval!r}")
         self.stream_interval = float(stream_interval)
         self._runner = ModelRunner(self.model)
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = default_prefix_cache_bytes(self.model.device)
+        if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
+            raise ConfigurationError(f"prefix_cache_bytes must be an int >= 0 (0 = off), got {prefix_cache_bytes!r}")
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._decoder = DecoderSpec(tokenizer)
         self._eos_ids = eos_token_ids(tokenizer, self.model)
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -186,6 +197,10 @@ class TransformersEngine:
     def running_count(self) -> int:
         return self.stats.running
 
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Hits, queries, bytes and entries of the prefix cache (``capacity_bytes == 0``: off)."""
+        return self.prefix_cache.stats
+
     async def start(self) -> None:
         if self._scheduler is not None:
             return
@@ -198,6 +213,7 @@ class TransformersEngine:
             max_batch_size=self.max_batch_size,
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             pad_id=self._pad_id,
+            prefix_cache=self.prefix_cache,
         )
         scheduler.start()
         return scheduler

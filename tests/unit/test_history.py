@@ -125,6 +125,57 @@ def test_trim_turns_drops_an_orphaned_reply() -> None:
     assert trim_turns(messages, None) is messages
 
 
+def chat(pairs: int, *, system: bool = True) -> list[dict[str, str]]:
+    head = [{"role": "system", "content": "be brief"}] if system else []
+    return head + [m for number in range(pairs) for m in turn(number)]
+
+
+def first_kept_pair(trimmed: list[dict[str, str]]) -> int:
+    """The number of the first kept pair, from the ``q<number>`` of its question."""
+    questions = [m for m in trimmed if m["role"] == "user"]
+    return int(questions[0]["content"][1:]) if questions else -1
+
+
+@pytest.mark.parametrize("max_turns", [1, 3, 4, 8, 13])
+def test_trim_turns_moves_the_window_start_only_every_step_turns(max_turns: int) -> None:
+    step = max(1, max_turns // 4)
+    starts = []
+    for pairs in range(1, 60):
+        trimmed = trim_turns(chat(pairs), max_turns)
+        kept = len(trimmed) // 2
+        assert trimmed[0]["role"] == "system" and trimmed[1]["role"] == "user"
+        assert trimmed == trimmed[:1] + chat(pairs)[-2 * kept :]
+        assert min(pairs, max_turns - step + 1) <= kept <= max_turns
+        start = first_kept_pair(trimmed)
+        assert start % step == 0
+        starts.append(start)
+    moves = sum(1 for before, after in zip(starts, starts[1:], strict=False) if after != before)
+    assert moves <= len(starts) // step
+
+
+def test_trim_turns_with_eight_turns_keeps_the_same_start_for_two_turns() -> None:
+    starts = [first_kept_pair(trim_turns(chat(pairs), 8)) for pairs in range(8, 15)]
+    assert starts == [0, 2, 2, 4, 4, 6, 6]
+
+
+def test_trim_turns_never_keeps_an_orphan_reply() -> None:
+    greeting = [{"role": "assistant", "content": "hello, ask me anything"}]
+    for pairs in range(12):
+        for messages in (greeting + chat(pairs, system=False), chat(pairs) + [{"role": "user", "content": "q?"}]):
+            trimmed = trim_turns(messages, 4)
+            body = [m for m in trimmed if m["role"] != "system"]
+            assert body[0]["role"] == "user" or trimmed == messages
+            assert trimmed[-1] == messages[-1]
+
+
+@pytest.mark.asyncio
+async def test_trimming_on_every_save_matches_trimming_the_whole_conversation() -> None:
+    store = MemoryHistoryStore(max_turns=8)
+    for pairs in range(1, 40):
+        await store.save("s", await store.load("s") + turn(pairs - 1))
+        assert await store.load("s") == trim_turns(chat(pairs, system=False), 8)
+
+
 def test_copy_messages_rejects_malformed_messages() -> None:
     with pytest.raises(TypeError):
         copy_messages([{"role": "user"}])

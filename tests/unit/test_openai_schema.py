@@ -18,6 +18,7 @@ from chatstream_asgi.openai_schema import (
     error_body,
     models_body,
     parse_completion_request,
+    usage,
 )
 
 DEFAULTS = SamplingParams(max_new_tokens=100, temperature=0.7, top_p=0.9)
@@ -159,12 +160,17 @@ def test_error_body_has_openai_shape(status: int, error_type: str, kind: str, co
 
 
 def test_completion_and_models_bodies() -> None:
-    body = HEADER.completion("Hi!", "length", 5, 2)
+    body = HEADER.completion("Hi!", "length", usage(5, 2, cached_tokens=3))
     assert body["object"] == "chat.completion" and body["model"] == "served" and body["id"] == "chatcmpl-1"
     assert body["choices"] == [
         {"index": 0, "message": {"role": "assistant", "content": "Hi!"}, "logprobs": None, "finish_reason": "length"}
     ]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 2,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 3},
+    }
     models = models_body("served", 123)
     assert models == {
         "object": "list",
@@ -190,13 +196,15 @@ def test_encoder_sends_role_then_deltas_then_finish_and_done() -> None:
 
 def test_encoder_usage_chunk_and_empty_reply() -> None:
     encoder = OpenAIStreamEncoder(HEADER, include_usage=True)
-    chunks = events(encoder.done({"finish_reason": None, "prompt_tokens": 4, "completion_tokens": 0}))
+    summary = {"finish_reason": None, "prompt_tokens": 4, "completion_tokens": 0, "cached_tokens": 2}
+    chunks = events(encoder.done(summary))
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}  # the role even with no text
     assert chunks[1]["choices"][0]["finish_reason"] == "stop"
     assert chunks[2]["choices"] == [] and chunks[2]["usage"] == {
         "prompt_tokens": 4,
         "completion_tokens": 0,
         "total_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 2},
     }
     assert chunks[3] == "[DONE]"
 

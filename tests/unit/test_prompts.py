@@ -7,6 +7,8 @@ import pytest
 
 from chatstream_asgi.errors import ChatStreamError
 from chatstream_asgi.prompts import (
+    TRUNCATION_STEP,
+    Prompt,
     PromptTooLong,
     fit_prompt,
     model_context_len,
@@ -28,6 +30,29 @@ def conversation(turns: int) -> list[dict[str, str]]:
 
 def n_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
     return len(tokenizer.encode(render_chat(tokenizer, messages), add_special_tokens=False))
+
+
+def history_tokens(tokenizer: Any, messages: list[dict[str, str]]) -> int:
+    """Tokens ``messages`` take inside a rendered prompt (no generation prompt)."""
+    return len(tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False))
+
+
+def growing_chat(tokenizer: Any, turns: int, *, context_len: int) -> tuple[list[Prompt], list[dict[str, str]]]:
+    """The prompt of each turn of a chat whose whole history is kept (16 new tokens a turn), and that history."""
+    history, prompts = [SYSTEM], []
+    for i in range(turns):
+        history.append({"role": "user", "content": f"question number {i} about the quick brown fox"})
+        prompts.append(fit_prompt(tokenizer, history, max_new_tokens=16, context_len=context_len))
+        history.append({"role": "assistant", "content": f"answer number {i}: the lazy dog sleeps" + " ok" * (i % 3)})
+    return prompts, history
+
+
+def turn_context(tokenizer: Any, turns_that_fit: int) -> int:
+    """A context that holds the system message, about ``turns_that_fit`` turns, a question and 16 new tokens."""
+    one_turn = history_tokens(tokenizer, conversation(1)[1:3])
+    longest_question = {"role": "user", "content": "question number 99 about the quick brown fox"}
+    question = n_tokens(tokenizer, [SYSTEM, longest_question])
+    return question + turns_that_fit * one_turn + 16
 
 
 @pytest.fixture
@@ -57,8 +82,17 @@ def test_truncation_drops_oldest_turns_and_keeps_system_and_last_user(tokenizer:
     assert prompt.messages == keep_two
     assert prompt.dropped == 6
     assert len(prompt.token_ids) + 16 <= context_len
-    # minimal: one more turn would have been over budget
-    assert n_tokens(tokenizer, [SYSTEM, *messages[-7:]]) + 16 > context_len
+
+
+def test_truncation_drops_a_quarter_of_the_context_not_the_fewest_turns(tokenizer: Any) -> None:
+    messages = conversation(12)
+    context_len = n_tokens(tokenizer, messages[:1] + messages[3:]) + 16  # dropping one turn would be enough
+    prompt = fit_prompt(tokenizer, messages, max_new_tokens=16, context_len=context_len)
+    dropped = messages[1 : 1 + prompt.dropped]
+    assert prompt.messages == messages[:1] + messages[1 + prompt.dropped :]
+    assert history_tokens(tokenizer, dropped) >= context_len * TRUNCATION_STEP
+    # and no more than the first turn boundary past that quarter
+    assert history_tokens(tokenizer, dropped[:-2]) < context_len * TRUNCATION_STEP
 
 
 def test_truncation_never_starts_history_with_an_assistant_reply(tokenizer: Any) -> None:
@@ -91,6 +125,43 @@ def test_conversation_without_system_message(tokenizer: Any) -> None:
     context_len = n_tokens(tokenizer, messages[-3:]) + 4
     prompt = fit_prompt(tokenizer, messages, max_new_tokens=4, context_len=context_len)
     assert prompt.messages == messages[-3:]
+
+
+def test_growing_chat_keeps_the_prompt_prefix_between_a_few_jumps(tokenizer: Any) -> None:
+    prompts, _ = growing_chat(tokenizer, 40, context_len=turn_context(tokenizer, 8))
+    jumps = 0
+    for previous, prompt in zip(prompts, prompts[1:], strict=False):
+        if prompt.dropped == previous.dropped:
+            # the whole previous prompt, the cache's content, is where the new one starts
+            assert prompt.token_ids[: len(previous.token_ids)] == previous.token_ids
+        else:
+            jumps += 1
+    assert 1 < jumps <= len(prompts) // 2
+
+
+def test_each_jump_drops_about_a_quarter_of_the_context_or_more(tokenizer: Any) -> None:
+    context_len = turn_context(tokenizer, 8)
+    step = context_len * TRUNCATION_STEP
+    prompts, history = growing_chat(tokenizer, 40, context_len=context_len)
+    longest_turn = max(history_tokens(tokenizer, history[i : i + 2]) for i in range(1, len(history), 2))
+    cuts = sorted({p.dropped for p in prompts if p.dropped})
+    assert len(cuts) > 3
+    dropped_tokens = [history_tokens(tokenizer, history[1 : 1 + cut]) for cut in cuts]
+    for jump, tokens in enumerate(dropped_tokens, start=1):
+        assert tokens >= jump * step  # the cut points lie at least a quarter of the context apart
+    for before, after in zip(dropped_tokens, dropped_tokens[1:], strict=False):
+        assert after - before >= step - longest_turn
+
+
+@pytest.mark.parametrize("turns_that_fit", [0, 1, 2, 4, 8])
+def test_every_turn_fits_and_keeps_the_system_message_and_the_question(tokenizer: Any, turns_that_fit: int) -> None:
+    context_len = turn_context(tokenizer, turns_that_fit)
+    prompts, history = growing_chat(tokenizer, 20, context_len=context_len)
+    for turn, prompt in enumerate(prompts):
+        assert len(prompt.token_ids) + 16 <= context_len
+        assert prompt.messages[0] == SYSTEM and prompt.messages[1]["role"] == "user"
+        assert prompt.messages[1:] == history[1 + prompt.dropped : 2 * turn + 2]
+        assert prompt.token_ids == tokenizer.encode(render_chat(tokenizer, prompt.messages), add_special_tokens=False)
 
 
 def test_with_system_prompt_prepends_only_when_missing() -> None:
