@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="run the model in its own process (one per device): the web server never shares a GIL with it",
     )
+    serve.add_argument(
+        "--prefix-cache-bytes",
+        type=int,
+        default=None,
+        help="KV bytes kept from ended replies so a chat's next turn computes only its new tokens "
+        "(0: off; default: a tenth of the device's free memory, at most 4 GiB)",
+    )
     serve.add_argument("--system-prompt", default=None)
     serve.add_argument(
         "--temperature",
@@ -92,6 +99,8 @@ def load_model(args: argparse.Namespace, device: str | None) -> Engine:
         from .engines.transformers import TransformersEngine as engine_class  # type: ignore[assignment]
 
     options: dict[str, Any] = {"device": device, "max_batch_size": args.max_concurrency}
+    if args.prefix_cache_bytes is not None:
+        options["prefix_cache_bytes"] = args.prefix_cache_bytes
     if args.model:
         return engine_class.from_pretrained(args.model, **options)
     if args.gguf:

@@ -1,55 +1,55 @@
-"""Prefix affinity for ``EngineReplicas``: a chat's next turn goes to the replica whose prefix cache holds its start.
+"""Conversation affinity for ``EngineReplicas``: a chat's next turn goes to the replica that served its last one.
 
-Each replica's prefix cache lives in its own engine (thread or process), out of reach of the event loop;
-what the loop can know cheaply is which prompts it sent where. So every replica remembers the token ids of
-the last prompts it served (a ``PrefixIndex`` and an LRU of ``REMEMBERED`` prompts), and a new prompt goes
-to the replica that served the longest prefix of it, when that prefix is longer by at least a block than
-on any other replica (a system prompt every replica has seen decides nothing) and the replica has room.
+Each replica's prefix cache lives inside its own engine (a thread, or a process) and holds the KV of the
+conversations that replica served; the next turn of one of them computes only its new tokens there and
+all of its history anywhere else. A conversation is known by its start: the messages up to and including
+the first user message (a session's history and a stateless OpenAI client's resent conversation both
+start the same way on every turn, whatever a chat template re-renders later on). First turns go to the
+least loaded replica, so a popular opening line or a system prompt every chat shares cannot pile chats
+onto one replica; only continued conversations follow their history, and only while that replica has room.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 
-from ._prefix_index import BLOCK_TOKENS, PrefixIndex
+from .base import ChatMessage
 
-#: prompts remembered per replica.
-REMEMBERED = 2048
+#: conversations remembered (their start's hash and replica: a few dozen bytes each).
+REMEMBERED = 65536
 
 
-class ReplicaMemory:
-    """The prompts one replica served lately."""
+def conversation_key(messages: Sequence[ChatMessage]) -> int:
+    """A hash of the conversation's start: its messages up to and including the first user message."""
+    start = []
+    for message in messages:
+        start.append((message.get("role"), message.get("content")))
+        if message.get("role") == "user":
+            break
+    return hash(tuple(start))
+
+
+def continues(messages: Sequence[ChatMessage]) -> bool:
+    """True for a later turn: a reply already follows the conversation's first user message."""
+    roles = [message.get("role") for message in messages]
+    return "user" in roles and "assistant" in roles[roles.index("user") :]
+
+
+class ConversationAffinity:
+    """Where each recent conversation was served last (least recently used forgotten first)."""
 
     def __init__(self, remembered: int = REMEMBERED) -> None:
-        self._index = PrefixIndex()
-        self._order: OrderedDict[int, None] = OrderedDict()
-        self._ids = itertools.count()
+        self._where: OrderedDict[int, int] = OrderedDict()
         self._remembered = remembered
 
-    def served(self, tokens: Seq[int]) -> None:
-        item = next(self._ids)
-        self._index.add(item, tokens)
-        self._order[item] = None
-        while len(self._order) > self._remembered:
-            oldest, _ = self._order.popitem(last=False)
-            self._index.remove(oldest)
+    def replica_of(self, messages: Sequence[ChatMessage]) -> int | None:
+        """The replica that served this conversation's previous turn, if this is a later turn and it is known."""
+        return self._where.get(conversation_key(messages)) if continues(messages) else None
 
-    def shared(self, tokens: Seq[int]) -> int:
-        """Tokens of the longest prefix of ``tokens`` this replica served."""
-        found = self._index.longest(tokens, len(tokens))
-        if found is None:
-            return 0
-        self._order.move_to_end(found[0])
-        return found[1]
-
-
-def holder(memories: Seq[ReplicaMemory], tokens: Seq[int], has_room: Seq[bool]) -> int | None:
-    """The replica that served clearly the longest prefix of ``tokens`` and has room, else None."""
-    shared = [memory.shared(tokens) for memory in memories]
-    best = max(range(len(shared)), key=shared.__getitem__)
-    runner_up = max((n for i, n in enumerate(shared) if i != best), default=0)
-    if shared[best] - runner_up >= BLOCK_TOKENS and has_room[best]:
-        return best
-    return None
+    def served(self, messages: Sequence[ChatMessage], replica: int) -> None:
+        key = conversation_key(messages)
+        self._where[key] = replica
+        self._where.move_to_end(key)
+        if len(self._where) > self._remembered:
+            self._where.popitem(last=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError
-from ._affinity import ReplicaMemory, holder
+from ._affinity import ConversationAffinity
 from .base import ChatMessage, Engine, GenerationChunk, PrefixCacheStats, SamplingParams
 
 
@@ -38,10 +38,8 @@ class EngineReplicas:
         self.engines = engines
         self.loads = [0] * len(engines)
         self.served = [0] * len(engines)  # streams started per replica, for tests and dashboards
-        self.affine = 0  # streams sent to a replica for its prefix rather than its load
-        self.memories = [ReplicaMemory() for _ in engines]
-        # prefix affinity needs the prompt's token ids before the engine renders them: engines with fit_prompt
-        self._prompts = getattr(engines[0], "fit_prompt", None)
+        self.affine = 0  # streams sent to a replica for the conversation it holds rather than for its load
+        self.affinity = ConversationAffinity()
         self.model_name = engines[0].model_name
         self.max_batch_size = sum(engine.max_batch_size for engine in engines)
         self._next = 0
@@ -79,18 +77,15 @@ class EngineReplicas:
         stats = [getattr(engine, "prefix_cache_stats", PrefixCacheStats)() for engine in self.engines]
         return sum(stats, PrefixCacheStats())
 
-    async def choose(self, messages: Sequence[ChatMessage], params: SamplingParams) -> int:
-        """The replica for a new stream: the one holding its prefix if it has room, else the least loaded."""
-        if self._prompts is None or len(self.engines) == 1:
-            return self.least_loaded()
-        tokens = (await asyncio.to_thread(self._prompts, messages, params)).token_ids
-        room = [load < engine.max_batch_size for load, engine in zip(self.loads, self.engines, strict=True)]
-        index = holder(self.memories, tokens, room)
-        if index is None:
-            index = self.least_loaded()
-        else:
+    def choose(self, messages: Sequence[ChatMessage]) -> int:
+        """The replica for a new stream: the one that served the conversation's last turn while it has room
+        (its prefix cache holds the history), else the least loaded."""
+        index = self.affinity.replica_of(messages)
+        if index is not None and self.loads[index] < self.engines[index].max_batch_size:
             self.affine += 1
-        self.memories[index].served(tokens)
+        else:
+            index = self.least_loaded()
+        self.affinity.served(messages, index)
         return index
 
     def least_loaded(self) -> int:
@@ -102,7 +97,7 @@ class EngineReplicas:
         return chosen
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
-        index = await self.choose(messages, params)
+        index = self.choose(messages)
         self.loads[index] += 1
         self.served[index] += 1
         chunks = self.engines[index].stream(messages, params)

@@ -229,3 +229,27 @@ async def test_a_web_process_refuses_an_engine_of_another_wire_version(
             await engine.start()
     finally:
         await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_the_engine_process_prefix_cache_reports_cached_tokens_and_its_figures(
+    process_engine: ProcessEngine, tiny_engine_parts: tuple[Any, Any]
+) -> None:
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    ends = []
+    for follow_up in ("Hello, world! How are you today?", "Tell me about cats."):
+        text = ""
+        async for chunk in process_engine.stream(history, GREEDY):
+            text += chunk.text
+        ends.append(chunk)
+        history += [{"role": "assistant", "content": text}, {"role": "user", "content": follow_up}]
+    reference = TransformersEngine(*tiny_engine_parts, prefix_cache_bytes=0)
+    try:
+        expected = "".join([chunk.text async for chunk in reference.stream(history[:3], GREEDY)])
+    finally:
+        await reference.close()
+    assert history[3]["content"] == expected  # the second turn, cached in the engine process, equals the uncached
+    assert ends[0].cached_tokens == 0 and ends[1].cached_tokens >= ends[0].prompt_tokens
+    await wait_until(lambda: process_engine.prefix_cache_stats().hit_tokens == ends[1].cached_tokens)
+    stats = process_engine.prefix_cache_stats()
+    assert stats.queries_tokens == ends[0].prompt_tokens + ends[1].prompt_tokens and stats.entries >= 1

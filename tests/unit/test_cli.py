@@ -37,6 +37,14 @@ def test_engine_process_serves_each_device_from_its_own_engine_process(tiny_mode
 def test_one_device_loads_one_engine(tiny_model_dir: Path) -> None:
     engine = load_engine(serve_args("--model", str(tiny_model_dir), "--device", "cpu"))
     assert type(engine).__name__ == "TransformersEngine"
+    assert engine.prefix_cache.capacity_bytes > 0  # type: ignore[attr-defined]
+
+
+def test_the_prefix_cache_budget_reaches_the_engine(tiny_model_dir: Path) -> None:
+    off = load_engine(serve_args("--model", str(tiny_model_dir), "--prefix-cache-bytes", "0"))
+    sized = load_engine(serve_args("--model", str(tiny_model_dir), "--prefix-cache-bytes", "1000000"))
+    assert off.prefix_cache_stats().capacity_bytes == 0  # type: ignore[attr-defined]
+    assert sized.prefix_cache_stats().capacity_bytes == 1_000_000  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("device", ["cpu,", ",cpu", "cpu,,cpu"])

@@ -86,3 +86,37 @@ async def test_two_cpu_transformers_replicas_share_the_chats(tiny_model_dir: Pat
         assert app.admission.running == 0
     finally:
         await app.engine.close()
+
+
+def conversation(*turns: str) -> list[dict[str, str]]:
+    """Alternating user and assistant messages, ending with a user one."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(turns)]
+
+
+async def drain(replicas: EngineReplicas, messages: list[dict[str, str]]) -> None:
+    async for _ in replicas.stream(messages, PARAMS):
+        pass
+
+
+async def test_a_chats_next_turn_goes_to_the_replica_that_served_its_last_turn() -> None:
+    replicas = EngineReplicas([MockEngine("x"), MockEngine("x")])
+    await drain(replicas, conversation("alice"))  # first turns: least loaded, ties rotate
+    await drain(replicas, conversation("bob"))
+    assert replicas.served == [1, 1]
+    for turn in range(3):  # bob's later turns stay on replica 1, where round robin would alternate
+        await drain(replicas, conversation("bob", "x", *[f"more {i}" for i in range(turn)], "next"))
+    await drain(replicas, conversation("alice", "x", "and then?"))
+    assert replicas.served == [2, 4] and replicas.affine == 4
+
+
+async def test_first_turns_alike_still_spread_and_a_full_replica_sends_the_turn_elsewhere() -> None:
+    engines = [MockEngine(" ".join(["w"] * 200), token_delay=0.01, max_batch_size=1) for _ in range(2)]
+    replicas = EngineReplicas(engines)
+    await drain(replicas, conversation("hello"))
+    await drain(replicas, conversation("hello"))  # the same opening line: a first turn, so no affinity
+    assert replicas.served == [1, 1]
+    busy = asyncio.ensure_future(drain(replicas, conversation("hello", "w", "go on")))  # to replica 1, last to serve
+    await wait_until(lambda: replicas.loads == [0, 1])
+    await drain(replicas, conversation("hello", "w", "go on", "w", "and?"))  # replica 1 is full: the least loaded
+    await with_hang_guard(busy)
+    assert replicas.served == [2, 2] and replicas.affine == 1
