@@ -21,6 +21,7 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -43,6 +44,13 @@ class CachedPrefix:
     prompt_len: int
     layers: LayerKV
     nbytes: int
+
+
+class PrefixSource(NamedTuple):
+    """The entry a request started from (by id) and how many of its tokens matched."""
+
+    entry_id: int
+    length: int
 
 
 @dataclass(frozen=True)
@@ -99,20 +107,25 @@ class PrefixCache:
         found = self._index.longest(tokens, len(tokens) - 1) if self._entries else None
         return None if found is None else PrefixHit(self._entries[found[0]], found[1])
 
-    def record(self, prompt_tokens: int, reused: int, hit: PrefixHit | None) -> None:
-        """Count an admitted request, ``reused`` of whose ``prompt_tokens`` came from ``hit``."""
+    def record(self, prompt_tokens: int, reused: int, hit: PrefixHit | None) -> PrefixSource | None:
+        """Count an admitted request, ``reused`` of whose ``prompt_tokens`` came from ``hit``; returns what the
+        request must hand back to ``insert`` (an id, not the entry: an evicted entry's memory must go)."""
         self._queries += prompt_tokens
         self._hits += reused
-        if hit is not None and reused and hit.entry.id in self._entries:
+        if hit is None:
+            return None
+        if reused and hit.entry.id in self._entries:
             self._entries.move_to_end(hit.entry.id)
+        return PrefixSource(hit.entry.id, hit.length)
 
-    def insert(self, tokens: list[int], prompt_len: int, layers: LayerKV, source: PrefixHit | None = None) -> None:
-        """Keep ``layers`` (the KV of ``tokens``), evicting what the budget needs; ``source`` is the hit the
-        sequence started from, superseded by this entry when it was that conversation's previous turn."""
+    def insert(self, tokens: list[int], prompt_len: int, layers: LayerKV, source: PrefixSource | None = None) -> None:
+        """Keep ``layers`` (the KV of ``tokens``), evicting what the budget needs; ``source`` is the entry the
+        sequence started from, superseded by this one when it was that conversation's previous turn."""
         if not self.enabled or len(tokens) < BLOCK_TOKENS:
             return
-        if source is not None and source.length > source.entry.prompt_len:
-            self._supersede(source.entry, tokens)  # it reused the source's reply: the same conversation
+        old = self._entries.get(source.entry_id) if source is not None else None
+        if old is not None and source is not None and source.length > old.prompt_len:
+            self._supersede(old, tokens)  # it reused the old entry's reply: the same conversation
         covering = self._index.longest(tokens, len(tokens))
         if covering is not None and covering[1] == len(tokens):
             self._entries.move_to_end(covering[0])  # already held whole by a longer entry
@@ -134,8 +147,6 @@ class PrefixCache:
             self._drop(entry)
 
     def _supersede(self, old: CachedPrefix, tokens: list[int]) -> None:
-        if old.id not in self._entries:
-            return
         if tokens[: len(old.tokens)] == old.tokens:
             self._drop(old)  # the new entry serves every lookup the old one could
         else:

@@ -235,7 +235,7 @@ class Scheduler:
     def _start_partial(self, seq: Sequence) -> _Partial:
         """A long prompt prefilled chunk by chunk, from the end of its cached prefix."""
         hit = seq.hit
-        self._count_hit(seq, hit.length if hit else 0)
+        self._count_hit(seq, hit.length if hit else 0)  # clears seq.hit
         if hit is None:
             return _Partial(seq, self._runner.new_cache())
         return _Partial(seq, prefix_cache(self._runner, hit.entry.layers, hit.length), hit.length)
@@ -243,7 +243,8 @@ class Scheduler:
     def _count_hit(self, seq: Sequence, reused: int) -> None:
         seq.cached_tokens = reused
         if self._prefix_cache is not None:
-            self._prefix_cache.record(len(seq.prompt_ids), reused, seq.hit)
+            seq.source = self._prefix_cache.record(len(seq.prompt_ids), reused, seq.hit)
+        seq.hit = None  # its KV is being copied: holding the entry would keep it alive past an eviction
 
     def _continue_partial(self, part: _Partial) -> None:
         prompt = part.seq.prompt_ids
@@ -306,7 +307,7 @@ class Scheduler:
         if cache is None or length < BLOCK_TOKENS:
             return
         try:
-            cache.insert(seq.tokens_in_cache(length), len(seq.prompt_ids), copy_kv(), seq.hit)
+            cache.insert(seq.tokens_in_cache(length), len(seq.prompt_ids), copy_kv(), seq.source)
         except Exception:  # e.g. no memory left for the copy: a lost cache entry costs a recompute, nothing else
             logger.warning("could not keep a finished sequence's KV in the prefix cache", exc_info=True)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from ._delivery import Channel, Event, FirstToken
-from ._prefix_cache import PrefixHit
+from ._prefix_cache import PrefixHit, PrefixSource
 from ._sampling import RowSampler
 from .base import FinishReason, GenerationChunk, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
@@ -38,7 +38,8 @@ class Sequence:
         self.completion_tokens = 0
         self.generated: list[int] = []  # the reply's token ids: with the prompt, what a prefix cache entry holds
         self.cached_tokens = 0  # prompt tokens reused from the prefix cache
-        self.hit: PrefixHit | None = None  # the cache entry it started from
+        self.hit: PrefixHit | None = None  # the cached prefix found for it, until its prefill copied it
+        self.source: PrefixSource | None = None  # the cache entry it started from, by id
         self.done = False
         self._sent_text = False
         # None: token ids leave as they are and the consumer detokenizes (and watches the stop strings)

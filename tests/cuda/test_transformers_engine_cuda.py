@@ -231,3 +231,27 @@ def test_picking_tokens_never_waits_for_the_device(device: torch.device) -> None
             sampler.observe(token)
     assert all(0 <= token < vocab for tokens in picked for token in tokens)
     assert picked[0][0] == picked[1][0] == int(logits[0].argmax())
+
+
+@pytest.mark.asyncio
+async def test_float32_prefix_cache_replies_equal_the_uncached_ones_on_the_device(
+    float32_parts: Parts, device: torch.device
+) -> None:
+    async def converse(engine: TransformersEngine) -> list[GenerationChunk | str]:
+        history: list[dict[str, str]] = []
+        out: list[GenerationChunk | str] = []
+        for text in PROMPTS[1:]:  # opening with "hi" would leave less than a 16-token block to match
+            history.append({"role": "user", "content": text})
+            reply = ""
+            async for chunk in engine.stream(history, GREEDY):
+                reply += chunk.text
+            history.append({"role": "assistant", "content": reply})
+            out += [reply, chunk]
+        await engine.close()
+        return out
+
+    cached = await converse(TransformersEngine(*float32_parts, device=device, prefix_cache_bytes=1 << 28))
+    plain = await converse(TransformersEngine(*float32_parts, device=device, prefix_cache_bytes=0))
+    assert cached[0::2] == plain[0::2]
+    ends = [end for end in cached[1::2] if isinstance(end, GenerationChunk)]
+    assert ends[0].cached_tokens == 0 and all(end.cached_tokens > 0 for end in ends[1:])

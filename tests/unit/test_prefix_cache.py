@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from chatstream_asgi.engines import _prefix_index
-from chatstream_asgi.engines._prefix_cache import LayerKV, PrefixCache, PrefixHit, kv_bytes
+from chatstream_asgi.engines._prefix_cache import LayerKV, PrefixCache, PrefixSource, kv_bytes
 from chatstream_asgi.engines._prefix_index import BLOCK_TOKENS, PrefixIndex
 
 B = BLOCK_TOKENS
@@ -101,7 +101,7 @@ def test_the_next_turn_supersedes_the_entry_it_grew_from() -> None:
     hit = cache.lookup(turn1 + [7, 8])
     assert hit is not None and hit.length == 50
     turn2 = turn1 + list(range(100, 140))
-    cache.insert(turn2, 52, kv(len(turn2)), source=PrefixHit(hit.entry, 50))
+    cache.insert(turn2, 52, kv(len(turn2)), source=PrefixSource(hit.entry.id, 50))
     assert cache.stats.entries == 1  # turn 1 is held whole by turn 2
     again = cache.lookup(turn1 + [9])
     assert again is not None and again.entry.tokens == turn2
@@ -116,7 +116,7 @@ def test_a_rewritten_earlier_turn_is_evicted_first_not_dropped() -> None:
     turn2 = prompt + [500] * 10 + [600] * 30  # the template re-rendered the end of the reply
     hit = cache.lookup(turn2)
     assert hit is not None and hit.length == 40 > hit.entry.prompt_len
-    cache.insert(turn2, 45, kv(len(turn2)), source=hit)
+    cache.insert(turn2, 45, kv(len(turn2)), source=PrefixSource(hit.entry.id, hit.length))
     assert cache.stats.entries == 3
     assert next(iter(cache._entries.values())).tokens == turn1  # the next to go, before the older `other`
 
@@ -127,7 +127,7 @@ def test_another_conversation_sharing_only_the_prompt_start_does_not_supersede()
     cache = cache_with(alice)
     hit = cache.lookup(system + [2] * 20)
     assert hit is not None and hit.length == 32 <= hit.entry.prompt_len
-    cache.insert(system + [2] * 30, 52, kv(62), source=hit)
+    cache.insert(system + [2] * 30, 52, kv(62), source=PrefixSource(hit.entry.id, hit.length))
     assert [e.tokens for e in cache._entries.values()] == [alice, system + [2] * 30]
 
 
