@@ -107,6 +107,18 @@ def append_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
         )
 
 
+def bytes_per_token(cache: DynamicCache) -> int:
+    """KV bytes one token of one row takes, over all layers."""
+    total = 0
+    for layer in _layers(cache):
+        keys, values = _kv(layer)
+        total += (
+            keys.shape[1] * keys.shape[3] * keys.element_size()
+            + values.shape[1] * values.shape[3] * values.element_size()
+        )
+    return total
+
+
 def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Copies of columns ``[start, stop)`` of batch row ``row`` in every layer, to keep once the row has left."""
     copies = []

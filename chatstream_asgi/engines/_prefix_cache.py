@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -118,9 +119,17 @@ class PrefixCache:
             self._entries.move_to_end(hit.entry.id)
         return PrefixSource(hit.entry.id, hit.length)
 
-    def insert(self, tokens: list[int], prompt_len: int, layers: LayerKV, source: PrefixSource | None = None) -> None:
-        """Keep ``layers`` (the KV of ``tokens``), evicting what the budget needs; ``source`` is the entry the
-        sequence started from, superseded by this one when it was that conversation's previous turn."""
+    def insert(
+        self,
+        tokens: list[int],
+        prompt_len: int,
+        nbytes: int,
+        copy_kv: Callable[[], LayerKV],
+        source: PrefixSource | None = None,
+    ) -> None:
+        """Keep the KV of ``tokens`` (``nbytes``, copied by ``copy_kv`` once room is made: the cache never holds
+        more than its budget); ``source`` is the entry the sequence started from, superseded by this one when it
+        was that conversation's previous turn."""
         if not self.enabled or len(tokens) < BLOCK_TOKENS:
             return
         old = self._entries.get(source.entry_id) if source is not None else None
@@ -130,13 +139,12 @@ class PrefixCache:
         if covering is not None and covering[1] == len(tokens):
             self._entries.move_to_end(covering[0])  # already held whole by a longer entry
             return
-        nbytes = kv_bytes(layers)
         if nbytes > self.capacity_bytes:
             return
         while self._bytes + nbytes > self.capacity_bytes:
             self._drop(next(iter(self._entries.values())))
             self._evictions += 1
-        entry = CachedPrefix(next(self._ids), tokens, prompt_len, layers, nbytes)
+        entry = CachedPrefix(next(self._ids), tokens, prompt_len, copy_kv(), nbytes)
         self._entries[entry.id] = entry
         self._index.add(entry.id, tokens)
         self._bytes += nbytes

@@ -24,7 +24,7 @@ from transformers import DynamicCache
 
 from ..errors import EngineError, EngineNotReady
 from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk, prefix_cache, reused_columns
-from ._cache import row_kv
+from ._cache import bytes_per_token, row_kv
 from ._delivery import Channel
 from ._prefix_cache import LayerKV, PrefixCache
 from ._prefix_index import BLOCK_TOKENS
@@ -286,7 +286,7 @@ class Scheduler:
             self._pending = deque(s for s in self._pending if not s.finished)
         if self._partial is not None and self._partial.seq.finished:
             part, self._partial = self._partial, None
-            self._keep_prefix(part.seq, part.offset, partial(row_kv, part.cache, 0, 0, part.offset))
+            self._keep_prefix(part.seq, part.offset, part.cache, partial(row_kv, part.cache, 0, 0, part.offset))
         batch = self._batch
         if batch is not None:
             rows = [i for i, s in enumerate(batch.seqs) if not s.finished]
@@ -300,14 +300,15 @@ class Scheduler:
     def _keep_prefixes(self, batch: KVBatch, rows: list[int]) -> None:
         """Keep the KV of the sequences in ``rows``, which are leaving ``batch``, in the prefix cache."""
         for row in rows:
-            self._keep_prefix(batch.seqs[row], batch.lengths[row], partial(batch.row_kv, row))
+            self._keep_prefix(batch.seqs[row], batch.lengths[row], batch.cache, partial(batch.row_kv, row))
 
-    def _keep_prefix(self, seq: Sequence, length: int, copy_kv: Callable[[], LayerKV]) -> None:
+    def _keep_prefix(self, seq: Sequence, length: int, kv: DynamicCache, copy_kv: Callable[[], LayerKV]) -> None:
         cache = self._prefix_cache
         if cache is None or length < BLOCK_TOKENS:
             return
         try:
-            cache.insert(seq.tokens_in_cache(length), len(seq.prompt_ids), copy_kv(), seq.source)
+            nbytes = length * bytes_per_token(kv)
+            cache.insert(seq.tokens_in_cache(length), len(seq.prompt_ids), nbytes, copy_kv, seq.source)
         except Exception:  # e.g. no memory left for the copy: a lost cache entry costs a recompute, nothing else
             logger.warning("could not keep a finished sequence's KV in the prefix cache", exc_info=True)
 

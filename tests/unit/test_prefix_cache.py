@@ -18,10 +18,15 @@ def kv(tokens: int, layers: int = 2) -> LayerKV:
     return [(keys.clone(), keys.clone() + 0.5) for _ in range(layers)]
 
 
+def insert(cache: PrefixCache, tokens: list[int], prompt_len: int, source: PrefixSource | None = None) -> None:
+    layers = kv(len(tokens))
+    cache.insert(tokens, prompt_len, kv_bytes(layers), lambda: layers, source)
+
+
 def cache_with(*sequences: list[int], capacity: int = 1 << 30) -> PrefixCache:
     cache = PrefixCache(capacity)
     for tokens in sequences:
-        cache.insert(tokens, len(tokens), kv(len(tokens)))
+        insert(cache, tokens, len(tokens))
     return cache
 
 
@@ -77,10 +82,10 @@ def test_budget_evicts_least_recently_used_and_never_exceeds_it() -> None:
     size = kv_bytes(kv(40))
     cache = PrefixCache(2 * size)
     first, second, third = ([n] * 40 for n in (1, 2, 3))
-    cache.insert(first, 20, kv(40))
-    cache.insert(second, 20, kv(40))
+    insert(cache, first, 20)
+    insert(cache, second, 20)
     cache.record(41, 39, cache.lookup(first + [0]))  # first is used again: second is now the oldest
-    cache.insert(third, 20, kv(40))
+    insert(cache, third, 20)
     stats = cache.stats
     assert stats.entries == 2 and stats.bytes == 2 * size == stats.peak_bytes and stats.evictions == 1
     assert cache.lookup(second + [0]) is None
@@ -90,18 +95,18 @@ def test_budget_evicts_least_recently_used_and_never_exceeds_it() -> None:
 
 def test_an_entry_over_the_whole_budget_is_not_kept() -> None:
     cache = PrefixCache(kv_bytes(kv(40)) - 1)
-    cache.insert([1] * 40, 20, kv(40))
+    insert(cache, [1] * 40, 20)
     assert cache.stats.entries == 0 and cache.stats.bytes == 0
 
 
 def test_the_next_turn_supersedes_the_entry_it_grew_from() -> None:
     turn1 = list(range(50))  # a prompt of 30 tokens and its reply
     cache = PrefixCache(1 << 30)
-    cache.insert(turn1, 30, kv(50))
+    insert(cache, turn1, 30)
     hit = cache.lookup(turn1 + [7, 8])
     assert hit is not None and hit.length == 50
     turn2 = turn1 + list(range(100, 140))
-    cache.insert(turn2, 52, kv(len(turn2)), source=PrefixSource(hit.entry.id, 50))
+    insert(cache, turn2, 52, PrefixSource(hit.entry.id, 50))
     assert cache.stats.entries == 1  # turn 1 is held whole by turn 2
     again = cache.lookup(turn1 + [9])
     assert again is not None and again.entry.tokens == turn2
@@ -112,11 +117,11 @@ def test_a_rewritten_earlier_turn_is_evicted_first_not_dropped() -> None:
     turn1 = prompt + [500] * 20  # prompt and reply
     other = [9] * 40
     cache = cache_with(other)
-    cache.insert(turn1, len(prompt), kv(len(turn1)))
+    insert(cache, turn1, len(prompt))
     turn2 = prompt + [500] * 10 + [600] * 30  # the template re-rendered the end of the reply
     hit = cache.lookup(turn2)
     assert hit is not None and hit.length == 40 > hit.entry.prompt_len
-    cache.insert(turn2, 45, kv(len(turn2)), source=PrefixSource(hit.entry.id, hit.length))
+    insert(cache, turn2, 45, PrefixSource(hit.entry.id, hit.length))
     assert cache.stats.entries == 3
     assert next(iter(cache._entries.values())).tokens == turn1  # the next to go, before the older `other`
 
@@ -127,11 +132,26 @@ def test_another_conversation_sharing_only_the_prompt_start_does_not_supersede()
     cache = cache_with(alice)
     hit = cache.lookup(system + [2] * 20)
     assert hit is not None and hit.length == 32 <= hit.entry.prompt_len
-    cache.insert(system + [2] * 30, 52, kv(62), source=PrefixSource(hit.entry.id, hit.length))
+    insert(cache, system + [2] * 30, 52, PrefixSource(hit.entry.id, hit.length))
     assert [e.tokens for e in cache._entries.values()] == [alice, system + [2] * 30]
 
 
 def test_a_sequence_already_held_whole_is_not_stored_twice() -> None:
     cache = cache_with(list(range(80)))
-    cache.insert(list(range(60)), 60, kv(60))
+    insert(cache, list(range(60)), 60)
     assert cache.stats.entries == 1 and cache.stats.bytes == kv_bytes(kv(80))
+
+
+def test_room_is_made_before_the_copy_and_a_held_sequence_is_not_copied_again() -> None:
+    size = kv_bytes(kv(40))
+    cache = PrefixCache(size)
+    insert(cache, [1] * 40, 20)
+    copies: list[int] = []
+
+    def copy_kv() -> LayerKV:
+        copies.append(cache.stats.bytes)  # what the cache held when the copy was made
+        return kv(40)
+
+    cache.insert([2] * 40, 20, size, copy_kv)
+    cache.insert([2] * 30, 20, kv_bytes(kv(30)), copy_kv)  # held whole by the entry just made
+    assert copies == [0] and cache.stats.peak_bytes == size
