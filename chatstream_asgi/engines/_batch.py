@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache
 
-from ._cache import append_rows, keep_rows, new_cache, row_kv, seed_cache
+from ._cache import HEADROOM, append_rows, keep_rows, new_cache, row_kv, seed_cache
 from ._prefix_cache import LayerKV
 from ._sampling import upload
 from ._sequence import Sequence
@@ -65,7 +65,10 @@ def prefill(
     cached = reused_columns(prompts, [n for _, n in reused] if reused else [0] * len(prompts))
     feed = max(len(p) - n for p, n in zip(prompts, cached, strict=True))
     cache = runner.new_cache()
-    past = seed_cache(cache, [(r[0], n) for r, n in zip(reused, cached, strict=True)]) if reused and any(cached) else 0
+    if reused and any(cached):
+        past = seed_cache(cache, [(r[0], n) for r, n in zip(reused, cached, strict=True)], room=feed + HEADROOM)
+    else:
+        past = 0
     ids = torch.full((len(prompts), feed), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), past + feed), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -87,7 +90,7 @@ def reused_columns(prompts: Seq[Seq[int]], hits: Seq[int]) -> list[int]:
 def prefix_cache(runner: ModelRunner, layers: LayerKV, length: int) -> DynamicCache:
     """A one-row cache holding the first ``length`` tokens of a cached prefix (a long prompt's chunks follow)."""
     cache = runner.new_cache()
-    seed_cache(cache, [(layers, length)])
+    seed_cache(cache, [(layers, length)], room=HEADROOM)
     return cache
 
 

@@ -30,10 +30,11 @@ class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self._key_buffer: torch.Tensor | None = None
         self._value_buffer: torch.Tensor | None = None
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Hold exactly these tensors (no spare room): the next update reallocates."""
+    def replace(self, keys: torch.Tensor, values: torch.Tensor, used: int | None = None) -> None:
+        """Hold these buffers, of which the first ``used`` columns are filled (default all: no spare room, the
+        next update reallocates)."""
         self._key_buffer, self._value_buffer = keys, values
-        self.keys, self.values = keys, values
+        self.keys, self.values = keys[..., :used, :], values[..., :used, :]
         self.device, self.is_initialized = keys.device, True
 
     def update(
@@ -128,18 +129,21 @@ def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> list[tuple[t
     return copies
 
 
-def seed_cache(cache: DynamicCache, prefixes: list[tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]]) -> int:
+def seed_cache(
+    cache: DynamicCache, prefixes: list[tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]], room: int = 0
+) -> int:
     """Fill an empty cache with each row's reused prefix: row ``i`` gets the first ``n`` columns of its
-    ``prefixes[i] = (layers, n)``, right-aligned, zeros on the left (see ``_pad_left``). Returns the width."""
+    ``prefixes[i] = (layers, n)``, right-aligned, zeros on the left (see ``_pad_left``), with ``room`` spare
+    columns after them for the tokens about to be fed (no reallocation then). Returns the width."""
     width = max(n for _, n in prefixes)
     template = next(layers for layers, n in prefixes if layers is not None and n)
     for index, layer in enumerate(_layers(cache)):
         key_like, value_like = template[index]
-        keys = key_like.new_zeros((len(prefixes), key_like.shape[1], width, key_like.shape[3]))
-        values = value_like.new_zeros((len(prefixes), value_like.shape[1], width, value_like.shape[3]))
+        keys = key_like.new_zeros((len(prefixes), key_like.shape[1], width + room, key_like.shape[3]))
+        values = value_like.new_zeros((len(prefixes), value_like.shape[1], width + room, value_like.shape[3]))
         for row, (layers, n) in enumerate(prefixes):
             if layers is not None and n:
-                keys[row, :, width - n :, :] = layers[index][0][0, :, :n, :]
-                values[row, :, width - n :, :] = layers[index][1][0, :, :n, :]
-        layer.replace(keys, values)
+                keys[row, :, width - n : width, :] = layers[index][0][0, :, :n, :]
+                values[row, :, width - n : width, :] = layers[index][1][0, :, :n, :]
+        layer.replace(keys, values, width)
     return width
