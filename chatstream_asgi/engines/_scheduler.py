@@ -15,21 +15,21 @@ import logging
 import queue
 import threading
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from transformers import DynamicCache
 
-from ..errors import EngineError, EngineNotReady
-from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk, prefix_cache, reused_columns
-from ._cache import bytes_per_token, row_kv
+from ..errors import EngineNotReady
+from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk
+from ._cache import row_kv
 from ._delivery import Channel
-from ._prefix_cache import LayerKV, PrefixCache
-from ._prefix_index import BLOCK_TOKENS
+from ._prefix_cache import PrefixCache
+from ._prefix_reuse import PrefixReuse, left_to_compute
 from ._sampling import choose_tokens
 from ._sequence import Sequence
+from ._step_failures import fail_step, poisons_the_device
 
 logger = logging.getLogger(__name__)
 
@@ -63,29 +63,6 @@ class _Partial:
     offset: int = 0
 
 
-def _to_compute(seq: Sequence) -> int:
-    """Prompt tokens left to compute once its cached prefix (``seq.hit``) is reused."""
-    return len(seq.prompt_ids) - (seq.hit.length if seq.hit else 0)
-
-
-def _fail(seqs: list[Sequence], exc: BaseException) -> None:
-    logger.error("generation step failed for %d sequence(s)", len(seqs), exc_info=exc)
-    for seq in seqs:
-        # One instance per stream: each consumer raises it and gets its own traceback.
-        error = EngineError(f"Generation failed in the model worker: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        seq.fail(error)
-    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()  # give the failed batch's blocks back before the next step allocates
-
-
-def poisons_the_device(exc: BaseException) -> bool:
-    """A CUDA error other than OOM (an illegal address, a device-side assert) leaves the context unusable:
-    every later step would fail too, so the worker stops (an engine process then exits and is restarted)."""
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, accelerator_error) and not isinstance(exc, torch.OutOfMemoryError)
-
-
 class Scheduler:
     """Owns the model on one daemon thread; ``submit`` is the only way in."""
 
@@ -99,7 +76,7 @@ class Scheduler:
         prefix_cache: PrefixCache | None = None,
     ) -> None:
         self._runner = runner
-        self._prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
+        self._reuse = PrefixReuse(prefix_cache)
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
         self._pad_id = pad_id
@@ -204,16 +181,13 @@ class Scheduler:
             return
         free = self._max_batch - (len(self._batch.seqs) if self._batch else 0)
         group = self._take_group(free)
-        if len(group) == 1 and _to_compute(group[0]) > self._chunk:
-            self._partial = self._start_partial(group[0])
+        if len(group) == 1 and left_to_compute(group[0]) > self._chunk:
+            self._partial = _Partial(group[0], *self._reuse.for_chunks(self._runner, group[0]))
             self._continue_partial(self._partial)
         elif group:
             try:
-                prompts = [s.prompt_ids for s in group]
-                reused = [(s.hit.entry.layers, s.hit.length) if s.hit else (None, 0) for s in group]
-                for seq, n in zip(group, reused_columns(prompts, [n for _, n in reused]), strict=True):
-                    self._count_hit(seq, n)
-                cache, logits = prefill(self._runner, prompts, self._pad_id, reused)
+                reused = self._reuse.for_group(group)
+                cache, logits = prefill(self._runner, [s.prompt_ids for s in group], self._pad_id, reused)
                 self._admit(group, cache, logits)
             except Exception as exc:
                 self._fail(group, exc)
@@ -223,28 +197,12 @@ class Scheduler:
         group: list[Sequence] = []
         width = 0
         while self._pending and len(group) < free:
-            head = self._pending[0]
-            head.hit = self._prefix_cache.lookup(head.prompt_ids) if self._prefix_cache else None
-            widest = max(width, _to_compute(head))
+            widest = max(width, self._reuse.find(self._pending[0]))
             if group and widest * (len(group) + 1) > self._chunk:
                 break
             group.append(self._pending.popleft())
             width = widest
         return group
-
-    def _start_partial(self, seq: Sequence) -> _Partial:
-        """A long prompt prefilled chunk by chunk, from the end of its cached prefix."""
-        hit = seq.hit
-        self._count_hit(seq, hit.length if hit else 0)  # clears seq.hit
-        if hit is None:
-            return _Partial(seq, self._runner.new_cache())
-        return _Partial(seq, prefix_cache(self._runner, hit.entry.layers, hit.length), hit.length)
-
-    def _count_hit(self, seq: Sequence, reused: int) -> None:
-        seq.cached_tokens = reused
-        if self._prefix_cache is not None:
-            seq.source = self._prefix_cache.record(len(seq.prompt_ids), reused, seq.hit)
-        seq.hit = None  # its KV is being copied: holding the entry would keep it alive past an eviction
 
     def _continue_partial(self, part: _Partial) -> None:
         prompt = part.seq.prompt_ids
@@ -265,7 +223,7 @@ class Scheduler:
         joined = KVBatch(seqs, cache, [len(s.prompt_ids) for s in seqs], tokens)
         rows = [i for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)) if not seq.accept(token)]
         if len(rows) < len(seqs):
-            self._keep_prefixes(joined, [i for i in range(len(seqs)) if i not in rows])
+            self._reuse.keep_rows(joined, [i for i in range(len(seqs)) if i not in rows])
         if not rows:
             return
         if len(rows) < len(seqs):
@@ -286,37 +244,22 @@ class Scheduler:
             self._pending = deque(s for s in self._pending if not s.finished)
         if self._partial is not None and self._partial.seq.finished:
             part, self._partial = self._partial, None
-            self._keep_prefix(part.seq, part.offset, part.cache, partial(row_kv, part.cache, 0, 0, part.offset))
+            self._reuse.keep(part.seq, part.offset, part.cache, partial(row_kv, part.cache, 0, 0, part.offset))
         batch = self._batch
         if batch is not None:
             rows = [i for i, s in enumerate(batch.seqs) if not s.finished]
             if len(rows) < len(batch.seqs):
-                self._keep_prefixes(batch, [i for i, s in enumerate(batch.seqs) if s.finished])
+                self._reuse.keep_rows(batch, [i for i, s in enumerate(batch.seqs) if s.finished])
             if not rows:
                 self._batch = None
             elif len(rows) < len(batch.seqs):
                 batch.keep(rows)
 
-    def _keep_prefixes(self, batch: KVBatch, rows: list[int]) -> None:
-        """Keep the KV of the sequences in ``rows``, which are leaving ``batch``, in the prefix cache."""
-        for row in rows:
-            self._keep_prefix(batch.seqs[row], batch.lengths[row], batch.cache, partial(batch.row_kv, row))
-
-    def _keep_prefix(self, seq: Sequence, length: int, kv: DynamicCache, copy_kv: Callable[[], LayerKV]) -> None:
-        cache = self._prefix_cache
-        if cache is None or length < BLOCK_TOKENS:
-            return
-        try:
-            nbytes = length * bytes_per_token(kv)
-            cache.insert(seq.tokens_in_cache(length), len(seq.prompt_ids), nbytes, copy_kv, seq.source)
-        except Exception:  # e.g. no memory left for the copy: a lost cache entry costs a recompute, nothing else
-            logger.warning("could not keep a finished sequence's KV in the prefix cache", exc_info=True)
-
     def _in_flight(self) -> list[Sequence]:
         return (self._batch.seqs if self._batch else []) + ([self._partial.seq] if self._partial else [])
 
     def _fail(self, seqs: list[Sequence], exc: BaseException) -> None:
-        _fail(seqs, exc)
+        fail_step(seqs, exc)
         if poisons_the_device(exc):
             logger.critical("the device is unusable after %s; the engine worker stops", type(exc).__name__)
             self._stopping.set()
