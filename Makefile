@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-gpu bench-workers
+.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-gpu bench-workers bench-multiturn
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -63,3 +63,8 @@ bench-gpu:
 bench-workers: install
 	$(PIP) install -q -e ".[bench]"
 	$(PYTHON) benchmarks/workers.py
+
+# Multi-turn chats over HTTP, prefix KV cache off vs on (TTFT per turn, vs a cold prompt); about 6 min on 2 cores.
+bench-multiturn: install
+	$(PIP) install -q -e ".[bench]"
+	$(PYTHON) benchmarks/multiturn.py
