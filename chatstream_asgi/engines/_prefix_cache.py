@@ -67,7 +67,7 @@ def default_prefix_cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        from ..resource_usage import host_memory
+        from ..ops.resource_usage import host_memory
 
         _, free = host_memory()
     return int(min(free * DEFAULT_FRACTION, DEFAULT_CAP))

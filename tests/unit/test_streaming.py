@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.encoders import PlainTextEncoder, SSEEncoder, StreamEncoder
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 from chatstream_asgi.engines.mock import MockEngine
 from chatstream_asgi.errors import EngineError, HTTPError
-from chatstream_asgi.streaming import (
+from chatstream_asgi.http.encoders import PlainTextEncoder, SSEEncoder, StreamEncoder
+from chatstream_asgi.http.streaming import (
     StreamOptions,
     StreamResult,
     as_http_error,

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from ._asgi import send_json
-from ._types import Receive, Scope, Send
+from ..engines.base import Engine
+from ..errors import ConfigurationError
+from ..http.asgi import send_json
+from ..http.types import Receive, Scope, Send
 from .admission import Admission
-from .engines.base import Engine
-from .errors import ConfigurationError
 from .metrics import ChatMetrics, Observer
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .errors import ConfigurationError, HTTPError
+from ..errors import ConfigurationError, HTTPError
 
 if TYPE_CHECKING:
-    from .requests import ChatTurn
+    from ..http.requests import ChatTurn
 
 Message = dict[str, str]
 

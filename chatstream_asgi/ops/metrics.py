@@ -18,12 +18,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from .engines.base import prefix_cache_stats
-from .errors import ConfigurationError, HTTPError
+from ..engines.base import prefix_cache_stats
+from ..errors import ConfigurationError, HTTPError
 
 if TYPE_CHECKING:
+    from ..http.streaming import StreamResult
     from .admission import Admission
-    from .streaming import StreamResult
 
 request_log = logging.getLogger("chatstream_asgi.requests")
 INSTALL_HINT = "pip install 'chatstream-asgi[metrics]'"

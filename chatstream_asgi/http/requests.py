@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._asgi import header
-from ._types import Scope
-from .engines.base import SamplingParams
-from .errors import HTTPError
+from ..engines.base import SamplingParams
+from ..errors import HTTPError
+from .asgi import header
+from .types import Scope
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64

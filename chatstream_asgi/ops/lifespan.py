@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ..http.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("chatstream_asgi")
 Hook = Callable[[], Awaitable[None]]

@@ -23,11 +23,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._asgi import listen_for_disconnect, send_error
-from ._types import Receive, Send
+from ..engines.base import GenerationChunk
+from ..errors import ChatStreamError, HTTPError
+from .asgi import listen_for_disconnect, send_error
 from .encoders import StreamEncoder
-from .engines.base import GenerationChunk
-from .errors import ChatStreamError, HTTPError
+from .types import Receive, Send
 
 STREAM_HEADERS = [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
 Outcome = Literal["completed", "disconnected", "error", "timeout"]

@@ -7,10 +7,10 @@ from typing import Any
 
 from starlette.responses import Response
 
-from ._asgi import send_error, send_json
-from ._types import Message, Receive, Scope, Send
-from .admission import QueueFull, Rejected
-from .errors import ClientDisconnected, ConfigurationError, HTTPError
+from ..errors import ClientDisconnected, ConfigurationError, HTTPError
+from ..http.asgi import send_error, send_json
+from ..http.types import Message, Receive, Scope, Send
+from ..ops.admission import QueueFull, Rejected
 
 API_METHODS = {
     "chat_stream": "POST",

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: routes (router and serving), schema (protocol), limits."""

@@ -1,0 +1,1 @@
+"""Operations: admission and rejections, metrics, health and drain, lifespan, signals, resource usage."""

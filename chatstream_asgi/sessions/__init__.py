@@ -1,0 +1,1 @@
+"""Sessions: the signed cookie, the history stores, per-session state."""
