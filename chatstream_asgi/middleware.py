@@ -11,13 +11,14 @@ from .errors import ClientDisconnected, HTTPError
 from .http.asgi import route_path, send_error
 from .http.encoders import Wire
 from .http.hooks import ChatHooks, Interceptor, OnFinish
+from .http.ops_routes import OperationsRoutes
 from .http.routes import DEFAULT_PATHS, ChatRoutes, ChatSettings, check_positive
 from .http.security import RequestGuard
 from .http.session_routes import OnFeedback, SessionRoutes
 from .http.types import ASGIApp, Receive, Scope, Send
 from .openai.routes import OpenAIRoutes, openai_route_table, send_openai_error
 from .ops.admission import Admission, Rejected
-from .ops.health import OperationsRoutes, drain
+from .ops.health import drain
 from .ops.lifespan import Lifespan
 from .ops.metrics import ChatMetrics, Observer, metrics_available
 from .ops.signals import DrainOnSignals

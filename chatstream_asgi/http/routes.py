@@ -16,11 +16,11 @@ from ..errors import ConfigurationError, HistoryStoreError, HTTPError
 from ..ops.admission import Admission
 from ..ops.metrics import Observer
 from ..sessions.cookie import SessionCookie
-from ..sessions.history import HistoryStore, previous_turns, trim_turns, user_message
+from ..sessions.history import HistoryStore, trim_turns
 from .asgi import read_body, send_json
 from .encoders import choose_encoder
 from .hooks import ChatHooks
-from .requests import ChatTurn, parse_chat_turn, require_json
+from .requests import ChatTurn, parse_chat_turn, previous_turns, require_json, user_message
 from .security import check_input_tokens, token_counter
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, stream_reply

@@ -20,10 +20,10 @@ from ..http.asgi import header, read_body, send_json
 from ..http.requests import require_json
 from ..http.routes import ChatSettings
 from ..http.slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
-from ..http.streaming import StreamOptions, StreamResult, as_http_error, stream_reply
+from ..http.streaming import StreamOptions, as_http_error, stream_reply
 from ..http.types import Receive, Scope, Send
 from ..ops.admission import Admission, Rejected, Ticket
-from ..ops.metrics import GenerationProbe, Observer
+from ..ops.metrics import GenerationProbe, Observer, StreamResult
 from .limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
 from .schema import (
     CompletionRequest,

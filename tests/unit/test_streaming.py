@@ -1,4 +1,4 @@
-"""Unit tests for ``chatstream_asgi.streaming``: encoders and ``stream_reply`` against raw ASGI fakes."""
+"""Unit tests for ``chatstream_asgi.http.streaming``: encoders and ``stream_reply`` against raw ASGI fakes."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from chatstream_asgi.errors import EngineError, HTTPError
 from chatstream_asgi.http.encoders import PlainTextEncoder, SSEEncoder, StreamEncoder
 from chatstream_asgi.http.streaming import (
     StreamOptions,
-    StreamResult,
     as_http_error,
     stream_reply,
 )
+from chatstream_asgi.ops.metrics import StreamResult
 
 from .asgi_fakes import RecordingSend, ScriptedReceive, wait_until, with_hang_guard
 
