@@ -2,6 +2,10 @@
 
 ``import chatstream_asgi`` stays light: torch and transformers load only when
 ``TransformersEngine`` is first used.
+
+One folder per concern, each importing only those below it (``lint-imports`` checks the contracts in
+``pyproject.toml``): ``compat/`` and ``cli.py`` > ``middleware.py`` (the composition root) > ``openai/`` >
+``http/`` > ``ops/`` > ``sessions/`` > ``engines/`` > ``errors.py``. Each folder's ``__init__`` says what it holds.
 """
 
 from __future__ import annotations
