@@ -23,13 +23,16 @@ install-test: install
 demo: install
 	$(PYTHON) -m chatstream_asgi serve --host 127.0.0.1 --port 8000
 
+# lint-imports checks the layers written down in pyproject.toml ([tool.importlinter]); a broken one fails here.
 test: install-test
 	$(PYTHON) -m ruff check chatstream_asgi tests benchmarks
+	lint-imports
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest
 
 lint:
 	$(PYTHON) -m ruff check chatstream_asgi tests benchmarks
+	lint-imports
 
 typecheck:
 	$(PYTHON) -m mypy

@@ -2,13 +2,16 @@
 
 ``import chatstream_asgi`` stays light: torch and transformers load only when
 ``TransformersEngine`` is first used.
+
+One folder per concern, each importing only those below it (``lint-imports`` checks the contracts in
+``pyproject.toml``): ``compat/`` and ``cli.py`` > ``middleware.py`` (the composition root) > ``openai/`` >
+``http/`` > ``ops/`` > ``sessions/`` > ``engines/`` > ``errors.py``. Each folder's ``__init__`` says what it holds.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .admission import Draining, QueueFull, QueueTimeout, Rejected
 from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
@@ -20,17 +23,18 @@ from .errors import (
     HistoryStoreError,
     HTTPError,
 )
-from .history import HistoryStore, MemoryHistoryStore
-from .hooks import Interceptor, OnFinish
+from .http.hooks import Interceptor, OnFinish
+from .http.session_routes import OnFeedback
 from .middleware import ChatStreamMiddleware
-from .session_routes import OnFeedback
-from .session_state import SessionStateStore
+from .ops.admission import Draining, QueueFull, QueueTimeout, Rejected
+from .sessions.history import HistoryStore, MemoryHistoryStore
+from .sessions.state import SessionStateStore
 
 if TYPE_CHECKING:
     from .engines.openai_upstream import OpenAIUpstreamEngine
     from .engines.process import ProcessEngine
     from .engines.transformers import TransformersEngine
-    from .redis_store import RedisHistoryStore
+    from .sessions.redis_store import RedisHistoryStore
 
 __version__ = "0.1.0"
 __all__ = [
@@ -75,7 +79,7 @@ def __getattr__(name: str) -> Any:
 
         return ProcessEngine
     if name == "RedisHistoryStore":
-        from .redis_store import RedisHistoryStore
+        from .sessions.redis_store import RedisHistoryStore
 
         return RedisHistoryStore
     if name == "OpenAIUpstreamEngine":

@@ -5,25 +5,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from ._asgi import route_path, send_error
-from ._types import ASGIApp, Receive, Scope, Send
-from .admission import Admission, Rejected
-from .encoders import Wire
 from .engines.base import Engine, SamplingParams
 from .engines.replicas import as_engine
 from .errors import ClientDisconnected, HTTPError
-from .health import OperationsRoutes, drain
-from .history import HistoryStore, MemoryHistoryStore
-from .hooks import ChatHooks, Interceptor, OnFinish
-from .lifespan import Lifespan
-from .metrics import ChatMetrics, Observer, metrics_available
-from .openai_api import OpenAIRoutes, openai_route_table, send_openai_error
-from .routes import DEFAULT_PATHS, ChatRoutes, ChatSettings, check_positive
-from .security import RequestGuard
-from .session import SessionCookie
-from .session_routes import OnFeedback, SessionRoutes
-from .session_state import SessionStateStore
-from .signals import DrainOnSignals
+from .http.asgi import route_path, send_error
+from .http.encoders import Wire
+from .http.hooks import ChatHooks, Interceptor, OnFinish
+from .http.ops_routes import OperationsRoutes
+from .http.routes import DEFAULT_PATHS, ChatRoutes, ChatSettings, check_positive
+from .http.security import RequestGuard
+from .http.session_routes import OnFeedback, SessionRoutes
+from .http.types import ASGIApp, Receive, Scope, Send
+from .openai.routes import OpenAIRoutes, openai_route_table, send_openai_error
+from .ops.admission import Admission, Rejected
+from .ops.health import drain
+from .ops.lifespan import Lifespan
+from .ops.metrics import ChatMetrics, Observer, metrics_available
+from .ops.signals import DrainOnSignals
+from .sessions.cookie import SessionCookie
+from .sessions.history import HistoryStore, MemoryHistoryStore
+from .sessions.state import SessionStateStore
 
 logger = logging.getLogger("chatstream_asgi")
 

@@ -1,0 +1,10 @@
+"""Engines: what turns chat messages into a stream of text, off the event loop.
+
+``base.py`` (the ``Engine`` protocol), ``transformers.py`` (the batching engine and its private ``_*`` modules:
+scheduler, cache, sampling, prefix cache), ``detokenizer.py``, ``prompts.py`` (chat templating and truncation),
+``process.py`` (the engine in its own process), ``replicas.py``, ``mock.py``, ``openai_upstream.py``,
+``host.py`` (the host's free memory).
+
+May import ``errors`` only: engines know nothing of HTTP, sessions, OpenAI routes, operations or compat.
+Nothing here imports torch at package import; ``transformers.py`` and its helpers do when first used.
+"""

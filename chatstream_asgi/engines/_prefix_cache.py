@@ -28,6 +28,7 @@ import torch
 
 from ._prefix_index import BLOCK_TOKENS, PrefixIndex
 from .base import PrefixCacheStats
+from .host import host_memory
 
 #: the default budget: this share of the memory free on the model's device when the engine is built, capped.
 DEFAULT_FRACTION = 0.1
@@ -67,8 +68,6 @@ def default_prefix_cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        from ..resource_usage import host_memory
-
         _, free = host_memory()
     return int(min(free * DEFAULT_FRACTION, DEFAULT_CAP))
 

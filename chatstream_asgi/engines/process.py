@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, EngineNotReady, EngineUnavailable
-from ..prompts import Prompt, fit_prompt, with_system_prompt
 from ._delivery import ReplyBuffer
 from ._launcher import Launcher
 from ._link import EngineLink
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
+from .prompts import Prompt, fit_prompt, with_system_prompt
 
 logger = logging.getLogger("chatstream_asgi")
 RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection attempts, seconds

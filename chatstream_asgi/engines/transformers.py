@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError, EngineNotReady
-from ..prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
 from ._batch import ModelRunner
 from ._delivery import Channel, LoopChannel, ReplyBuffer
 from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
@@ -26,6 +25,7 @@ from ._scheduler import Scheduler, SchedulerStats
 from ._sequence import Sequence
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
 from .detokenizer import DecoderSpec
+from .prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
 
 ENGINE_KWARGS = frozenset(
     {

@@ -374,7 +374,8 @@ def test_the_page_of_the_chatstream_facade_streams_deltas_though_its_wire_is_cum
 ) -> None:
     from fastapi import FastAPI
 
-    from chatstream_asgi.compat import MOCK_REPLY, ChatStream
+    from chatstream_asgi.compat import ChatStream
+    from chatstream_asgi.compat.facade import MOCK_REPLY
 
     chat_stream = ChatStream(use_mock_response=True, secret_key="k" * 32)  # wire="chatstream-0.3" by default
     app = FastAPI()

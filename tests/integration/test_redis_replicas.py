@@ -11,7 +11,7 @@ import pytest
 
 from chatstream_asgi import MockEngine
 from chatstream_asgi.engines.base import ChatMessage
-from chatstream_asgi.redis_store import RedisHistoryStore
+from chatstream_asgi.sessions.redis_store import RedisHistoryStore
 from tests.redis_server import RedisServer, running_redis
 
 from .servers import UvicornThread, chat_app, not_found_app

@@ -135,7 +135,7 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 async def test_redis_killed_mid_stream(serve: Callable[..., UvicornThread], redis_server: RedisServer) -> None:
-    from chatstream_asgi.redis_store import RedisHistoryStore
+    from chatstream_asgi.sessions.redis_store import RedisHistoryStore
 
     store = RedisHistoryStore(redis_server.url, timeout=1.0)
     app = build(MockEngine(REPLY, token_delay=0.02), store, max_concurrency=4)

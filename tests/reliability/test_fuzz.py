@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from chatstream_asgi import ChatStreamMiddleware, MockEngine, SamplingParams
 from chatstream_asgi.engines.detokenizer import IncrementalDetokenizer
 from chatstream_asgi.errors import HTTPError
-from chatstream_asgi.openai_schema import parse_completion_request
-from chatstream_asgi.requests import parse_chat_turn
-from chatstream_asgi.session import SessionCookie
+from chatstream_asgi.http.requests import parse_chat_turn
+from chatstream_asgi.openai.schema import parse_completion_request
+from chatstream_asgi.sessions.cookie import SessionCookie
 from tests.unit.asgi_fakes import RecordingApp, RecordingSend, ScriptedReceive, http_scope, request_messages
 
 SECRET = "fuzz-secret-key-0123456789abcdef"

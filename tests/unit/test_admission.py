@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 import pytest_asyncio
 
-from chatstream_asgi.admission import Admission, Draining, QueueFull, QueueTimeout, Rejected, Ticket
 from chatstream_asgi.errors import ChatStreamError, ConfigurationError
+from chatstream_asgi.ops.admission import Admission, Draining, QueueFull, QueueTimeout, Rejected, Ticket
 
 
 class FakeClock:

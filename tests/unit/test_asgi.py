@@ -1,4 +1,4 @@
-"""Unit tests for ``chatstream_asgi._asgi``: routing relative to root_path, the capped body reader, JSON replies."""
+"""Unit tests for ``chatstream_asgi.http.asgi``: routing relative to root_path, the capped body reader, JSON replies."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from chatstream_asgi._asgi import listen_for_disconnect, read_body, route_path, send_error, send_json
 from chatstream_asgi.errors import ClientDisconnected, HTTPError
+from chatstream_asgi.http.asgi import listen_for_disconnect, read_body, route_path, send_error, send_json
 
 from .asgi_fakes import (
     DISCONNECT,

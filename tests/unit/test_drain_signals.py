@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from chatstream_asgi import ChatStreamMiddleware, MockEngine
-from chatstream_asgi.signals import DrainOnSignals
+from chatstream_asgi.ops.signals import DrainOnSignals
 
 from .apps import build_middleware, chat
 from .asgi_fakes import SSE_HEADERS, RecordingSend, wait_until, with_hang_guard

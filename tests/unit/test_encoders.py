@@ -1,4 +1,4 @@
-"""Unit tests for ``chatstream_asgi.encoders``: what each wire format writes, and which one a request gets."""
+"""Unit tests for ``chatstream_asgi.http.encoders``: what each wire format writes, and which one a request gets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.encoders import ChatStream03Encoder, PlainTextEncoder, SSEEncoder, choose_encoder
+from chatstream_asgi.http.encoders import ChatStream03Encoder, PlainTextEncoder, SSEEncoder, choose_encoder
 
 from .asgi_fakes import http_scope
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from chatstream_asgi.errors import ConfigurationError
-from chatstream_asgi.history import HistoryStore, MemoryHistoryStore, copy_messages, trim_turns
+from chatstream_asgi.sessions.history import HistoryStore, MemoryHistoryStore, copy_messages, trim_turns
 
 
 class FakeClock:

@@ -20,15 +20,15 @@ from chatstream_asgi.compat import (
     ChatPromptStockmarkGptNeoxJp,
     ChatPromptTogetherRedPajamaINCITEChat,
 )
-from chatstream_asgi.engines.base import ChatMessage, GenerationChunk, SamplingParams
-from chatstream_asgi.engines.mock import MockEngine
-from chatstream_asgi.legacy_presets import JA_INSTRUCTION_SYSTEM, LLAMA2_SYSTEM, PRESETS
-from chatstream_asgi.legacy_prompts import (
+from chatstream_asgi.compat.legacy_presets import JA_INSTRUCTION_SYSTEM, LLAMA2_SYSTEM, PRESETS
+from chatstream_asgi.compat.legacy_prompts import (
     AbstractChatPrompt,
     LegacyPromptTokenizer,
     OutputReplacingEngine,
     render_legacy,
 )
+from chatstream_asgi.engines.base import ChatMessage, GenerationChunk, SamplingParams
+from chatstream_asgi.engines.mock import MockEngine
 
 ONE_TURN = [{"role": "user", "content": "Who is Alan Turing"}]
 TWO_TURNS = [

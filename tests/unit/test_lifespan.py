@@ -1,4 +1,4 @@
-"""Unit tests for ``chatstream_asgi.lifespan``: the middleware's start-up and shutdown run whether the wrapped app
+"""Unit tests for ``chatstream_asgi.ops.lifespan``: the middleware's start-up and shutdown run whether the wrapped app
 speaks the lifespan protocol (and then answers it) or not (and then the middleware answers alone)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.lifespan import Lifespan
+from chatstream_asgi.ops.lifespan import Lifespan
 
 from .asgi_fakes import ScriptedReceive, with_hang_guard
 

@@ -1,5 +1,5 @@
-"""Unit tests for ``openai_schema``: request validation (every 400 names its ``param``), OpenAI's error shape,
-the response builders and the ``chat.completion.chunk`` SSE encoder."""
+"""Unit tests for ``chatstream_asgi.openai.schema``: request validation (every 400 names its ``param``), OpenAI's
+error shape, the response builders and the ``chat.completion.chunk`` SSE encoder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.errors import HTTPError
-from chatstream_asgi.openai_schema import (
+from chatstream_asgi.openai.schema import (
     DONE,
     OpenAIError,
     OpenAIStreamEncoder,

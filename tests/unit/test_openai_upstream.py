@@ -12,7 +12,7 @@ import pytest
 from chatstream_asgi import ConfigurationError, Engine, OpenAIUpstreamEngine
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.openai_upstream import UpstreamError, parse_chunk
-from chatstream_asgi.streaming import as_http_error
+from chatstream_asgi.http.streaming import as_http_error
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
 

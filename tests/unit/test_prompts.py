@@ -5,8 +5,7 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.errors import ChatStreamError
-from chatstream_asgi.prompts import (
+from chatstream_asgi.engines.prompts import (
     TRUNCATION_STEP,
     Prompt,
     PromptTooLong,
@@ -15,6 +14,7 @@ from chatstream_asgi.prompts import (
     render_chat,
     with_system_prompt,
 )
+from chatstream_asgi.errors import ChatStreamError
 
 SYSTEM = {"role": "system", "content": "You are terse."}
 

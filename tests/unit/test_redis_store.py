@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from chatstream_asgi import HistoryStore
 from chatstream_asgi.errors import ConfigurationError, HistoryStoreError
-from chatstream_asgi.redis_store import RedisHistoryStore
+from chatstream_asgi.sessions.redis_store import RedisHistoryStore
 from tests.redis_server import RedisServer, running_redis
 
 pytestmark = pytest.mark.asyncio

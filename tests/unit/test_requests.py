@@ -1,4 +1,4 @@
-"""Unit tests for ``chatstream_asgi.requests``: JSON body parsing and field validation."""
+"""Unit tests for ``chatstream_asgi.http.requests``: JSON body parsing and field validation."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.errors import HTTPError
-from chatstream_asgi.requests import (
+from chatstream_asgi.http.requests import (
     CHAT_FIELDS,
     MAX_STOP_LENGTH,
     MAX_STOP_STRINGS,

@@ -9,7 +9,7 @@ import pytest
 
 from chatstream_asgi import ChatStreamMiddleware, MockEngine
 from chatstream_asgi.errors import ConfigurationError
-from chatstream_asgi.security import RequestGuard
+from chatstream_asgi.http.security import RequestGuard
 
 from . import apps
 from .apps import build_middleware, chat

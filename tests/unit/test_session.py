@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from itsdangerous import TimestampSigner
 
 from chatstream_asgi.errors import ConfigurationError
-from chatstream_asgi.session import SALT, SessionCookie
+from chatstream_asgi.sessions.cookie import SALT, SessionCookie
 
 KEY = "k" * 16 + "-current-secret"
 OLD_KEY = "o" * 16 + "-retired-secret"

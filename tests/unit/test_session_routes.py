@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from chatstream_asgi.errors import ConfigurationError, HTTPError
-from chatstream_asgi.session_state import SessionStateStore
+from chatstream_asgi.sessions.state import SessionStateStore
 
 from .apps import REPLY, Chat, CountingEngine, assert_json_error, build_middleware, session_cookie
 from .asgi_fakes import RecordingSend, ScriptedReceive, wait_until, with_hang_guard
@@ -319,7 +319,7 @@ def test_session_state_is_bounded_and_expires() -> None:
 
 @pytest.mark.asyncio
 async def test_stop_switch_passes_real_messages_through() -> None:
-    from chatstream_asgi.hooks import TurnStop
+    from chatstream_asgi.http.hooks import TurnStop
 
     receive = ScriptedReceive([{"type": "http.request", "body": b"x"}], wait_for_disconnect=True)
     switch = TurnStop(receive, RecordingSend())

@@ -1,4 +1,4 @@
-"""Unit tests for ``chatstream_asgi.streaming``: encoders and ``stream_reply`` against raw ASGI fakes."""
+"""Unit tests for ``chatstream_asgi.http.streaming``: encoders and ``stream_reply`` against raw ASGI fakes."""
 
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.encoders import PlainTextEncoder, SSEEncoder, StreamEncoder
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 from chatstream_asgi.engines.mock import MockEngine
 from chatstream_asgi.errors import EngineError, HTTPError
-from chatstream_asgi.streaming import (
+from chatstream_asgi.http.encoders import PlainTextEncoder, SSEEncoder, StreamEncoder
+from chatstream_asgi.http.streaming import (
     StreamOptions,
-    StreamResult,
     as_http_error,
     stream_reply,
 )
+from chatstream_asgi.ops.metrics import StreamResult
 
 from .asgi_fakes import RecordingSend, ScriptedReceive, wait_until, with_hang_guard
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from chatstream_asgi.engines.base import Engine, GenerationChunk, SamplingParams
+from chatstream_asgi.engines.prompts import PromptTooLong
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import ConfigurationError, EngineError, EngineNotReady
-from chatstream_asgi.prompts import PromptTooLong
 from tests.engine_helpers import TokenLog, tokens_of, wait_until
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=24)

@@ -3,7 +3,7 @@
 ``HistoryStore`` is the extension point: any object with these three async methods works. A store for
 many replicas (``redis_store.RedisHistoryStore``) implements the same protocol and should reuse
 ``copy_messages`` and ``trim_turns`` so every store keeps and trims history the same way.
-``previous_turns`` and ``trim_turns`` shape the history a new turn is answered from.
+``trim_turns`` also shapes the history a new turn is answered from (the turn itself is built in ``http.requests``).
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from .errors import ConfigurationError, HTTPError
-
-if TYPE_CHECKING:
-    from .requests import ChatTurn
+from ..errors import ConfigurationError
 
 Message = dict[str, str]
 
@@ -79,21 +76,6 @@ def trim_turns(messages: list[Message], max_turns: int | None) -> list[Message]:
     # the smallest multiple of step that drops enough: it depends only on the pair count, not on earlier calls
     first = -(-excess // step) * step
     return messages[:head] + messages[starts[first] :]
-
-
-def user_message(text: str) -> Message:
-    return {"role": "user", "content": text}
-
-
-def previous_turns(history: list[Message], turn: ChatTurn) -> tuple[list[Message], str]:
-    """The history the new turn builds on, and the user input to answer."""
-    if not turn.regenerate:
-        assert turn.user_input is not None
-        return history, turn.user_input
-    for index in range(len(history) - 1, -1, -1):
-        if history[index]["role"] == "user":
-            return history[:index], history[index]["content"]
-    raise HTTPError(400, "invalid_request", "nothing to regenerate: this session has no user turn yet")
 
 
 @dataclass

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .engines.base import ChatMessage, SamplingParams
-from .errors import HTTPError
-from .requests import is_unicode_text, parse_json_object, parse_sampling, validate_int
+from ..engines.base import ChatMessage, SamplingParams
+from ..errors import HTTPError
+from ..http.requests import is_unicode_text, parse_json_object, parse_sampling, validate_int
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 SAMPLING_EXTENSIONS = ("temperature", "top_p", "stop", "seed", "top_k", "repetition_penalty", "ignore_eos")

@@ -11,20 +11,20 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._asgi import read_body, send_json
-from ._types import Receive, Scope, Send
-from .admission import Admission
+from ..engines.base import ChatMessage, Engine, SamplingParams, prefix_cache_stats
+from ..errors import ConfigurationError, HistoryStoreError, HTTPError
+from ..ops.admission import Admission
+from ..ops.metrics import Observer
+from ..sessions.cookie import SessionCookie
+from ..sessions.history import HistoryStore, trim_turns
+from .asgi import read_body, send_json
 from .encoders import choose_encoder
-from .engines.base import ChatMessage, Engine, SamplingParams, prefix_cache_stats
-from .errors import ConfigurationError, HistoryStoreError, HTTPError
-from .history import HistoryStore, previous_turns, trim_turns, user_message
 from .hooks import ChatHooks
-from .metrics import Observer
-from .requests import ChatTurn, parse_chat_turn, require_json
+from .requests import ChatTurn, parse_chat_turn, previous_turns, require_json, user_message
 from .security import check_input_tokens, token_counter
-from .session import SessionCookie
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, stream_reply
+from .types import Receive, Scope, Send
 
 logger = logging.getLogger("chatstream_asgi")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from itsdangerous import BadSignature, TimestampSigner
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 SALT = "chatstream_asgi.session"
 SESSION_ID_BYTES = 18

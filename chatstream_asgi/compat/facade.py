@@ -15,14 +15,13 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .compat_routes import API_METHODS, ChatStreamResponse, chosen_apis, no_app
-from .engines.base import Engine, SamplingParams
-from .engines.mock import MockEngine
-from .errors import ConfigurationError
+from chatstream_asgi import ChatStreamMiddleware, Engine, MockEngine, SamplingParams
+from chatstream_asgi.errors import ConfigurationError
+
 from .legacy_presets import *  # noqa: F403 - ChatStream's preset names, importable from here as from chatstream
 from .legacy_presets import PRESETS
 from .legacy_prompts import AbstractChatPrompt, LegacyPromptTokenizer, OutputReplacingEngine
-from .middleware import ChatStreamMiddleware
+from .routes import API_METHODS, ChatStreamResponse, chosen_apis, no_app
 
 logger = logging.getLogger("chatstream_asgi.compat")
 MOCK_REPLY = "This is a mock response from ChatStream compatibility mode. Pass a model to get real replies."
@@ -219,7 +218,7 @@ def build_engine(
         return MockEngine(MOCK_REPLY, token_delay=0.02, max_batch_size=batch, model_name="mock")
     if model is None or tokenizer is None:
         raise ConfigurationError("pass model= and tokenizer= (or use_mock_response=True, or engine=...)")
-    from .engines.transformers import TransformersEngine
+    from chatstream_asgi import TransformersEngine
 
     if prompt_class is not None:
         tokenizer = LegacyPromptTokenizer(tokenizer, prompt_class)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Any
 
-from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
+from chatstream_asgi import ChatMessage, Engine, GenerationChunk, SamplingParams
 
 
 class RoleType(Enum):

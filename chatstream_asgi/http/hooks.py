@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-from ._types import Message, Receive, Scope, Send
+from ..engines.base import ChatMessage, SamplingParams
+from ..errors import HTTPError
+from ..sessions.state import SessionStateStore
 from .encoders import WIRES, Wire
-from .engines.base import ChatMessage, SamplingParams
-from .errors import HTTPError
 from .requests import parse_json_object
-from .session_state import SessionStateStore
+from .types import Message, Receive, Scope, Send
 
 logger = logging.getLogger("chatstream_asgi")
 OnFinish = Callable[[str, str, str, dict[str, Any]], Awaitable[None] | None]

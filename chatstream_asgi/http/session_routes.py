@@ -22,13 +22,13 @@ from dataclasses import asdict
 from importlib import resources
 from typing import Any
 
-from ._asgi import read_body, send_json
-from ._types import Receive, Scope, Send
-from .engines.base import SamplingParams
-from .errors import ConfigurationError, HTTPError
+from ..engines.base import SamplingParams
+from ..errors import ConfigurationError, HTTPError
+from ..ops.resource_usage import resource_usage
+from .asgi import read_body, send_json
 from .requests import SAMPLING_FIELDS, invalid, parse_json_object, parse_sampling, require_json
-from .resource_usage import resource_usage
 from .routes import ChatRoutes
+from .types import Receive, Scope, Send
 
 logger = logging.getLogger("chatstream_asgi")
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]

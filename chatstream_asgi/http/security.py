@@ -17,9 +17,9 @@ import hmac
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
-from ._asgi import header
-from ._types import Scope
-from .errors import ConfigurationError, HTTPError
+from ..errors import ConfigurationError, HTTPError
+from .asgi import header
+from .types import Scope
 
 BEARER = "bearer "
 TRUSTED_FETCH_SITES = frozenset({"same-origin", "none"})  # "none": typed in the address bar, a bookmark

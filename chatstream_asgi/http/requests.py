@@ -1,7 +1,8 @@
 """Parsing and validation of the chat routes' JSON bodies.
 
 Every problem becomes an ``HTTPError`` (400/415) whose message names the field and what to send
-instead; nothing here touches sessions, history or the engine.
+instead. ``previous_turns`` and ``user_message`` build a turn's messages from the history it was given;
+nothing here loads or saves history, or touches the engine.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ._asgi import header
-from ._types import Scope
-from .engines.base import SamplingParams
-from .errors import HTTPError
+from ..engines.base import SamplingParams
+from ..errors import HTTPError
+from ..sessions.history import Message
+from .asgi import header
+from .types import Scope
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_LENGTH = 64
@@ -59,6 +61,21 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise invalid("the body must be a JSON object")
     return data
+
+
+def user_message(text: str) -> Message:
+    return {"role": "user", "content": text}
+
+
+def previous_turns(history: list[Message], turn: ChatTurn) -> tuple[list[Message], str]:
+    """The history the new turn builds on, and the user input to answer."""
+    if not turn.regenerate:
+        assert turn.user_input is not None
+        return history, turn.user_input
+    for index in range(len(history) - 1, -1, -1):
+        if history[index]["role"] == "user":
+            return history[:index], history[index]["content"]
+    raise invalid("nothing to regenerate: this session has no user turn yet")
 
 
 def parse_chat_turn(

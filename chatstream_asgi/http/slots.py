@@ -8,9 +8,9 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from ._asgi import listen_for_disconnect
-from ._types import Receive
-from .engines.base import GenerationChunk
+from ..engines.base import GenerationChunk
+from .asgi import listen_for_disconnect
+from .types import Receive
 
 Finish = Callable[[str], Awaitable[None]]
 

@@ -1,31 +1,25 @@
-"""Liveness, readiness, the metrics route and graceful drain.
+"""The operations routes: ``GET /healthz``, ``/readyz`` and ``/metrics`` (what they report is in ``ops``).
 
-- ``GET /healthz``: the process answers (200), whatever the model is doing.
-- ``GET /readyz``: 200 once the engine is ready and the middleware is not draining; 503 otherwise, so a
-  load balancer stops sending new chats to a replica that is loading or shutting down.
-- ``drain(grace)``: admission stops (new generations get 503 + ``Retry-After``, the queue is emptied the
-  same way), running streams get ``grace`` seconds to finish; after that each ends at its next token
-  with an in-band ``draining`` error (the response is still completed properly, its slot freed).
-
-uvicorn waits for open connections *before* it sends the lifespan shutdown, so the middleware also starts the
-drain on SIGTERM/SIGINT (``signals.py``); with that off, call ``drain()`` from a pre-stop hook instead.
-A reply ended by the drain is counted and logged with the outcome ``drained``.
+- ``/healthz``: the process answers (200), whatever the model is doing.
+- ``/readyz``: 200 when ``ops.health.readiness`` says ready; 503 + ``Retry-After`` while loading or draining.
+- ``/metrics``: the Prometheus text exposition of the middleware's collectors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from ._asgi import send_json
-from ._types import Receive, Scope, Send
-from .admission import Admission
-from .engines.base import Engine
-from .errors import ConfigurationError
-from .metrics import ChatMetrics, Observer
+from ..engines.base import Engine
+from ..errors import ConfigurationError
+from ..ops.admission import Admission
+from ..ops.health import readiness
+from ..ops.metrics import ChatMetrics
+from .asgi import send_json
+from .types import Receive, Scope, Send
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
-CANCEL_WAIT = 5.0  # seconds streams get to notice a cancelling drain before the caller goes on
 NO_STORE = [(b"cache-control", b"no-store")]
+NOT_READY_RETRY = [(b"retry-after", b"5")]
 
 
 class OperationsRoutes:
@@ -46,12 +40,11 @@ class OperationsRoutes:
         await send_json(send, 200, {"status": "ok"})
 
     async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.admission.draining:
-            await send_json(send, 503, {"status": "draining"}, [(b"retry-after", b"5")])
-        elif not self.engine.ready:
-            await send_json(send, 503, {"status": "loading"}, [(b"retry-after", b"5")])
+        ready, body = readiness(self.engine, self.admission)
+        if ready:
+            await send_json(send, 200, body)
         else:
-            await send_json(send, 200, {"status": "ready", "model": self.engine.model_name})
+            await send_json(send, 503, body, NOT_READY_RETRY)
 
     async def metrics_text(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.metrics is not None
@@ -76,14 +69,3 @@ class OperationsRoutes:
                 raise ConfigurationError(f"{name}_path must start with '/' and not clash with another route: {path!r}")
             table[path] = ("GET", handler)
         return table
-
-
-async def drain(admission: Admission, observer: Observer, grace: float) -> bool:
-    """Stop admitting, give running streams ``grace`` seconds, then end them; True if all ended in time."""
-    if grace < 0:
-        raise ConfigurationError(f"the drain grace period must be seconds >= 0, got {grace!r}")
-    admission.drain()
-    if await admission.wait_idle(grace):
-        return True
-    observer.cancelling = True
-    return await admission.wait_idle(CANCEL_WAIT)

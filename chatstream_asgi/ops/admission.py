@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 from .rejections import DRAINING_MESSAGE, Draining, QueueFull, QueueTimeout, Rejected
 
 DEFAULT_HOLD_SECONDS = 1.0  # assumed slot hold time until one has been measured

@@ -14,14 +14,18 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from ._asgi import header, read_body, send_json
-from ._types import Receive, Scope, Send
-from .admission import Admission, Rejected, Ticket
-from .engines.base import Engine, GenerationChunk
-from .errors import ConfigurationError, HTTPError
-from .metrics import GenerationProbe, Observer
-from .openai_limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
-from .openai_schema import (
+from ..engines.base import Engine, GenerationChunk
+from ..errors import ConfigurationError, HTTPError
+from ..http.asgi import header, read_body, send_json
+from ..http.requests import require_json
+from ..http.routes import ChatSettings
+from ..http.slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
+from ..http.streaming import StreamOptions, as_http_error, stream_reply
+from ..http.types import Receive, Scope, Send
+from ..ops.admission import Admission, Rejected, Ticket
+from ..ops.metrics import GenerationProbe, Observer, StreamResult
+from .limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
+from .schema import (
     CompletionRequest,
     OpenAIStreamEncoder,
     ReplyHeader,
@@ -31,10 +35,6 @@ from .openai_schema import (
     parse_completion_request,
     usage,
 )
-from .requests import require_json
-from .routes import ChatSettings
-from .slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
-from .streaming import StreamOptions, StreamResult, as_http_error, stream_reply
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 Routes = dict[str, tuple[str, Handler]]

@@ -21,36 +21,17 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-from ._asgi import listen_for_disconnect, send_error
-from ._types import Receive, Send
+from ..engines.base import GenerationChunk
+from ..errors import ChatStreamError, HTTPError
+from ..ops.metrics import StreamResult
+from .asgi import listen_for_disconnect, send_error
 from .encoders import StreamEncoder
-from .engines.base import GenerationChunk
-from .errors import ChatStreamError, HTTPError
+from .types import Receive, Send
 
 STREAM_HEADERS = [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
-Outcome = Literal["completed", "disconnected", "error", "timeout"]
 ErrorSender = Callable[[Send, HTTPError, list[tuple[bytes, bytes]] | None], Awaitable[None]]
-
-
-@dataclass
-class StreamResult:
-    """What happened to one streamed reply; ``text`` is the reply as far as it was sent."""
-
-    outcome: Outcome = "completed"
-    parts: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
-    started: bool = False
-    time_to_first_token: float | None = None
-    error: BaseException | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
 
 
 @dataclass

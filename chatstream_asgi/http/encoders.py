@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal, Protocol
 
-from ._asgi import error_body, header
-from ._types import Scope
+from .asgi import error_body, header
+from .types import Scope
 
 
 class StreamEncoder(Protocol):

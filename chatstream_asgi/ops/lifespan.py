@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from ._types import ASGIApp, Message, Receive, Scope, Send
+if TYPE_CHECKING:  # annotations only: ops sits below http, whose module owns the ASGI aliases
+    from ..http.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("chatstream_asgi")
 Hook = Callable[[], Awaitable[None]]

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.responses import Response
 
-from ._asgi import send_error, send_json
-from ._types import Message, Receive, Scope, Send
-from .admission import QueueFull, Rejected
-from .errors import ClientDisconnected, ConfigurationError, HTTPError
+from chatstream_asgi import QueueFull, Rejected
+from chatstream_asgi.errors import ClientDisconnected, ConfigurationError, HTTPError
+from chatstream_asgi.http.asgi import send_error, send_json  # the one internal import (see pyproject.toml)
+
+if TYPE_CHECKING:
+    from chatstream_asgi.http.types import Message, Receive, Scope, Send
 
 API_METHODS = {
     "chat_stream": "POST",

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from .engines.base import ChatMessage
-from .openai_schema import CompletionRequest, OpenAIError
-from .prompts import render_chat, with_system_prompt
+from ..engines.base import ChatMessage
+from ..engines.prompts import render_chat, with_system_prompt
+from .schema import CompletionRequest, OpenAIError
 
 MAX_BODY_BYTES = 1024 * 1024
 MAX_MESSAGES = 256

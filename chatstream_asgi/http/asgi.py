@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ._types import Receive, Scope, Send
-from .errors import ClientDisconnected, HTTPError
+from ..errors import ClientDisconnected, HTTPError
+from .types import Receive, Scope, Send
 
 JSON_CONTENT_TYPE = b"application/json"
 MAX_LENGTH_DIGITS = 18  # any Content-Length with more digits is over every cap

@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Any
 
+from ..engines.host import host_memory
+
 GIB = 1024**3
 
 
@@ -25,18 +27,6 @@ def process_rss() -> int:
     except ImportError:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def host_memory() -> tuple[int, int]:
-    """(total, available) bytes."""
-    try:
-        import psutil
-
-        memory = psutil.virtual_memory()
-        return int(memory.total), int(memory.available)
-    except ImportError:
-        page = os.sysconf("SC_PAGE_SIZE")
-        return os.sysconf("SC_PHYS_PAGES") * page, os.sysconf("SC_AVPHYS_PAGES") * page
 
 
 def cpu_usage() -> dict[str, Any]:

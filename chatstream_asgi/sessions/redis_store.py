@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .errors import ConfigurationError, HistoryStoreError
+from ..errors import ConfigurationError, HistoryStoreError
 from .history import DEFAULT_TTL, Message, copy_messages, trim_turns
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"

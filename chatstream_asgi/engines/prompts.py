@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .engines.base import ChatMessage
-from .errors import ChatStreamError
+from ..errors import ChatStreamError
+from .base import ChatMessage
 
 # the cut points of truncation lie this fraction of the context apart (see the module docstring)
 TRUNCATION_STEP = 0.25

@@ -16,14 +16,14 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
-from .engines.base import prefix_cache_stats
-from .errors import ConfigurationError, HTTPError
+from ..engines.base import prefix_cache_stats
+from ..errors import ConfigurationError, HTTPError
 
 if TYPE_CHECKING:
     from .admission import Admission
-    from .streaming import StreamResult
 
 request_log = logging.getLogger("chatstream_asgi.requests")
 INSTALL_HINT = "pip install 'chatstream-asgi[metrics]'"
@@ -32,6 +32,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 REJECTION_STATUSES = frozenset({401, 403, 409, 413, 429, 503})  # refusals worth a rate alert, unlike a 400
 Send = Callable[[Any], Awaitable[None]]
+Outcome = Literal["completed", "disconnected", "error", "timeout"]
 
 
 def metrics_available() -> bool:
@@ -151,6 +152,25 @@ class Observer:
             await send(message)
 
         return counted
+
+
+@dataclass
+class StreamResult:
+    """What happened to one streamed reply, as ``http.streaming`` records it; ``text`` is the reply as far as sent."""
+
+    outcome: Outcome = "completed"
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache supplied
+    started: bool = False
+    time_to_first_token: float | None = None
+    error: BaseException | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
 
 
 class StreamDrained(HTTPError):

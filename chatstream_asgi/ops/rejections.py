@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from .errors import ChatStreamError, HTTPError
+from ..errors import ChatStreamError, HTTPError
 
 DRAINING_MESSAGE = "the server is shutting down; retry later or on another replica"
 

@@ -1,0 +1,44 @@
+"""Readiness and graceful drain: what ``/readyz`` answers and how the middleware stops (``http.ops_routes``
+serves ``/healthz``, ``/readyz`` and ``/metrics``).
+
+- ``readiness``: ready once the engine is ready and the middleware is not draining; otherwise not, so a load
+  balancer stops sending new chats to a replica that is loading or shutting down.
+- ``drain(grace)``: admission stops (new generations get 503 + ``Retry-After``, the queue is emptied the
+  same way), running streams get ``grace`` seconds to finish; after that each ends at its next token
+  with an in-band ``draining`` error (the response is still completed properly, its slot freed).
+
+uvicorn waits for open connections *before* it sends the lifespan shutdown, so the middleware also starts the
+drain on SIGTERM/SIGINT (``signals.py``); with that off, call ``drain()`` from a pre-stop hook instead.
+A reply ended by the drain is counted and logged with the outcome ``drained``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..engines.base import Engine
+from ..errors import ConfigurationError
+from .admission import Admission
+from .metrics import Observer
+
+CANCEL_WAIT = 5.0  # seconds streams get to notice a cancelling drain before the caller goes on
+
+
+def readiness(engine: Engine, admission: Admission) -> tuple[bool, dict[str, Any]]:
+    """Whether this replica takes new chats, and the body ``/readyz`` answers with."""
+    if admission.draining:
+        return False, {"status": "draining"}
+    if not engine.ready:
+        return False, {"status": "loading"}
+    return True, {"status": "ready", "model": engine.model_name}
+
+
+async def drain(admission: Admission, observer: Observer, grace: float) -> bool:
+    """Stop admitting, give running streams ``grace`` seconds, then end them; True if all ended in time."""
+    if grace < 0:
+        raise ConfigurationError(f"the drain grace period must be seconds >= 0, got {grace!r}")
+    admission.drain()
+    if await admission.wait_idle(grace):
+        return True
+    observer.cancelling = True
+    return await admission.wait_idle(CANCEL_WAIT)
