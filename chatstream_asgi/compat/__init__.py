@@ -10,4 +10,8 @@ the JSON senders of ``http.asgi``, so its error bodies match the middleware's. T
 """
 
 from .facade import *  # noqa: F403 - ChatStream, AbstractChatPrompt and every preset under its ChatStream name
-from .facade import __all__  # noqa: F401
+from .facade import __all__ as _facade_names
+from .legacy_prompts import LegacyPromptTokenizer
+
+# LegacyPromptTokenizer: a preset as a chat template, for TransformersEngine used without the facade
+__all__ = [*_facade_names, "LegacyPromptTokenizer"]
