@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from starlette.datastructures import Headers
+
 from ..errors import ClientDisconnected, HTTPError
 from .types import Receive, Scope, Send
 
@@ -25,11 +27,8 @@ def route_path(scope: Scope) -> str:
 
 
 def header(scope: Scope, name: bytes) -> str | None:
-    """The first value of a request header (``name`` lower-case), decoded as latin-1."""
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+    """The first value of a request header (``name`` lower-case), decoded as latin-1 (Starlette's ``Headers``)."""
+    return Headers(scope=scope).get(name.decode("latin-1"))
 
 
 async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:

@@ -1,7 +1,7 @@
 """Prometheus metrics and the one-line structured log of each generation.
 
-``prometheus-client`` is an optional dependency (``pip install 'chatstream-asgi[metrics]'``), imported only
-when a middleware turns metrics on. Names follow vLLM's (``chatstream_time_to_first_token_seconds``, ...)
+``prometheus-client`` is a dependency (``/metrics`` is on by default, so it must work after a plain install),
+imported only when a middleware turns metrics on. Names follow vLLM's (``chatstream_time_to_first_token_seconds``, ...)
 so existing dashboards need only the prefix changed. Each middleware owns its own registry unless given
 one: two middlewares in one process share nothing.
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .admission import Admission
 
 request_log = logging.getLogger("chatstream_asgi.requests")
-INSTALL_HINT = "pip install 'chatstream-asgi[metrics]'"
+INSTALL_HINT = "pip install prometheus-client"  # a dependency; missing only from a broken or --no-deps install
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)

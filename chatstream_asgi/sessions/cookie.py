@@ -126,7 +126,12 @@ class SessionCookie:
 
 
 def _cookie_values(header: bytes, cookie_name: str) -> list[str]:
-    """Every value of ``cookie_name`` in one ``cookie`` header, tolerant of junk around it."""
+    """Every value of ``cookie_name`` in one ``cookie`` header, tolerant of junk around it.
+
+    Not Starlette's ``cookie_parser``: it keeps one value per name (the last), while a browser sends two cookies
+    of one name when another app on the host set one for a parent path; each must be tried, or a stale one
+    would log the user out.
+    """
     # latin-1 maps every byte, so decoding cannot fail; non-ASCII then fails the shape checks instead
     text = header.decode("latin-1")
     values = []
