@@ -19,6 +19,7 @@ import torch
 from ..errors import ConfigurationError, EngineNotReady
 from ._batch import ModelRunner
 from ._delivery import Channel, LoopChannel, ReplyBuffer
+from ._model_setup import as_dtype, default_name, eos_token_ids, placed, positive
 from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
 from ._sampling import check_params
 from ._scheduler import Scheduler, SchedulerStats
@@ -42,55 +43,6 @@ ENGINE_KWARGS = frozenset(
 )
 #: seconds a stream's text may wait to be sent with the next (see ``_delivery``): 50 writes a second at most.
 STREAM_INTERVAL = 0.02
-
-
-def _positive(name: str, value: int) -> int:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ConfigurationError(f"dtype={dtype!r} is not a torch dtype; pass e.g. 'float32' or torch.bfloat16")
-    return resolved
-
-
-def _placed(model: Any, device: str | torch.device | None, dtype: torch.dtype | None) -> Any:
-    """``model`` moved or cast only where asked and needed (quantized models refuse a no-op cast).
-
-    With no ``dtype``, a float32 model on a CUDA device that has bf16 runs in bfloat16: half the weight bytes
-    to read per decode step, which is what bounds it, and what every serving engine does there.
-    """
-    if device is not None and torch.device(device) != model.device:
-        model = model.to(device)
-    on_cuda = model.device.type == "cuda"
-    if dtype is None and model.dtype == torch.float32 and on_cuda and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    if dtype is not None and dtype != model.dtype:
-        model = model.to(dtype=dtype)
-    return model
-
-
-def eos_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    """The tokenizer's EOS plus every id in ``model.generation_config.eos_token_id`` (int or list)."""
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif isinstance(configured, (list, tuple)):
-        ids.update(int(i) for i in configured)
-    return frozenset(ids)
-
-
-def _default_name(model: Any) -> str:
-    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
-    return Path(name.rstrip("/")).name or "model"
 
 
 class TransformersEngine:
@@ -131,17 +83,17 @@ class TransformersEngine:
         stream_interval: float = STREAM_INTERVAL,
         prefix_cache_bytes: int | None = None,
     ) -> None:
-        self.max_batch_size = _positive("max_batch_size", max_batch_size)
-        self.prefill_chunk_tokens = _positive("prefill_chunk_tokens", prefill_chunk_tokens)
-        self.context_len = _positive("context_len", model_context_len(model, context_len))
+        self.max_batch_size = positive("max_batch_size", max_batch_size)
+        self.prefill_chunk_tokens = positive("prefill_chunk_tokens", prefill_chunk_tokens)
+        self.context_len = positive("context_len", model_context_len(model, context_len))
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigurationError(
                 "The tokenizer has no chat template; set tokenizer.chat_template to a Jinja template "
                 "(see transformers' chat templating docs) before building the engine."
             )
-        self.model = _placed(model, device, _as_dtype(dtype)).eval()
+        self.model = placed(model, device, as_dtype(dtype)).eval()
         self.tokenizer = tokenizer
-        self.model_name = model_name or _default_name(model)
+        self.model_name = model_name or default_name(model)
         self.system_prompt = system_prompt
         if not isinstance(stream_interval, (int, float)) or not 0 <= stream_interval <= 1:
             raise ConfigurationError(f"stream_interval must be seconds in [0, 1], got {stream_interval!r}")
@@ -178,7 +130,7 @@ class TransformersEngine:
             load_kwargs["gguf_file"] = gguf_file
             engine_kwargs.setdefault("model_name", Path(gguf_file).stem)
         if engine_kwargs.get("dtype") is not None:
-            load_kwargs.setdefault("dtype", _as_dtype(engine_kwargs["dtype"]))
+            load_kwargs.setdefault("dtype", as_dtype(engine_kwargs["dtype"]))
         tokenizer = AutoTokenizer.from_pretrained(path_or_dir, **({"gguf_file": gguf_file} if gguf_file else {}))
         model = AutoModelForCausalLM.from_pretrained(path_or_dir, **load_kwargs)
         return cls(model, tokenizer, **engine_kwargs)
