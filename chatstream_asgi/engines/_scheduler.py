@@ -4,7 +4,8 @@ Each step: drop finished and cancelled sequences, run ONE decode forward over ev
 sequence, then at most one prefill forward (a left-padded group of waiting prompts bounded by
 ``prefill_chunk_tokens``, or the next chunk of a prompt longer than that). Prefilled sequences
 emit their first token at once and join the running batch for the next step; nobody waits for a
-batch to drain. What a step emitted is handed over once, at its end (``_delivery``). A failure in a
+batch to drain. A prefill computes only what the prefix cache does not hold, and a sequence leaving the
+batch leaves its KV there (``_prefix_reuse``). What a step emitted is handed over once, at its end (``_delivery``). A failure in a
 forward pass fails only the sequences of that forward (their cache may be half-updated) and the
 worker keeps serving.
 """
@@ -30,28 +31,9 @@ from ._prefix_reuse import PrefixReuse, left_to_compute
 from ._sampling import choose_tokens
 from ._sequence import Sequence
 from ._step_failures import fail_step, poisons_the_device
+from .base import SchedulerStats
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SchedulerStats:
-    """A snapshot for load reporting and tests.
-
-    Args:
-        running: unfinished sequences holding a batch slot (decoding, or prefilling a long prompt).
-        waiting: sequences queued inside the engine for a slot.
-        batch_rows: rows in the running batch's KV cache; finished or cancelled sequences leave it
-            at the worker's next step, so this lags ``running`` by at most one step.
-        steps: worker steps taken since start.
-        cache_width: columns in the running batch's KV cache (max real length of its rows).
-    """
-
-    running: int
-    waiting: int
-    batch_rows: int
-    steps: int
-    cache_width: int
 
 
 @dataclass

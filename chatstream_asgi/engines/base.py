@@ -93,6 +93,26 @@ class PrefixCacheStats:
         return PrefixCacheStats(*(a + b for a, b in zip(mine, theirs, strict=True)))
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for load reporting and tests.
+
+    Args:
+        running: unfinished sequences holding a batch slot (decoding, or prefilling a long prompt).
+        waiting: sequences queued inside the engine for a slot.
+        batch_rows: rows in the running batch's KV cache; finished or cancelled sequences leave it
+            at the worker's next step, so this lags ``running`` by at most one step.
+        steps: worker steps taken since start.
+        cache_width: columns in the running batch's KV cache (max real length of its rows).
+    """
+
+    running: int
+    waiting: int
+    batch_rows: int
+    steps: int
+    cache_width: int
+
+
 def prefix_cache_stats(engine: object) -> PrefixCacheStats | None:
     """The engine's prefix cache figures, or None for an engine without one (mock, OpenAI upstream)."""
     stats = getattr(engine, "prefix_cache_stats", None)

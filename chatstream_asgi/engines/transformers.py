@@ -22,9 +22,9 @@ from ._delivery import Channel, LoopChannel, ReplyBuffer
 from ._model_setup import as_dtype, default_name, eos_token_ids, placed, positive
 from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
 from ._sampling import check_params
-from ._scheduler import Scheduler, SchedulerStats
+from ._scheduler import Scheduler
 from ._sequence import Sequence
-from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
+from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats
 from .detokenizer import DecoderSpec
 from .prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
 
