@@ -69,3 +69,17 @@ def runtime_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "executable": sys.executable,
     }
+
+
+def write_marked_section(path: Path, name: str, body: str) -> None:
+    """Put ``body`` between the ``<!-- name:start -->`` / ``<!-- name:end -->`` markers of ``path`` (appended
+    when absent): each benchmark rewrites only its own section of RESULTS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    first, last = text.find(start), text.find(end)
+    if 0 <= first < last:
+        text = text[:first] + block + text[last + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text, encoding="utf-8")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-START, END = "<!-- gpu:start -->", "<!-- gpu:end -->"
+from _bench_common import write_marked_section
+
 TITLE = "## GPU decode throughput (`make bench-gpu`)"
 
 
@@ -55,12 +56,4 @@ def render(header: list[str], rows: list[Row], notes: list[str]) -> str:
 
 
 def write_section(path: Path, table: str) -> None:
-    """Put ``table`` between the gpu markers of ``path``, appending the section if it is absent."""
-    section = f"{START}\n{TITLE}\n\n{table}\n{END}"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    start, end = text.find(START), text.find(END)
-    if 0 <= start < end:
-        text = text[:start] + section + text[end + len(END) :]
-    else:
-        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section + "\n"
-    path.write_text(text, encoding="utf-8")
+    write_marked_section(path, "gpu", f"{TITLE}\n\n{table}")

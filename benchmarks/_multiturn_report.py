@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from _bench_common import write_marked_section
 from _multiturn_load import Turn
 from serving import percentile
 
-START, END = "<!-- multiturn:start -->", "<!-- multiturn:end -->"
 TITLE = "## Multi-turn chats: prefix KV cache off and on (`make bench-multiturn`)"
 BAR_WIDTH = 40
 
@@ -187,12 +186,4 @@ def chart(modes: list[Mode], turns: int) -> list[str]:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace (or append) only the multiturn section; others edit other sections of the same file."""
-    block = f"{START}\n{body.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_marked_section(path, "multiturn", body)

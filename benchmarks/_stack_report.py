@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _bench_common import write_marked_section
 from _stack_inprocess import Measure
 
-START, END = "<!-- stack:start -->", "<!-- stack:end -->"
 NAMES = {
     "bare": "1. bare forward loop (ceiling)",
     "generate": "2. `model.generate`, static batch",
@@ -156,15 +155,7 @@ def capacity_note(rows: list[Row]) -> list[str]:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Put ``body`` between the stack markers of ``path``, appending the section when missing."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_marked_section(path, "stack", body)
 
 
 def environment(server_infos: dict[str, dict[str, object]]) -> list[str]:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from _bench_common import gguf_path
+from _bench_common import gguf_path, write_marked_section
 from _fast_model import build_fast_model
 from _stack_http import OtherLoad, free_port, run_client, wait_for_quiet
 from _stack_inprocess import Measure
@@ -55,7 +55,6 @@ from _stack_inprocess import Measure
 HERE = Path(__file__).resolve().parent
 LOGS = HERE / ".cache"
 FAST_MODEL = LOGS / "fast-model"
-START, END = "<!-- workers:start -->", "<!-- workers:end -->"
 CONFIGS = [("thread", 1), ("process", 1), ("thread", 4), ("process", 4)]
 START_TIMEOUT = 240.0
 STOP_TIMEOUT = 30.0
@@ -447,15 +446,7 @@ def section(args: argparse.Namespace, fast: list[Row], smol: list[Row], seconds:
 
 
 def write_section(path: Path, body: str) -> None:
-    """Replace (or append) only the workers section; one quick read-modify-write, others edit other sections."""
-    block = f"{START}\n{body.rstrip()}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(START) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+    write_marked_section(path, "workers", body)
 
 
 def parse_args() -> argparse.Namespace:
