@@ -79,7 +79,7 @@ OTHER_KEYWORDS = ("engine", "secret_key")  # the middleware's own, for the sugge
 @dataclass(frozen=True)
 class ChatStreamConfig:
     """Every config object of one middleware (``ChatStreamMiddleware(...).config``); ``openai`` None: no OpenAI
-    routes.
+    routes (an ``OpenAIConfig(prefix=None)`` becomes None).
 
     Args:
         limits, timeouts, sessions, generation, openai, security, observability, routes, hooks: the config
@@ -105,6 +105,8 @@ class ChatStreamConfig:
                     f"{concern} takes a {config_class.__name__}(...) (got {type(value).__name__}); "
                     f"or pass its shorthands instead ({fields})"
                 )
+        if self.openai is not None and self.openai.prefix is None:  # one way to say "off": openai=None
+            object.__setattr__(self, "openai", None)
 
     @property
     def openai_prefix(self) -> str | None:
