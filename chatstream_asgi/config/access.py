@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
 
 from ..errors import ConfigurationError
 from ..http.hooks import Interceptor, OnFinish
@@ -93,11 +92,6 @@ class SecurityConfig:
         for origin in self.allowed_origins:
             check_origin(origin)
         check_bool("csrf", self.csrf)
-
-    @cached_property
-    def keys(self) -> list[bytes]:
-        """The API keys, stripped and encoded (empty when none are set)."""
-        return check_keys(self.api_keys)
 
 
 @dataclass(frozen=True)

@@ -108,11 +108,6 @@ class ChatStreamConfig:
         if self.openai is not None and self.openai.prefix is None:  # one way to say "off": openai=None
             object.__setattr__(self, "openai", None)
 
-    @property
-    def openai_prefix(self) -> str | None:
-        """Where the OpenAI routes live; None when they are off."""
-        return None if self.openai is None else self.openai.prefix
-
     def objects(self) -> dict[str, Any]:
         """Concern keyword -> config object, as ``ChatStreamMiddleware`` takes them."""
         return {concern: getattr(self, concern) for concern in CONCERNS}
