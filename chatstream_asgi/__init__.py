@@ -4,7 +4,7 @@
 ``TransformersEngine`` is first used.
 
 One folder per concern, each importing only those below it (``lint-imports`` checks the contracts in
-``pyproject.toml``): ``compat/`` and ``cli.py`` > ``middleware.py`` (the composition root) > ``openai/`` >
+``pyproject.toml``): ``compat/`` and ``cli.py`` > ``middleware.py`` (the composition root) > ``config/`` > ``openai/`` >
 ``http/`` > ``ops/`` > ``sessions/`` > ``engines/`` > ``errors.py``. Each folder's ``__init__`` says what it holds.
 """
 
@@ -12,6 +12,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .config import (
+    ChatStreamConfig,
+    GenerationConfig,
+    Hooks,
+    Limits,
+    ObservabilityConfig,
+    OpenAIConfig,
+    RoutesConfig,
+    SecurityConfig,
+    SessionConfig,
+    Timeouts,
+)
 from .engines.base import ChatMessage, Engine, GenerationChunk, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
@@ -39,6 +51,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 __all__ = [
     "ChatMessage",
+    "ChatStreamConfig",
     "ChatStreamError",
     "ChatStreamMiddleware",
     "ConfigurationError",
@@ -48,22 +61,31 @@ __all__ = [
     "EngineReplicas",
     "EngineUnavailable",
     "GenerationChunk",
+    "GenerationConfig",
     "HTTPError",
     "HistoryStore",
     "HistoryStoreError",
+    "Hooks",
     "Interceptor",
+    "Limits",
     "MemoryHistoryStore",
     "MockEngine",
+    "ObservabilityConfig",
     "OnFeedback",
     "OnFinish",
+    "OpenAIConfig",
     "OpenAIUpstreamEngine",
     "ProcessEngine",
     "QueueFull",
     "QueueTimeout",
     "RedisHistoryStore",
     "Rejected",
+    "RoutesConfig",
     "SamplingParams",
+    "SecurityConfig",
+    "SessionConfig",
     "SessionStateStore",
+    "Timeouts",
     "TransformersEngine",
     "__version__",
 ]

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from .config import GenerationConfig, Limits, RoutesConfig, Timeouts
 from .engines.base import Engine, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
@@ -31,47 +32,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m chatstream_asgi", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve a demo app with the chat routes")
-    source = serve.add_mutually_exclusive_group()
+    server = serve.add_argument_group("server", "where uvicorn listens")
+    server.add_argument("--host", default="127.0.0.1")
+    server.add_argument("--port", type=int, default=8000)
+    add_engine_options(serve.add_argument_group("engine", "the model that generates replies"))
+    limits = serve.add_argument_group("limits", "Limits: slots and queue")
+    limits.add_argument("--max-concurrency", type=int, default=4, help="generations at once per device (batch size)")
+    limits.add_argument("--max-queue", type=int, default=8, help="requests waiting for a slot (default: 8)")
+    timeouts = serve.add_argument_group("timeouts", "Timeouts: how long a shutdown may take")
+    timeouts.add_argument("--drain-timeout", type=float, default=25.0, help="seconds replies may finish on shutdown")
+    timeouts.add_argument(
+        "--no-drain-on-signals", dest="drain_on_signals", action="store_false", help="drain on lifespan shutdown only"
+    )
+    sessions = serve.add_argument_group("sessions", "SessionConfig and the key that signs the session cookie")
+    sessions.add_argument("--secret-key", default=os.environ.get(SECRET_ENV), help=f"cookie key (or ${SECRET_ENV})")
+    generation = serve.add_argument_group("generation", "GenerationConfig: what every turn is generated with")
+    generation.add_argument("--system-prompt", default=None)
+    generation.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="default sampling temperature (0: greedy; default: greedy for the embedded SmolLM2, else 0.7)",
+    )
+    routes = serve.add_argument_group("routes", "RoutesConfig: the chat page")
+    routes.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
+    routes.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
+    return parser
+
+
+def add_engine_options(engine: argparse._ArgumentGroup) -> None:
+    source = engine.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="DIR", help="a transformers model folder (default: embedded SmolLM2)")
     source.add_argument("--gguf", metavar="FILE", help="a GGUF model file")
     source.add_argument("--mock", action="store_true", help="no model: stream a scripted reply")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-concurrency", type=int, default=4, help="generations at once per device (batch size)")
-    serve.add_argument("--max-queue", type=int, default=8)
-    serve.add_argument("--secret-key", default=os.environ.get(SECRET_ENV), help=f"cookie key (or ${SECRET_ENV})")
-    serve.add_argument(
+    engine.add_argument(
         "--device",
         default=None,
         help="torch device, e.g. cuda:0 (default: cuda if present); a list (cuda:0,cuda:1) serves one model per device",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--engine-process",
         action="store_true",
         help="run the model in its own process (one per device): the web server never shares a GIL with it",
     )
-    serve.add_argument(
+    engine.add_argument(
         "--prefix-cache-bytes",
         type=int,
         default=None,
         help="KV bytes kept from ended replies so a chat's next turn computes only its new tokens "
         "(0: off; default: a tenth of the device's free memory, at most 4 GiB)",
     )
-    serve.add_argument("--system-prompt", default=None)
-    serve.add_argument(
-        "--temperature",
-        type=float,
-        default=None,
-        help="default sampling temperature (0: greedy; default: greedy for the embedded SmolLM2, else 0.7)",
-    )
-    serve.add_argument("--ui-path", default="/", help="where the chat page is served (default: /)")
-    serve.add_argument("--no-ui", dest="ui_path", action="store_const", const=None, help="serve no chat page")
-    serve.add_argument("--drain-timeout", type=float, default=25.0, help="seconds replies may finish on shutdown")
-    serve.add_argument(
-        "--no-drain-on-signals", dest="drain_on_signals", action="store_false", help="drain on lifespan shutdown only"
-    )
-    serve.add_argument("--mock-token-delay", type=float, default=0.05, help="seconds between two --mock tokens")
-    return parser
+    engine.add_argument("--mock-token-delay", type=float, default=0.05, help="seconds between two --mock tokens")
 
 
 def load_engine(args: argparse.Namespace) -> Engine:
@@ -126,24 +137,24 @@ def secret_key(args: argparse.Namespace) -> str:
     return secrets.token_urlsafe(32)
 
 
+def configs(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
+    """The middleware's config objects from the options, one argument group each."""
+    devices = len(getattr(engine, "engines", [engine]))
+    return {
+        "limits": Limits(max_concurrency=args.max_concurrency * devices, max_queue=args.max_queue),  # per device
+        "timeouts": Timeouts(drain=args.drain_timeout, drain_on_signals=args.drain_on_signals),
+        "generation": GenerationConfig(system_prompt=args.system_prompt, default_params=default_params(args)),
+        "routes": RoutesConfig(ui_path=args.ui_path),
+    }
+
+
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from .demo import demo_app
 
     engine = load_engine(args)
-    app = ChatStreamMiddleware(
-        demo_app(),
-        engine=engine,
-        secret_key=secret_key(args),
-        max_concurrency=args.max_concurrency * len(getattr(engine, "engines", [engine])),  # per device
-        max_queue=args.max_queue,
-        system_prompt=args.system_prompt,
-        default_params=default_params(args),
-        ui_path=args.ui_path,
-        drain_timeout=args.drain_timeout,
-        drain_on_signals=args.drain_on_signals,
-    )
+    app = ChatStreamMiddleware(demo_app(), engine=engine, secret_key=secret_key(args), **configs(args, engine))
     # uvicorn re-raises SIGTERM once it has shut down gracefully; under SIG_DFL that kills the process (-15)
     signal.signal(signal.SIGTERM, exit_quietly)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")

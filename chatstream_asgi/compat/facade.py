@@ -15,7 +15,17 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from chatstream_asgi import ChatStreamMiddleware, Engine, MockEngine, SamplingParams
+from chatstream_asgi import (
+    ChatStreamConfig,
+    ChatStreamMiddleware,
+    Engine,
+    GenerationConfig,
+    Limits,
+    MockEngine,
+    ObservabilityConfig,
+    RoutesConfig,
+    SamplingParams,
+)
 from chatstream_asgi.errors import ConfigurationError
 
 from .legacy_presets import *  # noqa: F403 - ChatStream's preset names, importable from here as from chatstream
@@ -35,16 +45,20 @@ class ChatStream:
     Args:
         model, tokenizer: a transformers causal LM and its tokenizer (not needed with ``use_mock_response``).
         device: where the model runs (``"cuda"``, ``"cpu"``); default where it is.
-        num_of_concurrent_executions: replies generated at once (batched).
-        max_queue_size: requests that may wait; exactly this many wait, the next gets 429.
+        num_of_concurrent_executions: replies generated at once (batched): ``Limits.max_concurrency``.
+        max_queue_size: requests that may wait; exactly this many wait, the next gets 429: ``Limits.max_queue``.
         chat_prompt_clazz: a ChatStream prompt class for models without a chat template; its stop strings apply.
-        max_new_tokens, context_len, temperature, top_k, top_p, repetition_penalty: generation defaults.
+        max_new_tokens, context_len, temperature, top_k, top_p, repetition_penalty: generation defaults
+            (``GenerationConfig.default_params``; ``context_len`` goes to the engine).
         use_mock_response: stream a fixed reply without a model (starts at once).
         secret_key: signs the session cookie; without one a random key per process is used (with a warning).
-        wire: ``"chatstream-0.3"`` (default: whole reply + ``<::EOS::>`` per chunk, for ChatStream's UI) or ``"delta"``.
+        wire: ``"chatstream-0.3"`` (default: whole reply + ``<::EOS::>`` per chunk, for ChatStream's UI) or ``"delta"``
+            (``GenerationConfig.wire``).
         engine: any engine, instead of ``model`` and ``tokenizer``.
         name: this instance's name in ``/get_resource_usage``.
-        middleware_options: more ``ChatStreamMiddleware`` keywords (``queue_timeout``, ``on_finish``, ...).
+        middleware_options: more ``ChatStreamMiddleware`` keywords, config objects or shorthands (``queue_timeout``,
+            ``on_finish``, ``limits=Limits(...)``, ...), over this facade's own (no OpenAI routes, no metrics, the
+            chat page at ``/``).
     """
 
     def __init__(
@@ -88,18 +102,18 @@ class ChatStream:
             model, tokenizer, device, chat_prompt_clazz, num_of_concurrent_executions, context_len, use_mock_response
         )
         # never in the ASGI stack itself: its route table is what the handlers below run (the page at "/")
-        options: dict[str, Any] = {"openai_prefix": None, "metrics_path": None, "ui_path": "/"}
-        options.update(middleware_options or {})
-        self.middleware = ChatStreamMiddleware(
-            no_app,
-            engine=self.engine,
-            secret_key=secret_key,
-            max_concurrency=num_of_concurrent_executions,
-            max_queue=max_queue_size,
-            default_params=self.default_params,
-            wire=wire,  # type: ignore[arg-type]  # checked by the middleware
-            **options,
+        config = ChatStreamConfig(
+            limits=Limits(max_concurrency=num_of_concurrent_executions, max_queue=max_queue_size),
+            generation=GenerationConfig(default_params=self.default_params, wire=wire),  # type: ignore[arg-type]
+            openai=None,
+            observability=ObservabilityConfig(metrics_path=None),
+            routes=RoutesConfig(ui_path="/"),
         )
+        # middleware_options: config objects or shorthands, on top of the above (``queue_timeout=...`` changes one
+        # field of the Limits, ``openai_prefix="/v1"`` turns the OpenAI routes on)
+        self.config = config.replace(**(middleware_options or {}))
+        configs = self.config.objects()
+        self.middleware = ChatStreamMiddleware(no_app, engine=self.engine, secret_key=secret_key, **configs)
 
     async def start_queue_worker(self) -> None:
         """Start the engine (ChatStream started its queue worker here; admission needs none)."""

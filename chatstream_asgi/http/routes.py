@@ -39,7 +39,8 @@ ROUTE_METHODS = {"chat_stream": "POST", "clear_context": "POST", "get_prompt": "
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """The middleware's per-route knobs, checked by ``ChatStreamMiddleware``."""
+    """The middleware's per-route knobs, from its config objects (``Limits``, ``Timeouts``, ``GenerationConfig``),
+    which check them."""
 
     default_params: SamplingParams = field(default_factory=SamplingParams)
     system_prompt: str | None = None
@@ -51,13 +52,6 @@ class ChatSettings:
     generation_timeout: float | None = 300.0
     send_timeout: float | None = 30.0
     ping_interval: float | None = 15.0
-
-    def __post_init__(self) -> None:
-        check_positive(max_body_bytes=self.max_body_bytes, max_new_tokens_limit=self.max_new_tokens_limit)
-        check_positive(max_input_chars=self.max_input_chars)
-        for name in ("max_history_turns", "max_input_tokens"):
-            if getattr(self, name) is not None:
-                check_positive(**{name: getattr(self, name)})
 
 
 class ChatRoutes:
@@ -251,8 +245,3 @@ class ChatRoutes:
                 503, "history_unavailable", f"the history store failed: {exc}", {"Retry-After": "5"}
             ) from exc
 
-
-def check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if value < 1:
-            raise ConfigurationError(f"{name} must be a positive integer, got {value!r}")

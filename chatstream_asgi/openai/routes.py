@@ -53,10 +53,10 @@ def openai_route_table(
     """The OpenAI routes under ``prefix`` (none when it is None), checked against the routes already ``taken``."""
     if prefix is None:
         if api_keys is not None:
-            raise ConfigurationError("api_keys protects the OpenAI routes; set openai_prefix (e.g. '/v1') too")
+            raise ConfigurationError(
+                "api_keys protects the OpenAI routes; set openai_prefix (e.g. '/v1') too, or openai=OpenAIConfig()"
+            )
         return {}
-    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
-        raise ConfigurationError(f"openai_prefix must start with '/' and not end with one (e.g. '/v1'); got {prefix!r}")
     table: Routes = {
         f"{prefix}/chat/completions": ("POST", routes.guarded(routes.chat_completions)),
         f"{prefix}/models": ("GET", routes.guarded(routes.models)),

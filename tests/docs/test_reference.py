@@ -1,9 +1,11 @@
 """The documentation against the code: links resolve, every block names its language, the configuration page
-sets every ``ChatStreamMiddleware`` keyword to its real default, and every command-line option is documented."""
+sets every ``ChatStreamMiddleware`` config object and every one of their fields to its real default, its table
+of shorthands is ``SHORTHANDS`` with the real defaults, and every command-line option is documented."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import inspect
 import os
 import re
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from chatstream_asgi import ChatStreamMiddleware
+from chatstream_asgi.config import CONCERNS, SHORTHANDS
 
 from .markdown import PAGES, REPO, anchors, code_blocks, links, page_name
 
@@ -56,19 +59,50 @@ def configuration_call() -> ast.Call:
     return next(call for call in calls if getattr(call.func, "id", None) == "ChatStreamMiddleware")
 
 
-def test_the_configuration_page_sets_every_keyword_to_its_default() -> None:
+def literal(node: ast.expr) -> object:
+    """A documented value (a literal or simple arithmetic such as ``64 * 1024``)."""
+    return eval(compile(ast.Expression(node), "configuration.md", "eval"), {"__builtins__": {}})
+
+
+def field_defaults(config_class: type) -> dict[str, object]:
+    return {field.name: field.default for field in dataclasses.fields(config_class)}
+
+
+def test_the_configuration_page_sets_every_config_object_to_its_default() -> None:
     parameters = inspect.signature(ChatStreamMiddleware).parameters
+    keywords = {name for name, p in parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
     documented = {keyword.arg: keyword.value for keyword in configuration_call().keywords}
-    assert set(documented) == set(parameters) - {"app"}, "the page and the signature name different keywords"
+    assert set(documented) == keywords, "the page and the signature name different keywords"
+    assert set(CONCERNS) <= keywords, "every config object is a keyword of the middleware"
     wrong = {}
-    for name, node in documented.items():
-        default = parameters[name].default
-        if default is inspect.Parameter.empty:
-            continue  # engine, secret_key: the reader's own
-        value = eval(compile(ast.Expression(node), "configuration.md", "eval"), {"__builtins__": {}})
-        if value != default:
-            wrong[name] = (value, default)
+    for concern, config_class in CONCERNS.items():
+        call = documented[concern]
+        assert isinstance(call, ast.Call) and getattr(call.func, "id", None) == config_class.__name__, concern
+        values = {keyword.arg: literal(keyword.value) for keyword in call.keywords}
+        defaults = field_defaults(config_class)
+        assert set(values) == set(defaults), f"{concern}=: the page and {config_class.__name__} name different fields"
+        for name, default in defaults.items():
+            if values[name] != default:
+                wrong[f"{concern}.{name}"] = (values[name], default)
+        default = parameters[concern].default  # None: the class's defaults
+        assert default is None or default == config_class(**values), f"{concern}= defaults to {default!r}"
     assert not wrong, f"documented value, real default: {wrong}"
+
+
+def test_the_configuration_page_lists_every_shorthand_with_its_field_and_default() -> None:
+    text = CONFIGURATION.read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(\w+)` \| `(\w+)\.(\w+)` \| `([^`]*)` \|$", text, re.MULTILINE)
+    table = {name: (class_name, field, default) for name, class_name, field, default in rows}
+    assert set(table) == set(SHORTHANDS), "the page's shorthand table and SHORTHANDS differ"
+    wrong = {}
+    for name, (concern, field) in SHORTHANDS.items():
+        class_name, documented_field, default = table[name]
+        config_class = CONCERNS[concern]
+        real_default = field_defaults(config_class)[field]
+        documented = literal(ast.parse(default, mode="eval").body)
+        if (class_name, documented_field, documented) != (config_class.__name__, field, real_default):
+            wrong[name] = ((class_name, documented_field, documented), (config_class.__name__, field, real_default))
+    assert not wrong, f"documented, real: {wrong}"
 
 
 def test_the_configuration_page_names_every_command_line_option() -> None:

@@ -1,4 +1,5 @@
-"""``python -m chatstream_asgi serve``'s engine choice: one model, one model per listed device, or the mock."""
+"""``python -m chatstream_asgi serve``: its options grouped like the config objects, the config objects it builds,
+and its engine choice: one model, one model per listed device, or the mock."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from chatstream_asgi import EngineReplicas, MockEngine, SamplingParams
-from chatstream_asgi.cli import build_parser, default_params, load_engine
+from chatstream_asgi import EngineReplicas, GenerationConfig, Limits, MockEngine, RoutesConfig, SamplingParams, Timeouts
+from chatstream_asgi.cli import build_parser, configs, default_params, load_engine
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -71,3 +72,27 @@ def test_the_mock_takes_the_concurrency_as_its_batch_size() -> None:
 def test_sampling_defaults_suit_the_served_model(argv: list[str], temperature: float, penalty: float) -> None:
     params = default_params(serve_args(*argv))
     assert (params.temperature, params.repetition_penalty) == (temperature, penalty)
+
+
+def test_the_help_groups_the_options_like_the_config_objects(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        serve_args("--help")
+    help_text = capsys.readouterr().out
+    sections = {}
+    for title in ("server", "engine", "limits", "timeouts", "sessions", "generation", "routes"):
+        assert f"\n{title}:\n" in help_text
+        sections[title] = help_text.split(f"\n{title}:\n", 1)[1].split("\n\n", 2)[1]  # after the description
+    assert "--max-concurrency" in sections["limits"] and "--max-queue" in sections["limits"]
+    assert "--drain-timeout" in sections["timeouts"] and "--secret-key" in sections["sessions"]
+    assert "--temperature" in sections["generation"] and "--no-ui" in sections["routes"]
+    assert "--model" in sections["engine"] and "--port" in sections["server"]
+
+
+def test_the_options_become_config_objects() -> None:
+    args = serve_args("--mock", "--max-concurrency", "3", "--max-queue", "9", "--drain-timeout", "4", "--no-ui")
+    args.system_prompt = "Be brief."
+    built = configs(args, MockEngine())
+    assert built["limits"] == Limits(max_concurrency=3, max_queue=9)
+    assert built["timeouts"] == Timeouts(drain=4.0, drain_on_signals=True)
+    assert built["generation"] == GenerationConfig(system_prompt="Be brief.", default_params=default_params(args))
+    assert built["routes"] == RoutesConfig(ui_path=None)
