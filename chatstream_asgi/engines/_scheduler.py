@@ -4,10 +4,10 @@ Each step: drop finished and cancelled sequences, run ONE decode forward over ev
 sequence, then at most one prefill forward (a left-padded group of waiting prompts bounded by
 ``prefill_chunk_tokens``, or the next chunk of a prompt longer than that). Prefilled sequences
 emit their first token at once and join the running batch for the next step; nobody waits for a
-batch to drain. A prefill computes only what the prefix cache does not hold, and a sequence leaving the
-batch leaves its KV there (``_prefix_reuse``). What a step emitted is handed over once, at its end (``_delivery``). A failure in a
-forward pass fails only the sequences of that forward (their cache may be half-updated) and the
-worker keeps serving.
+batch to drain. A prefill computes only what the prefix cache does not hold, and a sequence
+leaving the batch leaves its KV there (``_prefix_reuse``). What a step emitted is handed over
+once, at its end (``_delivery``). A failure in a forward pass fails only the sequences of that
+forward (their cache may be half-updated) and the worker keeps serving.
 """
 
 from __future__ import annotations
