@@ -18,7 +18,8 @@ class RoutesConfig:
 
     Args:
         path: the chat route; the other routes keep their default paths unless given in ``paths``.
-        paths: route name -> path, for ``chat_stream``, ``clear_context``, ``get_prompt``, ``get_load``.
+        paths: route name -> path, for ``chat_stream``, ``clear_context``, ``get_prompt``, ``get_load``,
+            ``get_token_count``.
         extra_paths: paths for ``set_generation_params``, ``get_generation_params``, ``set_feedback``,
             ``get_feedback``, ``get_resource_usage``, ``stop_generation`` (default ``/<name>``).
         ui_path: where the built-in chat page is served (e.g. ``"/"``); None (the default) turns it off.

@@ -33,8 +33,9 @@ DEFAULT_PATHS = {
     "clear_context": "/clear_context",
     "get_prompt": "/get_prompt",
     "get_load": "/get_load",
+    "get_token_count": "/get_token_count",
 }
-ROUTE_METHODS = {"chat_stream": "POST", "clear_context": "POST", "get_prompt": "GET", "get_load": "GET"}
+ROUTE_METHODS = {name: "POST" if name in ("chat_stream", "clear_context") else "GET" for name in DEFAULT_PATHS}
 
 
 @dataclass(frozen=True)
@@ -182,12 +183,26 @@ class ChatRoutes:
         await send_json(send, 200, {"cleared": True})
 
     async def get_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
+        history, prompt = await self.session_prompt(scope)
+        await send_json(send, 200, {"messages": history, "prompt": prompt})
+
+    async def get_token_count(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The tokens of this session's prompt (what its next turn builds on) against the model's context;
+        ``prompt_tokens`` is null for engines without a tokenizer (the mock, an OpenAI upstream)."""
+        history, prompt = await self.session_prompt(scope)
+        count = token_counter(self.engine)
+        tokens = None if count is None else await asyncio.to_thread(count, prompt) if prompt else 0
+        context = getattr(self.engine, "context_len", None)
+        await send_json(send, 200, {"prompt_tokens": tokens, "context_len": context, "messages": len(history)})
+
+    async def session_prompt(self, scope: Scope) -> tuple[list[ChatMessage], str]:
+        """This session's history and the prompt the engine renders from it (as truncated to the context)."""
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
         history = [] if session_id is None else await self.load_history(session_id)
         messages, params = self.with_system_prompt(history), self.settings.default_params
         # nothing to render yet (chat templates refuse an empty conversation): a new session's prompt is empty
         prompt = await asyncio.to_thread(self.engine.render_prompt, messages, params) if messages else ""
-        await send_json(send, 200, {"messages": history, "prompt": prompt})
+        return history, prompt
 
     async def get_load(self, scope: Scope, receive: Receive, send: Send) -> None:
         load = {**self.admission.snapshot(), "model": self.engine.model_name}
