@@ -1,4 +1,4 @@
-"""``EngineReplicas``: one engine per device; a new chat goes where its prefix is cached, or to the least loaded.
+"""``EngineReplicas``: one engine per device; a chat's next turn goes where its history is cached, else least loaded.
 
 Batching stays inside each engine (one worker thread or engine process per device); this layer only chooses
 where a new sequence runs. A chat's next turn goes to the replica that served its previous one while that
