@@ -25,16 +25,8 @@ from ..http.types import Receive, Scope, Send
 from ..ops.admission import Admission, Rejected, Ticket
 from ..ops.metrics import GenerationProbe, Observer, StreamResult
 from .limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
-from .schema import (
-    CompletionRequest,
-    OpenAIStreamEncoder,
-    ReplyHeader,
-    completion_id,
-    error_body,
-    models_body,
-    parse_completion_request,
-    usage,
-)
+from .responses import OpenAIStreamEncoder, ReplyHeader, completion_id, models_body, usage
+from .schema import CompletionRequest, error_body, parse_completion_request
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 Routes = dict[str, tuple[str, Handler]]

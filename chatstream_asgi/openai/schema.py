@@ -1,4 +1,4 @@
-"""The OpenAI chat completions wire format: request validation, response and chunk builders, the SSE encoder.
+"""The OpenAI chat completions request format: validation, and OpenAI-shaped errors (``responses`` builds replies).
 
 Accepted request fields: ``messages``, ``model`` (accepted; replies name the served model), ``stream``,
 ``stream_options.include_usage``, ``max_completion_tokens`` / ``max_tokens``, ``temperature``, ``top_p``,
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -39,7 +38,6 @@ ALLOWED_VALUES: dict[str, tuple[Any, ...]] = {
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 429: "rate_limit_error"}
 ERROR_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}
-DONE = b"data: [DONE]\n\n"
 
 
 class OpenAIError(HTTPError):
@@ -173,88 +171,3 @@ def parse_params(data: dict[str, Any], defaults: SamplingParams, max_new_tokens_
 
 
 # Responses.
-
-
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object; ``cached_tokens``: prompt tokens read from the prefix cache (OpenAI's prompt caching)."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
-
-
-@dataclass(frozen=True)
-class ReplyHeader:
-    """What every object of one completion shares."""
-
-    id: str
-    created: int
-    model: str
-
-    def completion(self, text: str, finish_reason: str, counts: dict[str, Any]) -> dict[str, Any]:
-        """The whole reply; ``counts`` is its ``usage``."""
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        return {**self.fields("chat.completion"), "choices": [choice], "usage": counts}
-
-    def chunk(self, delta: dict[str, str], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {**self.fields("chat.completion.chunk"), "choices": [choice]}
-
-    def fields(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-
-def models_body(model_name: str, created: int) -> dict[str, Any]:
-    model = {"id": model_name, "object": "model", "created": created, "owned_by": "chatstream_asgi"}
-    return {"object": "list", "data": [model]}
-
-
-class OpenAIStreamEncoder:
-    """``chat.completion.chunk`` events: the role first, content deltas, the finish, usage if asked, ``[DONE]``.
-
-    An error after the stream started is one ``data: {"error": ...}`` event (the ``openai`` client raises
-    ``APIError`` on it) followed by ``[DONE]``, as vLLM does.
-    """
-
-    content_type = b"text/event-stream; charset=utf-8"
-
-    def __init__(self, header: ReplyHeader, include_usage: bool, ping_interval: float | None = 15.0) -> None:
-        self.header = header
-        self.include_usage = include_usage
-        self.ping_interval = ping_interval
-        self.role_sent = False
-
-    def delta(self, text: str) -> bytes:
-        return self.role() + self.event(self.header.chunk({"content": text}))
-
-    def done(self, summary: dict[str, Any]) -> bytes:
-        final = self.event(self.header.chunk({}, summary.get("finish_reason") or "stop"))
-        if self.include_usage:
-            counts = usage(
-                summary.get("prompt_tokens", 0), summary.get("completion_tokens", 0), summary.get("cached_tokens", 0)
-            )
-            final += self.event({**self.header.fields("chat.completion.chunk"), "choices": [], "usage": counts})
-        return self.role() + final + DONE
-
-    def error(self, error_type: str, message: str) -> bytes:
-        return self.event(error_body(HTTPError(500, error_type, message))) + DONE
-
-    def ping(self) -> bytes:
-        return b": ping\n\n"
-
-    def role(self) -> bytes:
-        if self.role_sent:
-            return b""
-        self.role_sent = True
-        return self.event(self.header.chunk({"role": "assistant", "content": ""}))
-
-    @staticmethod
-    def event(data: dict[str, Any]) -> bytes:
-        return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()

@@ -10,16 +10,8 @@ import pytest
 
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.errors import HTTPError
-from chatstream_asgi.openai.schema import (
-    DONE,
-    OpenAIError,
-    OpenAIStreamEncoder,
-    ReplyHeader,
-    error_body,
-    models_body,
-    parse_completion_request,
-    usage,
-)
+from chatstream_asgi.openai.responses import DONE, OpenAIStreamEncoder, ReplyHeader, models_body, usage
+from chatstream_asgi.openai.schema import OpenAIError, error_body, parse_completion_request
 
 DEFAULTS = SamplingParams(max_new_tokens=100, temperature=0.7, top_p=0.9)
 LIMIT = 1000
