@@ -1,4 +1,6 @@
-"""Contenders 1 and 2 of ``serving.py``: this project's middleware with ``TransformersEngine`` on uvicorn.
+"""Contenders 1 and 2 of ``serving.py``, and each mode of ``multiturn.py``: this project's middleware with
+``TransformersEngine`` on uvicorn. ``--prefix-cache-bytes``: ``default`` (the engine's own budget), ``off`` (0)
+or a number of bytes.
 
 The wrapped app is a tiny Starlette app with the passthrough route the driver polls (``/hello``)
 and ``/bench_info`` (torch threads and versions, for RESULTS.md). With ``--hello-only`` it serves that
@@ -40,8 +42,10 @@ def wrapped_app(info: dict[str, Any]) -> Starlette:
 
 def build_app(args: argparse.Namespace) -> ChatStreamMiddleware:
     model, tokenizer = load_model()
-    engine = TransformersEngine(model, tokenizer, max_batch_size=args.batch_size)
-    info = {**runtime_info(), "contender": "chatstream_asgi", "max_batch_size": args.batch_size}
+    budget = args.prefix_cache_bytes
+    cache = {"prefix_cache_bytes": 0 if budget == "off" else None if budget == "default" else int(budget)}
+    engine = TransformersEngine(model, tokenizer, max_batch_size=args.batch_size, **cache)
+    info = {**runtime_info(), "contender": "chatstream_asgi", "max_batch_size": args.batch_size, **cache}
     return ChatStreamMiddleware(
         wrapped_app(info),
         engine=engine,
@@ -58,6 +62,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--max-concurrency", type=int, default=1)
     parser.add_argument("--max-queue", type=int, default=1)
+    parser.add_argument("--prefix-cache-bytes", default="default", help="default, off, or a budget in bytes")
     parser.add_argument("--hello-only", action="store_true")
     args = parser.parse_args()
     app = wrapped_app({"contender": "hello-only"}) if args.hello_only else build_app(args)

@@ -4,7 +4,7 @@
     python benchmarks/multiturn.py --quick             # K = 2, T = 4: a smoke run
     python benchmarks/multiturn.py --budget 33554432   # also a run with a 32 MiB cache budget
 
-Each mode is a uvicorn on 127.0.0.1 in its own process (``_multiturn_server.py``): ``ChatStreamMiddleware``
+Each mode is a uvicorn on 127.0.0.1 in its own process (``_chatstream_asgi_server.py``): ``ChatStreamMiddleware``
 over ``TransformersEngine(max_batch_size=K, prefix_cache_bytes=0 | None | --budget)``, SmolLM2-135M-Instruct
 float32 on the CPU. K users chat at once, each an ``httpx.AsyncClient`` keeping its session cookie (the
 history lives on the server), T turns each with ``--think`` seconds between a user's turns; every message
@@ -48,7 +48,9 @@ CB_TIMEOUT = 600.0
 def run_served(a: argparse.Namespace, mode: Mode, budget: str) -> None:
     """One server with ``budget``: warm-up, the users, the cold probe; failures end up in ``mode.error``."""
     started = time.perf_counter()
-    argv = [sys.executable, str(HERE / "_multiturn_server.py"), "--batch-size", str(a.users)]
+    k = str(a.users)  # max_batch_size = max_concurrency = max_queue = K
+    argv = [sys.executable, str(HERE / "_chatstream_asgi_server.py"), "--batch-size", k, "--max-concurrency", k]
+    argv += ["--max-queue", k]
     try:
         with Server(f"multiturn-{mode.name}", [*argv, "--prefix-cache-bytes", budget]) as server:
             asyncio.run(warm_up(server.base_url, a))
