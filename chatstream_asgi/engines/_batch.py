@@ -17,8 +17,7 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache
 
-from ._cache import HEADROOM, append_rows, keep_rows, new_cache, row_kv, seed_cache
-from ._prefix_cache import LayerKV
+from ._cache import HEADROOM, LayerKV, append_rows, keep_rows, new_cache, row_kv, seed_cache
 from ._sampling import upload
 from ._sequence import Sequence
 

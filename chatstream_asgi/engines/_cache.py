@@ -20,6 +20,7 @@ from ..errors import ConfigurationError
 
 #: spare columns allocated when a layer's buffer is full.
 HEADROOM = 128
+LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [1, heads, tokens, head_dim]
 
 
 class GrowingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
@@ -120,7 +121,7 @@ def bytes_per_token(cache: DynamicCache) -> int:
     return total
 
 
-def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> LayerKV:
     """Copies of columns ``[start, stop)`` of batch row ``row`` in every layer, to keep once the row has left."""
     copies = []
     for layer in _layers(cache):
@@ -130,7 +131,7 @@ def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> list[tuple[t
 
 
 def seed_cache(
-    cache: DynamicCache, prefixes: list[tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, int]], room: int = 0
+    cache: DynamicCache, prefixes: list[tuple[LayerKV | None, int]], room: int = 0
 ) -> int:
     """Fill an empty cache with each row's reused prefix: row ``i`` gets the first ``n`` columns of its
     ``prefixes[i] = (layers, n)``, right-aligned, zeros on the left (see ``_pad_left``), with ``room`` spare

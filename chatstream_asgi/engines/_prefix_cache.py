@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._cache import LayerKV
 from ._prefix_index import BLOCK_TOKENS, PrefixIndex
 from .base import PrefixCacheStats
 from .host import host_memory
@@ -34,7 +35,6 @@ from .host import host_memory
 DEFAULT_FRACTION = 0.1
 DEFAULT_CAP = 4 << 30
 
-LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys and values, [1, heads, tokens, head_dim]
 
 
 @dataclass(eq=False)

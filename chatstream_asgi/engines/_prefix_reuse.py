@@ -10,8 +10,8 @@ from functools import partial
 from transformers import DynamicCache
 
 from ._batch import KVBatch, ModelRunner, prefix_cache, reused_columns
-from ._cache import bytes_per_token
-from ._prefix_cache import LayerKV, PrefixCache
+from ._cache import LayerKV, bytes_per_token
+from ._prefix_cache import PrefixCache
 from ._prefix_index import BLOCK_TOKENS
 from ._sequence import Sequence
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from chatstream_asgi.engines import _prefix_index
-from chatstream_asgi.engines._prefix_cache import LayerKV, PrefixCache, PrefixSource, kv_bytes
+from chatstream_asgi.engines._cache import LayerKV
+from chatstream_asgi.engines._prefix_cache import PrefixCache, PrefixSource, kv_bytes
 from chatstream_asgi.engines._prefix_index import BLOCK_TOKENS, PrefixIndex
 
 B = BLOCK_TOKENS
