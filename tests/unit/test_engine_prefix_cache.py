@@ -12,6 +12,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from chatstream_asgi.engines import _scheduler
+from chatstream_asgi.engines._delivery import LoopChannel, ReplyBuffer
+from chatstream_asgi.engines._scheduler import Scheduler
 from chatstream_asgi.engines.base import ChatMessage, GenerationChunk, SamplingParams
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import ConfigurationError
@@ -88,9 +90,7 @@ async def rounds(engine: TransformersEngine, users: Sequence[str]) -> list[list[
     return chats
 
 
-async def test_successive_turns_of_concurrent_chats_equal_the_uncached_replies(
-    tiny_engine_parts: Parts, prefill_groups: list[list[int]]
-) -> None:
+async def test_successive_turns_of_concurrent_chats_equal_the_uncached_replies(tiny_engine_parts: Parts) -> None:
     cached, reference = engines(tiny_engine_parts)
     users = ["alice: ", "bob and carol: ", "dave: "]
     got, expected = await rounds(cached, users), await rounds(reference, users)
@@ -101,10 +101,45 @@ async def test_successive_turns_of_concurrent_chats_equal_the_uncached_replies(
         # a row prefilled beside one with more new tokens reuses a little less (``_batch.prefill``), never nothing
         later = zip(chat, chat[1:], strict=False)
         assert all(end.cached_tokens > previous.prompt_tokens // 2 for (_, previous), (_, end) in later)
-    assert any(0 in group and any(group) for group in prefill_groups)  # cached and uncached rows in one prefill
     stats = cached.prefix_cache_stats()
     assert stats.hit_tokens == sum(end.cached_tokens for chat in got for _, end in chat) > 0
     assert stats.queries_tokens == sum(end.prompt_tokens for chat in got for _, end in chat)
+
+
+async def test_one_prefill_of_a_cached_and_an_uncached_row_equals_the_uncached_replies(
+    tiny_engine_parts: Parts, prefill_groups: list[list[int]]
+) -> None:
+    cached, reference = engines(tiny_engine_parts)
+    first: list[ChatMessage] = [{"role": "user", "content": TURNS[0]}]
+    later = [
+        *first,
+        {"role": "assistant", "content": (await ask(cached, first))[0]},
+        {"role": "user", "content": TURNS[1]},
+    ]
+    fresh: list[ChatMessage] = [{"role": "user", "content": TURNS[2]}]
+    await cached.close()
+    # Both wait in a new worker's queue before it starts, so its first step prefills them as one group (when they
+    # arrive through stream() the group depends on timing); the worker shares the engine's model and prefix cache.
+    scheduler = Scheduler(
+        cached._runner,
+        max_batch_size=8,
+        prefill_chunk_tokens=512,
+        pad_id=cached._pad_id,
+        prefix_cache=cached.prefix_cache,
+    )
+    channel, buffers = LoopChannel(asyncio.get_running_loop(), 0.0), [ReplyBuffer(), ReplyBuffer()]
+    for messages, buffer in zip((later, fresh), buffers, strict=True):
+        scheduler.submit(cached.new_sequence(cached.fit_prompt(messages, GREEDY).token_ids, GREEDY, channel, buffer))
+    prefill_groups.clear()
+    scheduler.start()
+    got = [[chunk async for chunk in buffer.chunks()] for buffer in buffers]
+    scheduler.stop()
+    await asyncio.to_thread(scheduler.join)
+    expected = [await ask(reference, messages) for messages in (later, fresh)]
+    await reference.close()
+    assert prefill_groups[0][0] > 0 and prefill_groups[0][1] == 0  # one forward: a cached row beside an uncached one
+    assert ["".join(c.text for c in chunks) for chunks in got] == [text for text, _ in expected]
+    assert got[0][-1].cached_tokens > 0 and got[1][-1].cached_tokens == 0
 
 
 async def test_a_template_that_rewrites_an_earlier_turn_matches_only_what_is_unchanged(
