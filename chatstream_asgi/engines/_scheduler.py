@@ -5,17 +5,15 @@ sequence, then at most one prefill forward (a left-padded group of waiting promp
 ``prefill_chunk_tokens``, or the next chunk of a prompt longer than that). Prefilled sequences
 emit their first token at once and join the running batch for the next step; nobody waits for a
 batch to drain. A prefill computes only what the prefix cache does not hold, and a sequence
-leaving the batch leaves its KV there (``_prefix_reuse``). What a step emitted is handed over
-once, at its end (``_delivery``). A failure in a forward pass fails only the sequences of that
-forward (their cache may be half-updated) and the worker keeps serving.
+leaving the batch leaves its KV there (``_prefix_reuse``). Sequences come in through ``_intake``;
+what a step emitted goes out once, at its end (``_delivery``). A failure in a forward pass fails
+only the sequences of that forward (their cache may be half-updated) and the worker keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections import deque
 from dataclasses import dataclass
 from functools import partial
 
@@ -25,7 +23,7 @@ from transformers import DynamicCache
 from ..errors import EngineNotReady
 from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk
 from ._cache import row_kv
-from ._delivery import Channel
+from ._intake import Intake
 from ._prefix_cache import PrefixCache
 from ._prefix_reuse import PrefixReuse, left_to_compute
 from ._sampling import choose_tokens
@@ -62,14 +60,10 @@ class Scheduler:
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
         self._pad_id = pad_id
-        self._intake: queue.SimpleQueue[Sequence | None] = queue.SimpleQueue()
-        self._pending: deque[Sequence] = deque()
-        self._channels: dict[Channel, None] = {}  # every channel that may hold events (an ordered set)
+        self._intake = Intake()
         self._partial: _Partial | None = None
         self._batch: KVBatch | None = None
         self._steps = 0
-        self._lock = threading.Lock()
-        self._closed = False
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
 
@@ -77,22 +71,19 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
-        with self._lock:
-            if self._closed:
-                raise EngineNotReady("The engine is closed; call start() again before streaming.")
-            self._intake.put(seq)
+        self._intake.submit(seq)
 
     def stop(self) -> None:
         """Ask the worker to finish its current step, fail what is left and exit."""
         self._stopping.set()
-        self._intake.put(None)
+        self._intake.wake()
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
+        return self._thread.is_alive() and not self._intake.closed
 
     @property
     def stats(self) -> SchedulerStats:
@@ -100,7 +91,7 @@ class Scheduler:
         rows = batch.seqs if batch else []
         return SchedulerStats(
             running=sum(not s.finished for s in rows) + (partial is not None and not partial.seq.finished),
-            waiting=len(self._pending) + self._intake.qsize(),
+            waiting=self._intake.waiting,
             batch_rows=len(rows),
             steps=self._steps,
             cache_width=batch.width if batch else 0,
@@ -110,36 +101,20 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():
-                    self._take_new(block=self._batch is None and self._partial is None and not self._pending)
+                    idle = self._batch is None and self._partial is None and not self._intake.pending
+                    self._intake.take_new(block=idle)
                     try:
                         self._step()
                     except Exception as exc:  # a bug outside a forward: lose the batch, not the worker
                         self._recover(exc)
-                    self._flush()
+                    self._intake.flush()
         finally:
             self._shutdown()
-            self._flush()
-
-    def _flush(self) -> None:
-        """Hand this step's events over: one call per channel (event loop or connection), not one per token."""
-        for channel in list(self._channels):
-            if not channel.flush():
-                del self._channels[channel]
-
-    def _take_new(self, *, block: bool) -> None:
-        try:
-            item = self._intake.get(block=block)
-            while True:
-                if item is not None:
-                    self._pending.append(item)
-                    self._channels[item.channel] = None
-                item = self._intake.get_nowait()
-        except queue.Empty:
-            pass
+            self._intake.flush()
 
     def _step(self) -> None:
         self._drop_finished()
-        if self._batch is None and self._partial is None and not self._pending:
+        if self._batch is None and self._partial is None and not self._intake.pending:
             return
         if self._batch is not None:
             self._decode(self._batch)
@@ -178,11 +153,12 @@ class Scheduler:
         """FIFO prompts whose padded batch of uncached tokens fits the prefill budget (the first one always goes)."""
         group: list[Sequence] = []
         width = 0
-        while self._pending and len(group) < free:
-            widest = max(width, self._reuse.find(self._pending[0]))
+        pending = self._intake.pending
+        while pending and len(group) < free:
+            widest = max(width, self._reuse.find(pending[0]))
             if group and widest * (len(group) + 1) > self._chunk:
                 break
-            group.append(self._pending.popleft())
+            group.append(pending.popleft())
             width = widest
         return group
 
@@ -222,8 +198,7 @@ class Scheduler:
             raise
 
     def _drop_finished(self) -> None:
-        if any(s.finished for s in self._pending):
-            self._pending = deque(s for s in self._pending if not s.finished)
+        self._intake.drop_finished()
         if self._partial is not None and self._partial.seq.finished:
             part, self._partial = self._partial, None
             self._reuse.keep(part.seq, part.offset, part.cache, partial(row_kv, part.cache, 0, 0, part.offset))
@@ -252,10 +227,6 @@ class Scheduler:
         self._fail(seqs, exc)
 
     def _shutdown(self) -> None:
-        with self._lock:
-            self._closed = True
-        self._take_new(block=False)
-        for seq in [*self._pending, *self._in_flight()]:
+        for seq in [*self._intake.close(), *self._in_flight()]:
             seq.fail(EngineNotReady("The engine was closed while this request was in flight; retry on a running one."))
-        self._pending.clear()
         self._partial = self._batch = None

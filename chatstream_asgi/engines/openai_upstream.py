@@ -4,8 +4,8 @@ The middleware keeps sessions, history, admission and streaming to the browser; 
 ``POST {base_url}/chat/completions`` upstream. Closing the engine's stream closes that HTTP response, and
 an unread streaming response is never put back in httpx's pool: the connection closes, so the upstream
 sees the disconnect and frees its slot. Upstream failures become ``UpstreamError`` with an HTTP ``status``
-(502 bad answer or refused connection, 503 overloaded, 504 timeout): before the first token the client
-gets that status and a JSON error, after it an in-band error.
+(502 bad answer or refused connection, 503 overloaded, 504 timeout; the mapping is in ``_upstream_errors``):
+before the first token the client gets that status and a JSON error, after it an in-band error.
 """
 
 from __future__ import annotations
@@ -14,37 +14,16 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigurationError, EngineError
+from ..errors import ConfigurationError
+from ._upstream_errors import MAX_ERROR_BODY, UpstreamError, check_response, json_error_message, protocol_error
 from .base import ChatMessage, FinishReason, GenerationChunk, SamplingParams
 
 if TYPE_CHECKING:
     import httpx
 
 DEFAULT_TIMEOUT = 60.0
-MAX_ERROR_BODY = 2000  # characters of an upstream error body quoted in our message
-RETRY_STATUSES = {429: 503, 503: 503, 408: 504, 504: 504}  # upstream status -> ours
-STATUS_HINTS = {
-    401: "check api_key",
-    403: "check api_key",
-    404: "check base_url (it usually ends in /v1) and model",
-}
 
-
-class UpstreamError(EngineError):
-    """The upstream server failed; ``status`` and ``error_type`` say how the middleware answers.
-
-    Args:
-        message: what went wrong upstream and what to check.
-        status: the HTTP status for our client: 502, 503 or 504.
-        error_type: a stable name such as ``upstream_unreachable`` or ``upstream_timeout``.
-        retry_after: seconds for a ``Retry-After`` header (an overloaded upstream).
-    """
-
-    def __init__(self, message: str, *, status: int = 502, error_type: str = "upstream_error", retry_after: int = 0):
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.headers = {"Retry-After": str(retry_after)} if retry_after else {}
+__all__ = ["OpenAIUpstreamEngine", "UpstreamError"]
 
 
 def import_httpx() -> Any:
@@ -162,48 +141,6 @@ class OpenAIUpstreamEngine:
         except httpx.TransportError as exc:
             message = f"the connection to the upstream at {self.base_url} failed: {type(exc).__name__}: {exc}"
             raise UpstreamError(message, error_type="upstream_disconnected") from exc
-
-
-async def check_response(response: httpx.Response) -> None:
-    """Raise ``UpstreamError`` unless the upstream answered 200 with an event stream."""
-    if response.status_code == 200:
-        if "text/event-stream" not in response.headers.get("content-type", ""):
-            content_type = response.headers.get("content-type")
-            raise protocol_error(f"expected a text/event-stream response, got {content_type!r}")
-        return
-    detail = (await response.aread()).decode("utf-8", "replace")
-    with_message = json_error_message(detail) or detail[:MAX_ERROR_BODY]
-    status = response.status_code
-    hint = STATUS_HINTS.get(status, "")
-    message = f"the upstream answered {status}: {with_message}" + (f" ({hint})" if hint else "")
-    if status in RETRY_STATUSES:
-        ours = RETRY_STATUSES[status]
-        kind = "upstream_overloaded" if ours == 503 else "upstream_timeout"
-        raise UpstreamError(
-            message, status=ours, error_type=kind, retry_after=retry_after(response) if ours == 503 else 0
-        )
-    raise UpstreamError(message, error_type="upstream_rejected" if status < 500 else "upstream_error")
-
-
-def json_error_message(text: str) -> str | None:
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    error = data.get("error") if isinstance(data, dict) else None
-    message = error.get("message") if isinstance(error, dict) else error  # TGI sends {"error": "..."}
-    return message if isinstance(message, str) else None
-
-
-def retry_after(response: httpx.Response) -> int:
-    value = response.headers.get("retry-after", "")
-    return max(1, min(300, int(value))) if value.isdigit() else 1
-
-
-def protocol_error(message: str) -> UpstreamError:
-    return UpstreamError(
-        f"the upstream broke the OpenAI stream format: {message}", error_type="upstream_protocol_error"
-    )
 
 
 async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk]:

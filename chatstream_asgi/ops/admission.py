@@ -16,12 +16,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..errors import ConfigurationError
+from .hold_time import HoldTime
 from .rejections import DRAINING_MESSAGE, Draining, QueueFull, QueueTimeout, Rejected
-
-DEFAULT_HOLD_SECONDS = 1.0  # assumed slot hold time until one has been measured
-HOLD_EWMA_ALPHA = 0.2
-MIN_RETRY_AFTER = 1
-MAX_RETRY_AFTER = 300
 
 __all__ = ["Admission", "Draining", "QueueFull", "QueueTimeout", "Rejected", "Ticket"]
 _WAITING, _GRANTED, _REJECTED, _RELEASED = "waiting", "granted", "rejected", "released"
@@ -116,7 +112,7 @@ class Admission:
         self._running = 0
         self._queue: deque[Ticket] = deque()
         self._draining = False
-        self._mean_hold: float | None = None
+        self._hold = HoldTime()
         self._idle = asyncio.Event()  # set while no slot is held; binds to a loop only when awaited
         self._idle.set()
 
@@ -135,13 +131,11 @@ class Admission:
     @property
     def mean_hold(self) -> float:
         """Average seconds a slot is held (EWMA), or the default before any measurement."""
-        return DEFAULT_HOLD_SECONDS if self._mean_hold is None else self._mean_hold
+        return self._hold.mean
 
     def retry_after(self, waiting: int | None = None) -> int:
         """Seconds until a request behind ``waiting`` others (default: the current queue) would likely start."""
-        ahead = self.waiting if waiting is None else waiting
-        estimate = math.ceil((ahead + 1) * self.mean_hold / self.max_concurrency)
-        return max(MIN_RETRY_AFTER, min(MAX_RETRY_AFTER, estimate))
+        return self._hold.retry_after(self.waiting if waiting is None else waiting, self.max_concurrency)
 
     def try_enter(self) -> Ticket:
         """Take a slot or a queue place now, or raise ``QueueFull`` / ``Draining`` without waiting."""
@@ -223,20 +217,13 @@ class Admission:
     def _free_slot(self, ticket: Ticket) -> None:
         self._running -= 1
         if ticket._started and ticket.granted_at is not None:
-            self._record_hold(self._clock() - ticket.granted_at)
+            self._hold.record(self._clock() - ticket.granted_at)
         # hand the slot straight to the next waiter so a newcomer can never take it first
         while self._queue and self._running < self.max_concurrency:
             self._running += 1
             self._queue.popleft()._settle(_GRANTED)
         if self._running == 0:
             self._idle.set()
-
-    def _record_hold(self, seconds: float) -> None:
-        seconds = max(0.0, seconds)
-        if self._mean_hold is None:
-            self._mean_hold = seconds
-        else:
-            self._mean_hold += HOLD_EWMA_ALPHA * (seconds - self._mean_hold)
 
 
 def _is_int(value: object, minimum: int) -> bool:
