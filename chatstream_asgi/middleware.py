@@ -24,10 +24,10 @@ from .errors import ClientDisconnected, HTTPError
 from .http.asgi import route_path, send_error
 from .http.hooks import ChatHooks
 from .http.ops_routes import OperationsRoutes
-from .http.routes import ChatRoutes, ChatSettings, Handler
+from .http.routes import ChatRoutes, ChatSettings
 from .http.security import RequestGuard
 from .http.session_routes import SessionRoutes
-from .http.types import ASGIApp, Receive, Scope, Send
+from .http.types import ASGIApp, Handler, Receive, Scope, Send, http_channels
 from .openai.routes import OpenAIRoutes, openai_route_table, send_openai_error
 from .ops.admission import Admission, Rejected
 from .ops.health import drain
@@ -144,7 +144,7 @@ class ChatStreamMiddleware:
             await self.app(scope, receive, send)
             return
         method, handler = route
-        send = self.observer.counting_send(route_path(scope), send)
+        http_receive, http_send = http_channels(scope, receive, self.observer.counting_send(route_path(scope), send))
         # OpenAI clients expect OpenAI's error shape, also for what fails before the handler (405)
         send_failure = send_openai_error if route_path(scope) in self.openai_paths else send_error
         try:
@@ -152,13 +152,13 @@ class ChatStreamMiddleware:
                 raise HTTPError(405, "method_not_allowed", f"use {method} for this route", {"Allow": method})
             if route_path(scope) in self.guarded:
                 self.guard.check(scope)
-            await handler(scope, receive, send)
+            await handler(scope, http_receive, http_send)
         except HTTPError as error:
             self.observer.http_error(error)
-            await send_failure(send, error)
+            await send_failure(http_send, error)
         except Rejected as rejection:
             self.observer.rejected(rejection.reason)
-            await send_failure(send, rejection.http_error())
+            await send_failure(http_send, rejection.http_error())
         except ClientDisconnected:
             return
 

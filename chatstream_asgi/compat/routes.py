@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from starlette.responses import Response
 
@@ -12,7 +12,16 @@ from chatstream_asgi.errors import ClientDisconnected, ConfigurationError, HTTPE
 from chatstream_asgi.http.asgi import send_error, send_json  # the one internal import (see pyproject.toml)
 
 if TYPE_CHECKING:
-    from chatstream_asgi.http.types import Message, Receive, Scope, Send
+    from chatstream_asgi.http.types import (
+        Handler,
+        HTTPReceive,
+        HTTPReceiveEvent,
+        HTTPSend,
+        HTTPSendEvent,
+        Receive,
+        Scope,
+        Send,
+    )
 
 API_METHODS = {
     "chat_stream": "POST",
@@ -30,7 +39,8 @@ API_METHODS = {
 
 async def no_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "http":
-        await send_json(send, 404, {"error": {"type": "not_found", "message": "not a ChatStream route"}})
+        not_found = {"error": {"type": "not_found", "message": "not a ChatStream route"}}
+        await send_json(cast("HTTPSend", send), 404, not_found)
 
 
 class ChatStreamResponse(Response):
@@ -38,7 +48,7 @@ class ChatStreamResponse(Response):
 
     def __init__(
         self,
-        handler: Callable[[Scope, Receive, Send], Any],
+        handler: Handler,
         body: bytes | None,
         done: Callable[[str], None],
         guard: Callable[[Scope], None] | None = None,
@@ -49,10 +59,12 @@ class ChatStreamResponse(Response):
         self.body = b""
         self.status_code = 200  # what the handler sends decides; frameworks only log this one
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, loose_send: Send) -> None:
+        # The framework hands its own loosely typed channels; for an HTTP scope they carry HTTP events.
+        send = cast("HTTPSend", loose_send)
         ended = False
 
-        async def tracking_send(message: Message) -> None:
+        async def tracking_send(message: HTTPSendEvent) -> None:
             nonlocal ended
             await send(message)
             ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
@@ -73,14 +85,15 @@ class ChatStreamResponse(Response):
         finally:
             self.done("success" if ended else "client_disconnected_while_streaming")
 
-    def replaying(self, receive: Receive) -> Receive:
+    def replaying(self, loose_receive: Receive) -> HTTPReceive:
         """``receive`` that hands out an already-read body first (an intercepted request), then the real one."""
+        receive = cast("HTTPReceive", loose_receive)
         if self.replay is None:
             return receive
-        pending = [{"type": "http.request", "body": self.replay, "more_body": False}]
+        pending: list[HTTPReceiveEvent] = [{"type": "http.request", "body": self.replay, "more_body": False}]
 
-        async def replay() -> dict[str, Any]:
-            return pending.pop() if pending else dict(await receive())
+        async def replay() -> HTTPReceiveEvent:
+            return pending.pop() if pending else await receive()
 
         return replay
 

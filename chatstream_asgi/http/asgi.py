@@ -8,7 +8,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from ..errors import ClientDisconnected, HTTPError
-from .types import Receive, Scope, Send
+from .types import HTTPReceive, HTTPSend, Scope, response_body, response_start
 
 JSON_CONTENT_TYPE = b"application/json"
 MAX_LENGTH_DIGITS = 18  # any Content-Length with more digits is over every cap
@@ -31,7 +31,7 @@ def header(scope: Scope, name: bytes) -> str | None:
     return Headers(scope=scope).get(name.decode("latin-1"))
 
 
-async def read_body(scope: Scope, receive: Receive, max_bytes: int) -> bytes:
+async def read_body(scope: Scope, receive: HTTPReceive, max_bytes: int) -> bytes:
     """Read the whole request body, refusing more than ``max_bytes`` without reading it all."""
     if declares_more_than(scope, max_bytes):
         raise body_too_large(max_bytes)
@@ -64,7 +64,7 @@ def body_too_large(max_bytes: int) -> HTTPError:
     return HTTPError(413, "request_too_large", f"the request body is larger than {max_bytes} bytes; send less")
 
 
-async def listen_for_disconnect(receive: Receive) -> None:
+async def listen_for_disconnect(receive: HTTPReceive) -> None:
     """Return when the client disconnects (``send`` does not reliably raise after a disconnect)."""
     while True:
         message = await receive()
@@ -77,7 +77,7 @@ def error_body(error_type: str, message: str) -> dict[str, Any]:
 
 
 async def send_json(
-    send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
+    send: HTTPSend, status: int, payload: Any, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
     raw_headers = [
@@ -86,10 +86,10 @@ async def send_json(
         (b"cache-control", b"no-store"),
         *(headers or []),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
+    await send(response_start(status, raw_headers))
+    await send(response_body(body))
 
 
-async def send_error(send: Send, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_error(send: HTTPSend, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
     await send_json(send, error.status, error_body(error.error_type, error.message), [*extra, *(headers or [])])

@@ -5,7 +5,9 @@ per-session extras the turn reads and writes.
   validation and may return a replacement dict (None keeps it) or raise ``HTTPError`` to refuse the turn.
 - ``on_finish(session_id, user_input, reply, stats)`` runs once per turn after the slot is free, as its own
   task: it can neither delay the last byte nor break the stream, and whatever it raises is only logged.
-Either may be a plain function or a coroutine function.
+Either may be a plain function or a coroutine function. A plain function runs in asgiref's thread-sensitive
+executor (``sync_to_async``), never on the event loop: a slow hook cannot stall the host app's other requests,
+and one that uses Django's ORM runs where Django allows it.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from asgiref.sync import iscoroutinefunction, sync_to_async
+
 from ..engines.base import ChatMessage, SamplingParams
 from ..errors import HTTPError
 from ..sessions.state import SessionStateStore
 from .encoders import WIRES, Wire
 from .requests import parse_json_object
-from .types import Message, Receive, Scope, Send
+from .types import HTTPReceive, HTTPReceiveEvent, HTTPSend, HTTPSendEvent, Scope, response_body
 
 logger = logging.getLogger("chatstream_asgi")
 OnFinish = Callable[[str, str, str, dict[str, Any]], Awaitable[None] | None]
@@ -52,7 +56,9 @@ class ChatHooks:
                 raise ValueError(f"{name} must be a function (or None), got {type(value).__name__}")
 
     @contextlib.asynccontextmanager
-    async def stoppable(self, session_id: str, receive: Receive, send: Send) -> AsyncIterator[tuple[Receive, Send]]:
+    async def stoppable(
+        self, session_id: str, receive: HTTPReceive, send: HTTPSend
+    ) -> AsyncIterator[tuple[HTTPReceive, HTTPSend]]:
         """Let ``stop(session_id)`` end this turn as if its client had left, then complete the response."""
         switch = self.stops[session_id] = TurnStop(receive, send)
         try:
@@ -100,9 +106,7 @@ class ChatHooks:
             return body
         data = parse_json_object(body)
         try:
-            result = self.request_interceptor(scope, session_id, data)
-            if inspect.isawaitable(result):
-                result = await result
+            result = await call_hook(self.request_interceptor, scope, session_id, data)
         except HTTPError:
             raise
         except Exception as exc:
@@ -135,11 +139,24 @@ class ChatHooks:
     async def call_on_finish(self, session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
         assert self.on_finish is not None
         try:
-            result = self.on_finish(session_id, user_input, reply, stats)
-            if inspect.isawaitable(result):
-                await result
+            await call_hook(self.on_finish, session_id, user_input, reply, stats)
         except Exception:
             logger.exception("the on_finish callback failed (the stream and its slot were not affected)")
+
+
+async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    """Call one of the host app's callbacks: await a coroutine function; run a plain function off the event loop.
+
+    ``thread_sensitive=True`` is asgiref's (and Django's) default: every plain hook runs in one shared thread, the
+    one Django's ORM needs. Whatever a plain function returns that is awaitable (a lambda returning a coroutine)
+    is awaited too.
+    """
+    if iscoroutinefunction(hook):
+        return await hook(*args)
+    result = await sync_to_async(hook, thread_sensitive=True)(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 class TurnStop:
@@ -147,14 +164,14 @@ class TurnStop:
     remembers whether the response is complete. Browsers may keep reading an aborted fetch (to reuse the
     connection), so the chat page's Stop also asks the server to stop: the slot is freed at once either way."""
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: HTTPReceive, send: HTTPSend) -> None:
         self.stopped = asyncio.Event()
         self.over = asyncio.Event()  # set once the turn has ended, its reply saved and its response completed
         self._receive, self._send = receive, send
         self.started = self.ended = False
         self.armed = False  # until then every call goes straight through (no extra loop turns while queued)
 
-    async def receive(self) -> Message:
+    async def receive(self) -> HTTPReceiveEvent:
         if self.stopped.is_set():
             return {"type": "http.disconnect"}
         if not self.armed:
@@ -170,7 +187,7 @@ class TurnStop:
             return message.result()
         return {"type": "http.disconnect"}
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: HTTPSendEvent) -> None:
         await self._send(message)
         self.started = True
         if message["type"] == "http.response.body" and not message.get("more_body", False):
@@ -180,4 +197,4 @@ class TurnStop:
         """After a stop the client may still be there: end its response properly."""
         if self.stopped.is_set() and self.started and not self.ended:
             with contextlib.suppress(OSError):
-                await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self.send(response_body(b""))

@@ -7,17 +7,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from ..engines.base import Engine
 from ..errors import ConfigurationError
 from ..ops.admission import Admission
 from ..ops.health import readiness
 from ..ops.metrics import ChatMetrics
 from .asgi import send_json
-from .types import Receive, Scope, Send
+from .types import Handler, HTTPReceive, HTTPSend, Scope, response_body, response_start
 
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 NO_STORE = [(b"cache-control", b"no-store")]
 NOT_READY_RETRY = [(b"retry-after", b"5")]
 
@@ -36,22 +33,22 @@ class OperationsRoutes:
         self.admission = admission
         self.metrics = metrics
 
-    async def healthz(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def healthz(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         await send_json(send, 200, {"status": "ok"})
 
-    async def readyz(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def readyz(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         ready, body = readiness(self.engine, self.admission)
         if ready:
             await send_json(send, 200, body)
         else:
             await send_json(send, 503, body, NOT_READY_RETRY)
 
-    async def metrics_text(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def metrics_text(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         assert self.metrics is not None
         body, content_type = self.metrics.exposition()
         headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 200, "headers": [*headers, *NO_STORE]})
-        await send({"type": "http.response.body", "body": body})
+        await send(response_start(200, [*headers, *NO_STORE]))
+        await send(response_body(body))
 
     def table(
         self, paths: dict[str, str | None], taken: dict[str, tuple[str, Handler]]

@@ -4,15 +4,14 @@ the middleware turns it into a JSON error."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engines.base import ChatMessage, Engine, SamplingParams, prefix_cache_stats
-from ..errors import ConfigurationError, HistoryStoreError, HTTPError
+from ..errors import ConfigurationError
 from ..ops.admission import Admission
 from ..ops.metrics import Observer
 from ..sessions.cookie import SessionCookie
@@ -24,10 +23,10 @@ from .requests import ChatTurn, parse_chat_turn, previous_turns, require_json, u
 from .security import check_input_tokens, token_counter
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, stream_reply
-from .types import Receive, Scope, Send
+from .turns import SessionTurns
+from .types import Handler, HTTPReceive, HTTPSend, Scope
 
 logger = logging.getLogger("chatstream_asgi")
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 DEFAULT_PATHS = {
     "chat_stream": "/chat_stream",
     "clear_context": "/clear_context",
@@ -71,13 +70,19 @@ class ChatRoutes:
         self.engine = engine
         self.admission = admission
         self.sessions = sessions
-        self.store = store
+        self.turns = SessionTurns(store)
         self.settings = settings
-        # Sessions with a turn streaming right now (id -> the turn's token): a second concurrent turn
-        # would corrupt history.
-        self.active_sessions: dict[str, object] = {}
         self.observer = Observer()  # the middleware puts its own here
         self.count_tokens = token_counter(engine) if settings.max_input_tokens is not None else None
+
+    @property
+    def store(self) -> HistoryStore:
+        return self.turns.store
+
+    @property
+    def active_sessions(self) -> dict[str, object]:
+        """Sessions with a turn streaming right now (the middleware's tests and the soak check none is left)."""
+        return self.turns.active
 
     def table(self, paths: dict[str, str]) -> dict[str, tuple[str, Handler]]:
         """Route path -> (method, handler) for ``paths`` (route name -> path)."""
@@ -91,7 +96,7 @@ class ChatRoutes:
             raise ConfigurationError(f"two routes share one path: {paths}")
         return {route: (ROUTE_METHODS[name], getattr(self, name)) for name, route in paths.items()}
 
-    async def chat_stream(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def chat_stream(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         require_json(scope)
         s = self.settings
         body = await read_body(scope, receive, s.max_body_bytes)
@@ -106,9 +111,9 @@ class ChatRoutes:
             body, defaults, max_new_tokens_limit=s.max_new_tokens_limit, max_input_chars=s.max_input_chars
         )
         await check_input_tokens(self.count_tokens, turn.user_input, s.max_input_tokens)
-        with self.exclusive_turn(session_id) as end_turn:
+        with self.turns.exclusive(session_id) as end_turn:
             async with self.hooks.stoppable(session_id, receive, send) as (receive, send):
-                base, user_input = previous_turns(await self.load_history(session_id), turn)
+                base, user_input = previous_turns(await self.turns.load(session_id), turn)
                 base = trim_turns(base, s.max_history_turns)
                 messages = [*base, user_message(user_input)]
                 await self.generate(scope, receive, send, session_id, messages, turn, headers, end_turn)
@@ -116,8 +121,8 @@ class ChatRoutes:
     async def generate(
         self,
         scope: Scope,
-        receive: Receive,
-        send: Send,
+        receive: HTTPReceive,
+        send: HTTPSend,
         session_id: str,
         messages: list[ChatMessage],
         turn: ChatTurn,
@@ -134,14 +139,14 @@ class ChatRoutes:
 
         async def finish(reply: str) -> None:
             try:
-                await self.save_reply(session_id, messages, reply)
+                await self.turns.save_reply(session_id, messages, reply)
             finally:
                 end_turn()
                 ticket.release()
                 ended(reply, "completed")
 
         async def cut(reply: str) -> None:
-            await self.save_cut_reply(session_id, messages, reply)
+            await self.turns.save_cut_reply(session_id, messages, reply)
             end_turn()
             ticket.release()
             ended(reply, "drained" if self.observer.cancelling else "cut")  # cancelling: a drain ended it
@@ -170,11 +175,11 @@ class ChatRoutes:
             headers=headers, send_timeout=self.settings.send_timeout, deadline=deadline, summary=summary
         )
 
-    async def clear_context(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def clear_context(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
         if session_id is not None:
-            with self.exclusive_turn(session_id):
-                await self.store_call(self.store.clear(session_id))
+            with self.turns.exclusive(session_id):
+                await self.turns.clear(session_id)
             # a fresh id after a clear: whoever saw the old cookie (a shared machine, a log) cannot follow the next chat
             new_id = self.sessions.new_session_id()
             self.hooks.extras.cleared(session_id, new_id)
@@ -182,11 +187,11 @@ class ChatRoutes:
             return
         await send_json(send, 200, {"cleared": True})
 
-    async def get_prompt(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def get_prompt(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         history, prompt = await self.session_prompt(scope)
         await send_json(send, 200, {"messages": history, "prompt": prompt})
 
-    async def get_token_count(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def get_token_count(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         """The tokens of this session's prompt (what its next turn builds on) against the model's context;
         ``prompt_tokens`` is null for engines without a tokenizer (the mock, an OpenAI upstream)."""
         history, prompt = await self.session_prompt(scope)
@@ -198,65 +203,19 @@ class ChatRoutes:
     async def session_prompt(self, scope: Scope) -> tuple[list[ChatMessage], str]:
         """This session's history and the prompt the engine renders from it (as truncated to the context)."""
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
-        history = [] if session_id is None else await self.load_history(session_id)
+        history = [] if session_id is None else await self.turns.load(session_id)
         messages, params = self.with_system_prompt(history), self.settings.default_params
         # nothing to render yet (chat templates refuse an empty conversation): a new session's prompt is empty
         prompt = await asyncio.to_thread(self.engine.render_prompt, messages, params) if messages else ""
         return history, prompt
 
-    async def get_load(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def get_load(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         load = {**self.admission.snapshot(), "model": self.engine.model_name}
         cache = prefix_cache_stats(self.engine)
         if cache is not None:  # cached_tokens: prompt tokens the prefix cache supplied since start
             load.update(cached_tokens=cache.hit_tokens, prefix_cache=cache.as_dict())
         await send_json(send, 200, load)
 
-    @contextlib.contextmanager
-    def exclusive_turn(self, session_id: str) -> Iterator[Callable[[], None]]:
-        """Hold the session for one turn; yields ``end_turn`` to let it go early (it is let go at exit anyway)."""
-        if session_id in self.active_sessions:
-            # Retry-After: a client that sent its next turn before the server saw it leave the last one may just retry
-            message = "a reply is still streaming for this session; wait or stop it"
-            raise HTTPError(409, "turn_in_progress", message, {"Retry-After": "1"})
-        token = self.active_sessions[session_id] = object()
-
-        def end_turn() -> None:
-            if self.active_sessions.get(session_id) is token:  # never end the next turn's claim
-                del self.active_sessions[session_id]
-
-        try:
-            yield end_turn
-        finally:
-            end_turn()
-
     def with_system_prompt(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
         system = self.settings.system_prompt
         return [{"role": "system", "content": system}, *messages] if system else list(messages)
-
-    async def load_history(self, session_id: str) -> list[ChatMessage]:
-        history: list[ChatMessage] = await self.store_call(self.store.load(session_id))
-        return history
-
-    async def save_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> None:
-        # A failed generation saves nothing (the caller never gets here), nor does an empty reply.
-        if reply:
-            assistant: ChatMessage = {"role": "assistant", "content": reply}
-            await self.store_call(self.store.save(session_id, [*messages, assistant]))
-
-    async def save_cut_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> None:
-        """Keep a reply cut by a disconnect or the deadline as far as it was sent. The reply is over, so a store
-        failure is only logged: it must not replace the error the client is about to get (or send a second one)."""
-        try:
-            await self.save_reply(session_id, messages, reply)
-        except HTTPError as error:
-            logger.warning("could not save a cut reply: %s", error.message)
-
-    @staticmethod
-    async def store_call(call: Any) -> Any:
-        try:
-            return await call
-        except HistoryStoreError as exc:
-            raise HTTPError(
-                503, "history_unavailable", f"the history store failed: {exc}", {"Retry-After": "5"}
-            ) from exc
-

@@ -14,7 +14,6 @@ resource usage, and the built-in chat page.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,12 +25,12 @@ from ..engines.base import SamplingParams
 from ..errors import ConfigurationError, HTTPError
 from ..ops.resource_usage import resource_usage
 from .asgi import read_body, send_json
+from .hooks import call_hook
 from .requests import SAMPLING_FIELDS, invalid, parse_json_object, parse_sampling, require_json
 from .routes import ChatRoutes
-from .types import Receive, Scope, Send
+from .types import Handler, HTTPReceive, HTTPSend, Scope, response_body, response_start
 
 logger = logging.getLogger("chatstream_asgi")
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 OnFeedback = Callable[[str, dict[str, Any]], Awaitable[None] | None]
 ALIASES = {"top_k_value": "top_k", "top_p_value": "top_p"}  # ChatStream's names
 FEEDBACK_FIELDS = ("rating", "text", "message_id")  # what GET /get_feedback shows of each feedback
@@ -90,7 +89,7 @@ class SessionRoutes:
     def session_id(self, scope: Scope) -> str | None:
         return self.chat.sessions.session_id_from_headers(scope.get("headers", []))
 
-    async def set_generation_params(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def set_generation_params(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         require_json(scope)
         data = parse_json_object(await read_body(scope, receive, self.chat.settings.max_body_bytes))
         data = {ALIASES.get(k, k): v for k, v in data.items()}
@@ -112,7 +111,7 @@ class SessionRoutes:
         extras.set_params(session_id, overrides)
         await send_json(send, 200, self.params_body(session_id), headers)
 
-    async def get_generation_params(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def get_generation_params(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         await send_json(send, 200, self.params_body(self.session_id(scope)))
 
     def params_body(self, session_id: str | None) -> dict[str, Any]:
@@ -121,7 +120,7 @@ class SessionRoutes:
         overrides = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
         return {"success": True, "generation_params": params_json(params), "overrides": overrides}
 
-    async def set_feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def set_feedback(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         require_json(scope)
         data = parse_json_object(await read_body(scope, receive, self.chat.settings.max_body_bytes))
         rating, text = feedback_rating(data), feedback_text(data)
@@ -129,7 +128,7 @@ class SessionRoutes:
         defaults = self.chat.settings.default_params
         if session_id is None:
             raise HTTPError(404, "unknown_reply", "this client has no session yet, so no reply to give feedback on")
-        history = await self.chat.load_history(session_id)
+        history = await self.chat.turns.load(session_id)
         index = self.reply_index(session_id, data, sum(1 for m in history if m["role"] == "assistant"))
         reply_at = [i for i, m in enumerate(history) if m["role"] == "assistant"][index]
         user = next((m["content"] for m in reversed(history[:reply_at]) if m["role"] == "user"), "")
@@ -146,12 +145,12 @@ class SessionRoutes:
         await self.notify(session_id, feedback)
         await send_json(send, 200, {"success": True, "reply_index": index, "message_id": data.get("message_id")})
 
-    async def get_feedback(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def get_feedback(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         """The feedback on each of this session's replies, in history order (None where none was given)."""
         session_id = self.session_id(scope)
         feedback: list[dict[str, Any] | None] = []
         if session_id is not None:
-            history = await self.chat.load_history(session_id)
+            history = await self.chat.turns.load(session_id)
             given = self.chat.hooks.extras.feedback(session_id)
             for index in range(sum(1 for m in history if m["role"] == "assistant")):
                 kept = given.get(index)
@@ -175,13 +174,11 @@ class SessionRoutes:
         if self.on_feedback is None:
             return
         try:
-            result = self.on_feedback(session_id, dict(feedback))
-            if inspect.isawaitable(result):
-                await result
+            await call_hook(self.on_feedback, session_id, dict(feedback))
         except Exception:
             logger.exception("the on_feedback callback failed (the feedback is kept)")
 
-    async def stop_generation(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def stop_generation(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         """End this session's running reply as if its client had left (the reply so far is kept). Answers once the
         turn is over, so a ``GET /get_prompt`` sent next has the reply as the server kept it."""
         session_id = self.session_id(scope)
@@ -191,11 +188,11 @@ class SessionRoutes:
         ended = await self.chat.hooks.wait_until_over(session_id, STOP_WAIT)
         await send_json(send, 200, {"success": True, "stopped": True, "ended": ended})
 
-    async def get_resource_usage(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def get_resource_usage(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         usage = resource_usage(self.chat.engine.model_name)
         await send_json(send, 200, {"success": True, "message": "success", "memory_usage": [usage]})
 
-    async def chat_page(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def chat_page(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         root = scope.get("root_path", "")
         config = {name: root + path for name, path in self.ui_paths.items()}
         html = chat_page_html().replace("/*CHATSTREAM_CONFIG*/{}", json.dumps(config))
@@ -207,8 +204,8 @@ class SessionRoutes:
             (b"x-content-type-options", b"nosniff"),
             (b"content-security-policy", PAGE_CSP),
         ]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send(response_start(200, headers))
+        await send(response_body(body))
 
 
 def feedback_rating(data: dict[str, Any]) -> str:

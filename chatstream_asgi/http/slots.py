@@ -10,7 +10,7 @@ from typing import Any
 
 from ..engines.base import GenerationChunk
 from .asgi import listen_for_disconnect
-from .types import Receive
+from .types import HTTPReceive
 
 Finish = Callable[[str], Awaitable[None]]
 
@@ -49,7 +49,7 @@ def queue_headers(position: int) -> list[tuple[bytes, bytes]]:
     return [(b"x-queue-position", str(position).encode())] if position else []
 
 
-async def wait_for_slot(ticket: Any, receive: Receive) -> bool:
+async def wait_for_slot(ticket: Any, receive: HTTPReceive) -> bool:
     """Wait for the ticket's slot; ``False`` if the client disconnects first (it then leaves the queue)."""
     waiter = asyncio.ensure_future(ticket.wait())
     listener = asyncio.ensure_future(listen_for_disconnect(receive))

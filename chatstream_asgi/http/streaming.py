@@ -28,10 +28,10 @@ from ..errors import ChatStreamError, HTTPError
 from ..ops.metrics import StreamResult
 from .asgi import listen_for_disconnect, send_error
 from .encoders import StreamEncoder
-from .types import Receive, Send
+from .types import HTTPReceive, HTTPSend, HTTPSendEvent, response_body, response_start
 
 STREAM_HEADERS = [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
-ErrorSender = Callable[[Send, HTTPError, list[tuple[bytes, bytes]] | None], Awaitable[None]]
+ErrorSender = Callable[[HTTPSend, HTTPError, list[tuple[bytes, bytes]] | None], Awaitable[None]]
 
 
 @dataclass
@@ -45,7 +45,11 @@ class StreamOptions:
 
 
 async def stream_reply(
-    send: Send, receive: Receive, chunks: AsyncIterator[GenerationChunk], encoder: StreamEncoder, options: StreamOptions
+    send: HTTPSend,
+    receive: HTTPReceive,
+    chunks: AsyncIterator[GenerationChunk],
+    encoder: StreamEncoder,
+    options: StreamOptions,
 ) -> StreamResult:
     """Stream ``chunks`` to the client until done, failed, timed out or disconnected."""
     result = StreamResult()
@@ -77,7 +81,7 @@ class ClientTooSlow(ClientGone):
 class ReplySender:
     """Pulls chunks from the engine and writes them to the client; one instance per request."""
 
-    def __init__(self, send: Send, encoder: StreamEncoder, options: StreamOptions, result: StreamResult) -> None:
+    def __init__(self, send: HTTPSend, encoder: StreamEncoder, options: StreamOptions, result: StreamResult) -> None:
         self.send = send
         self.encoder = encoder
         self.options = options
@@ -190,13 +194,13 @@ class ReplySender:
             return
         self.result.started = True
         headers = [(b"content-type", self.encoder.content_type), *STREAM_HEADERS, *self.options.headers]
-        await self.timed_send({"type": "http.response.start", "status": 200, "headers": headers})
+        await self.timed_send(response_start(200, headers))
 
     async def write(self, body: bytes, more_body: bool = True) -> None:
         if body or not more_body:
-            await self.timed_send({"type": "http.response.body", "body": body, "more_body": more_body})
+            await self.timed_send(response_body(body, more_body))
 
-    async def timed_send(self, message: dict[str, Any]) -> None:
+    async def timed_send(self, message: HTTPSendEvent) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the send completes, and
         # the stream would go on to its end after the client (or a Stop) had ended it.
         try:

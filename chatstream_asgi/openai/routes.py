@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from ..engines.base import Engine, GenerationChunk
@@ -21,20 +21,19 @@ from ..http.requests import require_json
 from ..http.routes import ChatSettings
 from ..http.slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
 from ..http.streaming import StreamOptions, as_http_error, stream_reply
-from ..http.types import Receive, Scope, Send
+from ..http.types import Handler, HTTPReceive, HTTPSend, Scope
 from ..ops.admission import Admission, Rejected, Ticket
 from ..ops.metrics import GenerationProbe, Observer, StreamResult
 from .limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
 from .responses import OpenAIStreamEncoder, ReplyHeader, completion_id, models_body, usage
 from .schema import CompletionRequest, error_body, parse_completion_request
 
-Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 Routes = dict[str, tuple[str, Handler]]
 Chunks = AsyncIterator[GenerationChunk]
 BEARER = "bearer "
 
 
-async def send_openai_error(send: Send, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_openai_error(send: HTTPSend, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
     await send_json(send, error.status, error_body(error), [*extra, *(headers or [])])
 
@@ -128,7 +127,7 @@ class OpenAIRoutes:
     def guarded(self, handler: Handler) -> Handler:
         """``handler`` behind the API key check, with every error sent in OpenAI's shape."""
 
-        async def guarded_handler(scope: Scope, receive: Receive, send: Send) -> None:
+        async def guarded_handler(scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
             try:
                 self.check_api_key(scope)
                 await handler(scope, receive, send)
@@ -153,10 +152,10 @@ class OpenAIRoutes:
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error
 
-    async def models(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def models(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         await send_json(send, 200, models_body(self.engine.model_name, self.created))
 
-    async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def chat_completions(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         require_json(scope)
         s = self.settings
         body = await read_body(scope, receive, self.max_body_bytes)
@@ -180,8 +179,8 @@ class OpenAIRoutes:
 
     async def stream(
         self,
-        send: Send,
-        receive: Receive,
+        send: HTTPSend,
+        receive: HTTPReceive,
         chunks: Chunks,
         request: CompletionRequest,
         reply: ReplyHeader,
@@ -195,8 +194,8 @@ class OpenAIRoutes:
 
     async def complete(
         self,
-        send: Send,
-        receive: Receive,
+        send: HTTPSend,
+        receive: HTTPReceive,
         chunks: Chunks,
         reply: ReplyHeader,
         headers: list[tuple[bytes, bytes]],
@@ -234,7 +233,7 @@ def released(ticket: Ticket) -> Finish:
     return release
 
 
-async def collect_reply(receive: Receive, chunks: Chunks, options: StreamOptions) -> StreamResult:
+async def collect_reply(receive: HTTPReceive, chunks: Chunks, options: StreamOptions) -> StreamResult:
     """The whole reply, gathered while a disconnect still cancels the generation (``stream_reply`` sending nothing)."""
     options.send_timeout = None
     return await stream_reply(discard, receive, chunks, CollectingEncoder(), options)

@@ -5,7 +5,8 @@
   ``wait_for_disconnect=True``, blocks like a real server until ``disconnect()`` is called and then
   returns ``http.disconnect``.
 - ``RecordingSend``: ``send()`` that records every message and checks the HTTP response protocol
-  (one ``http.response.start``, then bodies, nothing after ``more_body=False``). A ``hook`` runs after
+  (one ``http.response.start``, then bodies, nothing after ``more_body=False``; each message with every key
+  asgiref's TypedDict for it requires). A ``hook`` runs after
   each message (e.g. to disconnect after the second chunk) and ``block`` makes body sends wait, to
   play a client that stopped reading.
 - ``RecordingApp``: the wrapped app; records what it was called with and answers ``http`` with 200,
@@ -29,6 +30,8 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from asgiref.typing import HTTPResponseBodyEvent, HTTPResponseStartEvent
+
 from tests.integration.servers import sse_events as parse_sse
 
 Message = dict[str, Any]
@@ -39,6 +42,12 @@ HANG_GUARD_SECONDS = 5.0
 DISCONNECT: Message = {"type": "http.disconnect"}
 JSON_HEADERS: Headers = [(b"content-type", b"application/json")]
 SSE_HEADERS: Headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream")]
+
+
+RESPONSE_EVENTS: dict[str, Any] = {
+    "http.response.start": HTTPResponseStartEvent,
+    "http.response.body": HTTPResponseBodyEvent,
+}
 
 
 class ReceiveWouldHang(AssertionError):
@@ -145,6 +154,10 @@ class RecordingSend:
 
     def check_order(self, message: Message) -> None:
         kind = message["type"]
+        shape = RESPONSE_EVENTS.get(kind)  # lifespan messages are recorded too, unchecked
+        missing = shape.__required_keys__ - message.keys() if shape is not None else set()
+        if missing:
+            raise ProtocolViolation(f"{kind} without {sorted(missing)}: {message}")
         if kind == "http.response.start" and self.started:
             raise ProtocolViolation(f"second http.response.start after {self.messages[0]}")
         if kind == "http.response.body" and not self.started:
@@ -218,8 +231,8 @@ class RecordingApp:
         self.calls.append((scope, receive, send))
         if scope["type"] == "http":
             headers = [(b"content-type", b"text/plain"), (b"content-length", b"3")]
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": b"app"})
+            await send({"type": "http.response.start", "status": 200, "headers": headers, "trailers": False})
+            await send({"type": "http.response.body", "body": b"app", "more_body": False})
         elif scope["type"] == "lifespan":
             while True:
                 message = await receive()

@@ -154,6 +154,18 @@ async def test_recording_send_rejects_messages_out_of_protocol_order() -> None:
 
 
 @pytest.mark.asyncio
+async def test_recording_send_rejects_messages_missing_keys_the_asgi_spec_requires() -> None:
+    # Every route's messages pass through this check, so it must catch a start without trailers, a body without
+    # more_body (the keys asgiref.typing's TypedDicts require and mypy checks in the package).
+    with pytest.raises(ProtocolViolation, match="trailers"):
+        await RecordingSend()({"type": "http.response.start", "status": 200, "headers": []})
+    send = RecordingSend()
+    await send({"type": "http.response.start", "status": 200, "headers": [], "trailers": False})
+    with pytest.raises(ProtocolViolation, match="more_body"):
+        await send({"type": "http.response.body", "body": b"x"})
+
+
+@pytest.mark.asyncio
 async def test_send_json_sets_content_type_length_and_no_store() -> None:
     send = RecordingSend()
     await send_json(send, 201, {"text": "héllo ✓"})

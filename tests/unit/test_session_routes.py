@@ -4,6 +4,7 @@ feedback, resource usage, stop, the finish callback, the request interceptor, th
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ from chatstream_asgi.errors import ConfigurationError, HTTPError
 from chatstream_asgi.sessions.state import SessionStateStore
 
 from .apps import REPLY, Chat, CountingEngine, assert_json_error, build_middleware, session_cookie
-from .asgi_fakes import RecordingSend, ScriptedReceive, wait_until, with_hang_guard
+from .asgi_fakes import HANG_GUARD_SECONDS, RecordingSend, ScriptedReceive, wait_until, with_hang_guard
 
 MARKER = b"<::EOS::>"
 
@@ -235,6 +236,42 @@ async def test_request_interceptor_reads_and_rewrites_the_turn(make_chat: Callab
 async def test_a_crashing_interceptor_is_a_500_not_a_hang(make_chat: Callable[..., Chat]) -> None:
     chat = make_chat(request_interceptor=lambda scope, session_id, data: 1 / 0)
     assert_json_error(await chat.turn(), 500, "interceptor_error")
+
+
+@pytest.mark.asyncio
+async def test_plain_function_hooks_run_off_the_event_loop_so_a_blocking_one_stalls_nothing(
+    make_chat: Callable[..., Chat],
+) -> None:
+    # A sync hook that blocks (a database write, Django's ORM) must not freeze the loop: while the interceptor of
+    # one turn sleeps, a /get_load of the same app is answered.
+    loop_thread = threading.get_ident()
+    hook_threads: dict[str, int] = {}
+    release = threading.Event()
+
+    def interceptor(scope: Any, session_id: str, data: dict[str, Any]) -> None:
+        hook_threads["interceptor"] = threading.get_ident()
+        if data.get("user_input") == "slow":
+            release.wait(HANG_GUARD_SECONDS)
+
+    def on_finish(session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
+        hook_threads["on_finish"] = threading.get_ident()
+
+    def on_feedback(session_id: str, feedback: dict[str, Any]) -> None:
+        hook_threads["on_feedback"] = threading.get_ident()
+
+    chat = make_chat(request_interceptor=interceptor, on_finish=on_finish, on_feedback=on_feedback)
+    slow_turn = asyncio.ensure_future(chat.turn("slow"))
+    await wait_until(lambda: "interceptor" in hook_threads)
+    load = await chat.request("GET", "/get_load")  # answered while the interceptor still blocks its thread
+    assert load.status == 200 and not slow_turn.done()
+    release.set()
+    send = await slow_turn
+    assert send.status == 200 and send.body == REPLY.encode()
+    await wait_until(lambda: "on_finish" in hook_threads)
+    feedback = await chat.request("POST", "/set_feedback", {"turn": -1, "rating": "up"}, cookie=session_cookie(send))
+    assert feedback.status == 200
+    assert set(hook_threads) == {"interceptor", "on_finish", "on_feedback"}
+    assert loop_thread not in hook_threads.values()
 
 
 def test_hooks_are_checked_at_construction() -> None:
