@@ -19,6 +19,7 @@ from .config import (
     Timeouts,
 )
 from .engines.base import Engine
+from .engines.gc_heap import freeze_startup_heap
 from .engines.replicas import as_engine
 from .errors import ClientDisconnected, HTTPError
 from .http.asgi import route_path, send_error
@@ -98,6 +99,7 @@ class ChatStreamMiddleware:
         self.admission = Admission(limits.max_concurrency, limits.max_queue, limits.queue_timeout)
         self.routes = chat_routes(engine, self.admission, secret_key, config)
         self.drain_timeout = config.timeouts.drain
+        self.freeze_gc = config.timeouts.freeze_gc
         self.signals = DrainOnSignals(self.drain, enabled=config.timeouts.drain_on_signals)
         self.lifespan = Lifespan(self.startup, self.shutdown)
         self.table = self.routes.table(config.routes.chat_paths)
@@ -165,6 +167,8 @@ class ChatStreamMiddleware:
     async def startup(self) -> None:
         await self.engine.start()
         self.signals.install()
+        if self.freeze_gc:  # the model (or the tokenizer and torch) is loaded: freeze what the host app holds now
+            freeze_startup_heap("chatstream_asgi startup")
 
     async def shutdown(self) -> None:
         self.signals.uninstall()

@@ -43,6 +43,7 @@ SHORTHANDS: Mapping[str, tuple[str, str]] = MappingProxyType(
         "send_timeout": ("timeouts", "send"),
         "drain_timeout": ("timeouts", "drain"),
         "drain_on_signals": ("timeouts", "drain_on_signals"),
+        "freeze_gc": ("timeouts", "freeze_gc"),
         "cookie_name": ("sessions", "cookie_name"),
         "cookie_max_age": ("sessions", "cookie_max_age"),
         "https_only": ("sessions", "https_only"),

@@ -3,7 +3,8 @@
 ``base.py`` (the ``Engine`` protocol), ``transformers.py`` (the batching engine and its private ``_*`` modules:
 scheduler, cache, sampling, prefix cache), ``detokenizer.py``, ``prompts.py`` (chat templating and truncation),
 ``process.py`` (the engine in its own process), ``replicas.py``, ``mock.py``, ``openai_upstream.py`` (its
-failures in ``_upstream_errors.py``), ``host.py`` (the host's free memory).
+failures in ``_upstream_errors.py``), ``host.py`` (the host's free memory), ``gc_heap.py`` (the startup heap
+frozen out of the garbage collector's reach).
 
 May import ``errors`` only: engines know nothing of HTTP, sessions, OpenAI routes, operations or compat.
 Nothing here imports torch at package import; ``transformers.py`` and its helpers do when first used.

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..errors import EngineNotReady
 from ._engine_connection import ClientConnection
+from .gc_heap import freeze_startup_heap
 from .transformers import TransformersEngine
 
 logger = logging.getLogger("chatstream_asgi.engine")
@@ -121,6 +122,7 @@ def main() -> None:
     address, linger = sys.argv[1], float(sys.argv[2])
     spec = pickle.load(sys.stdin.buffer)
     server = EngineServer(build_engine(spec), address, linger)
+    freeze_startup_heap("engine process")  # the model is loaded: a full GC would stall every step for ~0.1 s
     # SIGTERM / SIGINT end the serving loop; running replies end with an in-band error, the socket goes away.
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.stopping.set())

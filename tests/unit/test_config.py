@@ -47,6 +47,7 @@ SHORTHAND_VALUES: dict[str, Any] = {
     "send_timeout": None,
     "drain_timeout": 1.0,
     "drain_on_signals": False,
+    "freeze_gc": False,
     "cookie_name": "sid",
     "cookie_max_age": 3600,
     "https_only": True,
@@ -97,7 +98,7 @@ def test_the_defaults_are_the_middlewares() -> None:
         None,
         None,
     )
-    assert config.timeouts == Timeouts(generation=300.0, send=30.0, drain=25.0, drain_on_signals=True)
+    assert config.timeouts == Timeouts(generation=300.0, send=30.0, drain=25.0, drain_on_signals=True, freeze_gc=True)
     assert config.sessions == SessionConfig("chatstream_session", 14 * 24 * 3600, False, "lax", None, None)
     assert config.generation.params == SamplingParams() and config.generation.wire == "delta"
     assert config.openai == OpenAIConfig(prefix="/v1", max_body_bytes=1024 * 1024, max_messages=256)
@@ -120,6 +121,7 @@ def test_the_defaults_are_the_middlewares() -> None:
         (lambda: Timeouts(send=float("inf")), "send must be seconds"),
         (lambda: Timeouts(drain=-1), "drain must be seconds >= 0"),
         (lambda: Timeouts(drain_on_signals="yes"), "drain_on_signals must be True or False"),
+        (lambda: Timeouts(freeze_gc=1), "freeze_gc must be True or False"),
         (lambda: SessionConfig(cookie_name="a b"), "cookie_name must be a cookie token"),
         (lambda: SessionConfig(cookie_max_age=0), "cookie_max_age must be a positive integer"),
         (lambda: SessionConfig(same_site="sometimes"), "same_site must be 'lax', 'strict' or 'none'"),
