@@ -151,7 +151,7 @@ async def call_hook(hook: Callable[..., Any], *args: Any) -> Any:
     one Django's ORM needs. Whatever a plain function returns that is awaitable (a lambda returning a coroutine)
     is awaited too.
     """
-    if iscoroutinefunction(hook):
+    if iscoroutinefunction(hook) or iscoroutinefunction(type(hook).__call__):  # or an object's async __call__
         return await hook(*args)
     result = await sync_to_async(hook, thread_sensitive=True)(*args)
     if inspect.isawaitable(result):

@@ -4,7 +4,6 @@ the middleware turns it into a JSON error."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +25,6 @@ from .streaming import StreamOptions, stream_reply
 from .turns import SessionTurns
 from .types import Handler, HTTPReceive, HTTPSend, Scope
 
-logger = logging.getLogger("chatstream_asgi")
 DEFAULT_PATHS = {
     "chat_stream": "/chat_stream",
     "clear_context": "/clear_context",

@@ -4,6 +4,7 @@ feedback, resource usage, stop, the finish callback, the request interceptor, th
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 
 from chatstream_asgi.errors import ConfigurationError, HTTPError
+from chatstream_asgi.http.hooks import call_hook
 from chatstream_asgi.sessions.state import SessionStateStore
 
 from .apps import REPLY, Chat, CountingEngine, assert_json_error, build_middleware, session_cookie
@@ -272,6 +274,28 @@ async def test_plain_function_hooks_run_off_the_event_loop_so_a_blocking_one_sta
     assert feedback.status == 200
     assert set(hook_threads) == {"interceptor", "on_finish", "on_feedback"}
     assert loop_thread not in hook_threads.values()
+
+
+@pytest.mark.asyncio
+async def test_call_hook_awaits_every_async_form_and_runs_plain_callables_in_a_thread() -> None:
+    loop_thread = threading.get_ident()
+
+    async def doubled(x: int) -> int:
+        return 2 * x
+
+    class AsyncCallable:  # an object whose __call__ is async is awaited, not handed to a thread
+        async def __call__(self, x: int) -> int:
+            return 3 * x
+
+    class PlainCallable:
+        def __call__(self, x: int) -> tuple[int, bool]:
+            return 4 * x, threading.get_ident() != loop_thread
+
+    assert await call_hook(doubled, 1) == 2
+    assert await call_hook(functools.partial(doubled, 2)) == 4
+    assert await call_hook(AsyncCallable(), 1) == 3
+    assert await call_hook(lambda x: doubled(x), 5) == 10  # a plain function returning a coroutine
+    assert await call_hook(PlainCallable(), 1) == (4, True)
 
 
 def test_hooks_are_checked_at_construction() -> None:
