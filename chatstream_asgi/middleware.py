@@ -31,6 +31,7 @@ from .http.session_routes import SessionRoutes
 from .http.types import ASGIApp, Handler, Receive, Scope, Send, http_channels
 from .openai.routes import OpenAIRoutes, openai_route_table, send_openai_error
 from .ops.admission import Admission, Rejected
+from .ops.gc_pauses import GCPauses
 from .ops.health import drain
 from .ops.lifespan import Lifespan
 from .ops.metrics import ChatMetrics, Observer, metrics_available
@@ -105,6 +106,7 @@ class ChatStreamMiddleware:
         self.table = self.routes.table(config.routes.chat_paths)
         openai_table = self.mount_openai(config)
         metrics = chat_metrics(self.admission, engine, config.observability)
+        self.gc_pauses = GCPauses(metrics.registry) if metrics is not None else None  # watched while serving
         self.observer = self.routes.observer = self.openai_routes.observer = Observer(
             metrics, log_text=config.observability.log_text
         )
@@ -169,9 +171,13 @@ class ChatStreamMiddleware:
         self.signals.install()
         if self.freeze_gc:  # the model (or the tokenizer and torch) is loaded: freeze what the host app holds now
             freeze_startup_heap("chatstream_asgi startup")
+        if self.gc_pauses is not None:
+            self.gc_pauses.install()
 
     async def shutdown(self) -> None:
         self.signals.uninstall()
+        if self.gc_pauses is not None:
+            self.gc_pauses.uninstall()
         await (self.signals.task or self.drain())  # join the drain a signal started rather than begin another
         await self.engine.close()
         closer = getattr(self.routes.store, "aclose", None)  # e.g. RedisHistoryStore's connection pool

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 from typing import Any
@@ -219,3 +220,36 @@ async def test_openai_route_is_measured_too() -> None:
 async def test_require_api_key_works_without_the_openai_routes() -> None:
     app = build(openai_prefix=None, api_keys=["sk-0123456789"], require_api_key=True)
     assert (await chat(app)).status == 401
+
+
+async def test_gc_pauses_are_observed_while_the_middleware_serves() -> None:
+    app = build()
+    key = 'chatstream_gc_pause_seconds_count{generation="2"}'
+    await app.startup()
+    try:
+        gc.collect()  # a full collection: generation 2
+        assert samples(app)[key] >= 1
+    finally:
+        await app.shutdown()
+    after_shutdown = samples(app)[key]
+    gc.collect()  # the callback is gone with the shutdown
+    assert samples(app)[key] == after_shutdown
+
+
+async def test_a_pause_users_would_feel_is_logged_at_most_once_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import prometheus_client
+
+    from chatstream_asgi.ops import gc_pauses
+
+    monkeypatch.setattr(gc_pauses, "FELT_PAUSE", 0.0)  # every collection counts as felt
+    watch = gc_pauses.GCPauses(prometheus_client.CollectorRegistry())
+    watch.install()
+    try:
+        with caplog.at_level(logging.WARNING, logger="chatstream_asgi"):
+            gc.collect()
+            gc.collect()
+    finally:
+        watch.uninstall()
+    assert caplog.text.count("the garbage collector stopped this process") == 1
