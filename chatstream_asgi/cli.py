@@ -39,10 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     limits = serve.add_argument_group("limits", "Limits: slots and queue")
     limits.add_argument("--max-concurrency", type=int, default=4, help="generations at once per device (batch size)")
     limits.add_argument("--max-queue", type=int, default=8, help="requests waiting for a slot (default: 8)")
-    timeouts = serve.add_argument_group("timeouts", "Timeouts: how long a shutdown may take")
+    timeouts = serve.add_argument_group("timeouts", "Timeouts: how long a shutdown (or a GC pause) may take")
     timeouts.add_argument("--drain-timeout", type=float, default=25.0, help="seconds replies may finish on shutdown")
     timeouts.add_argument(
         "--no-drain-on-signals", dest="drain_on_signals", action="store_false", help="drain on lifespan shutdown only"
+    )
+    timeouts.add_argument(
+        "--no-freeze-gc", dest="freeze_gc", action="store_false", help="leave the garbage collector's heap unfrozen"
     )
     sessions = serve.add_argument_group("sessions", "SessionConfig and the key that signs the session cookie")
     sessions.add_argument("--secret-key", default=os.environ.get(SECRET_ENV), help=f"cookie key (or ${SECRET_ENV})")
@@ -142,7 +145,9 @@ def configs(args: argparse.Namespace, engine: Engine) -> dict[str, Any]:
     devices = len(getattr(engine, "engines", [engine]))
     return {
         "limits": Limits(max_concurrency=args.max_concurrency * devices, max_queue=args.max_queue),  # per device
-        "timeouts": Timeouts(drain=args.drain_timeout, drain_on_signals=args.drain_on_signals),
+        "timeouts": Timeouts(
+            drain=args.drain_timeout, drain_on_signals=args.drain_on_signals, freeze_gc=args.freeze_gc
+        ),
         "generation": GenerationConfig(system_prompt=args.system_prompt, default_params=default_params(args)),
         "routes": RoutesConfig(ui_path=args.ui_path),
     }

@@ -96,3 +96,5 @@ def test_the_options_become_config_objects() -> None:
     assert built["timeouts"] == Timeouts(drain=4.0, drain_on_signals=True)
     assert built["generation"] == GenerationConfig(system_prompt="Be brief.", default_params=default_params(args))
     assert built["routes"] == RoutesConfig(ui_path=None)
+    unfrozen = configs(serve_args("--mock", "--no-freeze-gc", "--no-drain-on-signals"), MockEngine())["timeouts"]
+    assert unfrozen == Timeouts(drain_on_signals=False, freeze_gc=False)
