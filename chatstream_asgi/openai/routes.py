@@ -22,7 +22,7 @@ from ..http.routes import ChatSettings
 from ..http.slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
 from ..http.streaming import StreamOptions, as_http_error, stream_reply
 from ..http.types import Handler, HTTPReceive, HTTPSend, Scope
-from ..ops.admission import Admission, Rejected, Ticket
+from ..ops.admission import Admission, Ticket
 from ..ops.metrics import GenerationProbe, Observer, StreamResult
 from .limits import MAX_BODY_BYTES, MAX_MESSAGES, PromptLimits
 from .responses import OpenAIStreamEncoder, ReplyHeader, completion_id, models_body, usage
@@ -125,18 +125,12 @@ class OpenAIRoutes:
         self.observer = Observer()  # the middleware puts its own here
 
     def guarded(self, handler: Handler) -> Handler:
-        """``handler`` behind the API key check, with every error sent in OpenAI's shape."""
+        """``handler`` behind the API key check. What it raises, the middleware counts and sends in OpenAI's shape
+        (these paths are its ``openai_paths``), as it does for the 405 of a wrong method."""
 
         async def guarded_handler(scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
-            try:
-                self.check_api_key(scope)
-                await handler(scope, receive, send)
-            except HTTPError as error:
-                self.observer.http_error(error)
-                await send_openai_error(send, error)
-            except Rejected as rejection:
-                self.observer.rejected(rejection.reason)
-                await send_openai_error(send, rejection.http_error())
+            self.check_api_key(scope)
+            await handler(scope, receive, send)
 
         return guarded_handler
 
