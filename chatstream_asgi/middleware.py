@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from .config import (
     Timeouts,
 )
 from .engines.base import Engine
+from .engines.fair_wakes import fair_wakes
 from .engines.gc_heap import freeze_startup_heap
 from .engines.replicas import as_engine
 from .errors import ClientDisconnected, HTTPError
@@ -156,6 +158,9 @@ class ChatStreamMiddleware:
                 raise HTTPError(405, "method_not_allowed", f"use {method} for this route", {"Allow": method})
             if route_path(scope) in self.guarded:
                 self.guard.check(scope)
+            # A burst of chats (clients that all finished together and all ask again) starts a few per loop
+            # iteration, so the wrapped app's requests get in between (engines/fair_wakes.py says why).
+            await fair_wakes(asyncio.get_running_loop()).turn()
             await handler(scope, http_receive, http_send)
         except HTTPError as error:
             self.observer.http_error(error)

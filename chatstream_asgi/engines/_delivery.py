@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from typing import Any, NamedTuple, Protocol, cast
 
 from .base import GenerationChunk
+from .fair_wakes import FairWakes, fair_wakes
 
 
 class FirstToken(NamedTuple):
@@ -118,18 +119,20 @@ def _dispatch(batch: list[tuple[ReplyBuffer, Reply]]) -> None:
 class ReplyBuffer:
     """One stream's events on the consumer's loop; ``take`` returns all that arrived, coalesced."""
 
-    __slots__ = ("_events", "_waiter")
+    __slots__ = ("_events", "_waiter", "_wakes")
 
     def __init__(self) -> None:
         self._events: list[Reply] = []
         self._waiter: asyncio.Future[None] | None = None
+        self._wakes: FairWakes | None = None
 
     def push(self, event: Reply) -> None:
-        """Called on the loop: store ``event`` and wake the consumer."""
+        """Called on the loop: store ``event`` and wake the consumer (through the loop's fair wake-ups)."""
         self._events.append(event)
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None and self._wakes is not None:
+            self._waiter = None  # handed over once: later events of this step ride on the same wake-up
+            self._wakes.wake(waiter)
 
     async def chunks(self) -> AsyncIterator[GenerationChunk]:
         """Every chunk of the reply, up to and including the last one (which carries the finish reason)."""
@@ -142,7 +145,10 @@ class ReplyBuffer:
     async def take(self) -> GenerationChunk:
         """Wait for events; return them as one chunk (text joined), or raise the failure they carry."""
         while not self._events:
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            if self._wakes is None:
+                self._wakes = fair_wakes(loop)
+            self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:

@@ -28,6 +28,7 @@ from .detokenizer import DecoderSpec, ReplyText
 logger = logging.getLogger("chatstream_asgi")
 LINK_BUFFER = 1 << 22  # bytes the reader may take in one read: a step of many streams is one read
 LOST = "The engine process ended while generating this reply; it is being restarted."
+STREAMS_PER_TURN = 16  # streams a frame is delivered to per loop iteration: ~0.3 ms of detokenizing and pushing
 
 
 @dataclasses.dataclass(slots=True)
@@ -108,7 +109,7 @@ class EngineLink:
             while True:
                 kind, batch, *cache = await read_message(self.reader)
                 if kind == "step":
-                    self._deliver(batch)
+                    await self._deliver(batch)
                     if cache and cache[0] is not None:
                         self.cache_stats = PrefixCacheStats(*cache[0])
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -118,35 +119,68 @@ class EngineLink:
         finally:
             self._lose()
 
-    def _deliver(self, batch: list[tuple[int, Any]]) -> None:
-        replies = self.replies
+    async def _deliver(self, batch: list[tuple[int, Any]]) -> None:
+        """Hand a frame's events to their streams, a few streams per loop iteration.
+
+        A frame holds every step the engine sent while this loop was busy (at batch 64, five steps of 64
+        tokens were common), in step order. Grouped by stream, each stream's run of ids is detokenized in
+        one call and lands in its buffer at once: one wake-up and one write per stream and frame, not one
+        per step. Decoding a whole frame in one callback stalled the host app's requests for 4-9 ms; a
+        slice of streams per iteration lets them in between.
+        """
+        by_stream: dict[int, list[Any]] = {}
         for rid, wire in batch:
-            reply = replies.get(rid)
-            if reply is None:
-                continue  # cancelled or stopped here while its last tokens were on the way
+            by_stream.setdefault(rid, []).append(wire)
+        for count, (rid, events) in enumerate(by_stream.items(), start=1):
+            reply = self.replies.get(rid)
+            if reply is not None:  # None: cancelled or stopped here while its last tokens were on the way
+                self._deliver_stream(rid, reply, events)
+            if count % STREAMS_PER_TURN == 0 and count < len(by_stream):
+                await asyncio.sleep(0)
+
+    def _deliver_stream(self, rid: int, reply: OpenReply, events: list[Any]) -> None:
+        ids: list[int] = []
+        for wire in events:
             if isinstance(wire, int):
-                self._token(rid, reply, wire)
+                ids.append(wire)
                 continue
             event = local_event(wire)
             if isinstance(event, FirstToken):
                 reply.cached_tokens = event.cached_tokens
-                self._token(rid, reply, event.token_id)
-            elif isinstance(event, GenerationChunk):
-                del replies[rid]
+                ids.append(event.token_id)
+                continue
+            if ids and not self._tokens(rid, reply, ids):
+                return  # a stop string ended it
+            del self.replies[rid]
+            if isinstance(event, GenerationChunk):
                 reply.buffer.push(self._last_chunk(reply, event))
             elif isinstance(event, tuple):
-                del replies[rid]
                 reply.buffer.push(EngineError(event[1]))
+            return
+        if ids:
+            self._tokens(rid, reply, ids)
 
-    def _token(self, rid: int, reply: OpenReply, token_id: int) -> None:
+    def _tokens(self, rid: int, reply: OpenReply, ids: list[int]) -> bool:
+        """Turn ``ids`` into text for the stream; False once a stop string ended the reply."""
+        if reply.text.watches_stops:  # token by token: the reply ends at the token that completes a stop string
+            return all(self._token(rid, reply, token_id) for token_id in ids)
+        reply.completion_tokens += len(ids)
+        text = reply.text.push_many(ids)
+        if text:
+            reply.buffer.push(text)
+        return True
+
+    def _token(self, rid: int, reply: OpenReply, token_id: int) -> bool:
         reply.completion_tokens += 1
         text = reply.text.push(token_id)
         if reply.text.stopped:  # a stop string: the reply ends with the text before it
             end = GenerationChunk(text, "stop", reply.prompt_tokens, reply.completion_tokens, reply.cached_tokens)
             reply.buffer.push(end)
             self.cancel(rid)
-        elif text:
+            return False
+        if text:
             reply.buffer.push(text)
+        return True
 
     @staticmethod
     def _last_chunk(reply: OpenReply, end: GenerationChunk) -> GenerationChunk:

@@ -73,6 +73,25 @@ class IncrementalDetokenizer:
         if token_id not in self._spec.special_ids:
             # A run of <0xNN> tokens decodes as one group, so text is final only after the run ends.
             self._held_byte = token_id in self._spec.byte_ids
+        return self._emit()
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """Add several ids at once (one engine frame's); the same text as pushing them one by one, joined.
+
+        One window decode for the run instead of one per id: the web side of an engine process gets a
+        stream's ids in runs of up to one per step of the stream interval.
+        """
+        if not token_ids:
+            return ""
+        self._ids.extend(token_ids)
+        for token_id in reversed(token_ids):  # the held-byte state is the last decodable id's
+            if token_id not in self._spec.special_ids:
+                self._held_byte = token_id in self._spec.byte_ids
+                break
+        return self._emit()
+
+    def _emit(self) -> str:
+        """The text the ids so far complete, unless it may still change (a byte run, a partial character)."""
         if self._held_byte:
             return ""
         prefix_text, new_text = self._window()
@@ -107,6 +126,10 @@ class StopMatcher:
         self._stops = tuple(s for s in stops if s)
         self._held = ""
         self.stopped = False
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stops)
 
     def feed(self, text: str) -> str:
         """Return the part of ``text`` that is safe to emit; sets ``stopped`` on a match."""
@@ -148,8 +171,16 @@ class ReplyText:
     def stopped(self) -> bool:
         return self._stops.stopped
 
+    @property
+    def watches_stops(self) -> bool:
+        """Whether there are stop strings (then ids go in one by one, to end the reply at the right token)."""
+        return self._stops.active
+
     def push(self, token_id: int) -> str:
         return self._stops.feed(self._detok.push(token_id))
+
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        return self._stops.feed(self._detok.push_many(token_ids))
 
     def finish(self) -> str:
         """The text still held back when the reply ends for another reason than a stop string."""

@@ -87,6 +87,8 @@ class ReplySender:
         self.options = options
         self.result = result
         self.started_at = time.perf_counter()
+        self.last_write = asyncio.get_running_loop().time()
+        self.send_lock: asyncio.Lock | None = None  # only where a keep-alive ping may send beside the chunks
 
     async def run(self, chunks: AsyncIterator[GenerationChunk]) -> None:
         try:
@@ -101,40 +103,45 @@ class ReplySender:
             await self.fail(as_http_error(exc))
 
     async def pump(self, chunks: AsyncIterator[GenerationChunk]) -> None:
+        # One await per chunk, straight on the engine's iterator: no task or wait per chunk (on a fast model the
+        # loop wakes once per chunk per stream, and those were two thirds of this loop's cost). The deadline is one
+        # timeout around the whole reply; it cancels at the next await, and check_deadline covers an engine that
+        # always has a chunk ready. A cancel (deadline, disconnect) lands in the engine's iterator and closes it.
         iterator = aiter(chunks)
-        pending: asyncio.Future[GenerationChunk] | None = None
+        keep_alive = self.start_keep_alive()
         try:
-            while True:
-                # checked on every turn, not only on silence: an engine that always has a chunk ready never goes silent
-                self.check_deadline()
-                if pending is None:
-                    pending = asyncio.ensure_future(anext(iterator))
-                done, _ = await asyncio.wait({pending}, timeout=self.wait_timeout())
-                if not done:
-                    await self.on_silence()
-                    continue
-                try:
-                    chunk = pending.result()
-                except StopAsyncIteration:
-                    break
-                pending = None
-                await self.on_chunk(chunk)
+            async with asyncio.timeout_at(self.options.deadline):
+                async for chunk in iterator:
+                    self.check_deadline()
+                    await self.on_chunk(chunk)
         finally:
-            if pending is not None:
-                if not pending.done():
-                    pending.cancel()
-                    # aclose() on a generator that is still running raises: let the cancel land first.
-                    await asyncio.wait({pending})
-                if not pending.cancelled():
-                    pending.exception()  # it may have ended anyway (StopAsyncIteration): mark that as seen
+            if keep_alive is not None:
+                keep_alive.cancel()
+                await asyncio.wait({keep_alive})  # no ping after this point, and none holds the send lock
             closer = getattr(iterator, "aclose", None)
             if closer is not None:
                 await closer()
         await self.finish()
 
-    def wait_timeout(self) -> float | None:
-        timeouts = [t for t in (self.encoder.ping_interval, self.remaining()) if t is not None]
-        return max(0.0, min(timeouts)) if timeouts else None
+    def start_keep_alive(self) -> asyncio.Task[None] | None:
+        if self.encoder.ping_interval is None:
+            return None
+        self.send_lock = asyncio.Lock()  # a ping and a chunk must not interleave their sends
+        return asyncio.create_task(self.keep_alive(self.encoder.ping_interval, asyncio.current_task()))
+
+    async def keep_alive(self, interval: float, producer: asyncio.Task[Any] | None) -> None:
+        """Ping after ``interval`` without a write, so that proxies keep a silent stream open."""
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await asyncio.sleep(max(0.0, self.last_write + interval - loop.time()))
+                if loop.time() - self.last_write >= interval:
+                    await self.start()
+                    await self.write(self.encoder.ping())
+        except ClientGone:  # the ping found the client gone: end the reply as a disconnect
+            self.result.outcome = "disconnected"
+            if producer is not None:
+                producer.cancel()
 
     def remaining(self) -> float | None:
         deadline = self.options.deadline
@@ -144,11 +151,6 @@ class ReplySender:
         remaining = self.remaining()
         if remaining is not None and remaining <= 0:
             raise TimeoutError
-
-    async def on_silence(self) -> None:
-        self.check_deadline()
-        await self.start()
-        await self.write(self.encoder.ping())
 
     async def on_chunk(self, chunk: GenerationChunk) -> None:
         if chunk.text:
@@ -201,6 +203,14 @@ class ReplySender:
             await self.timed_send(response_body(body, more_body))
 
     async def timed_send(self, message: HTTPSendEvent) -> None:
+        if self.send_lock is None:
+            await self.send_within_timeout(message)
+        else:
+            async with self.send_lock:
+                await self.send_within_timeout(message)
+        self.last_write = asyncio.get_running_loop().time()
+
+    async def send_within_timeout(self, message: HTTPSendEvent) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the send completes, and
         # the stream would go on to its end after the client (or a Stop) had ended it.
         try:

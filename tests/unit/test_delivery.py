@@ -11,6 +11,7 @@ import pytest
 
 from chatstream_asgi.engines._delivery import HoldBack, LoopChannel, ReplyBuffer
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
+from chatstream_asgi.engines.fair_wakes import WAKES_PER_TURN, FairWakes, fair_wakes
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import EngineError
 
@@ -145,3 +146,86 @@ async def test_engine_rejects_a_stream_interval_out_of_range(tiny_engine_parts: 
     with pytest.raises(ValueError, match="stream_interval"):
         TransformersEngine(model, tokenizer, stream_interval=-1)
 
+
+
+async def consumers_woken_per_iteration(n: int, per_turn: int) -> tuple[list[int], list[int]]:
+    """``n`` consumers waiting on their buffers, one push each in one callback (a step); the order they woke
+    in, and how many woke in each loop iteration that woke any."""
+    loop = asyncio.get_running_loop()
+    wakes = FairWakes(loop, per_turn=per_turn)
+    buffers = [ReplyBuffer() for _ in range(n)]
+    order: list[int] = []
+    iteration = [0]
+
+    async def consume(i: int) -> None:
+        await buffers[i].take()
+        order.append(i)
+        woke_at.append(iteration[0])
+
+    async def count_iterations() -> None:
+        while len(order) < n:
+            iteration[0] += 1
+            await asyncio.sleep(0)
+
+    woke_at: list[int] = []
+    tasks = [asyncio.create_task(consume(i)) for i in range(n)]
+    await asyncio.sleep(0)  # every consumer is waiting now
+    for buffer in buffers:
+        buffer._wakes = wakes  # noqa: SLF001 - this test's own budget instead of the loop's shared one
+    counter = asyncio.create_task(count_iterations())
+    for buffer in buffers:
+        buffer.push("token")
+    await asyncio.wait_for(asyncio.gather(*tasks, counter), 5.0)
+    return order, [woke_at.count(i) for i in sorted(set(woke_at))]
+
+
+@pytest.mark.asyncio
+async def test_a_step_wakes_its_consumers_a_few_per_loop_iteration_in_order() -> None:
+    order, per_iteration = await consumers_woken_per_iteration(40, per_turn=8)
+    assert order == list(range(40))  # first pushed, first woken
+    assert max(per_iteration) <= 8 and sum(per_iteration) == 40
+    assert len(per_iteration) >= 5  # spread over iterations, so others run in between
+
+
+@pytest.mark.asyncio
+async def test_fair_wakes_skip_a_consumer_cancelled_while_waiting_its_turn() -> None:
+    loop = asyncio.get_running_loop()
+    wakes = FairWakes(loop, per_turn=1)
+    first, cancelled, last = loop.create_future(), loop.create_future(), loop.create_future()
+    for waiter in (first, cancelled, last):
+        wakes.wake(waiter)
+    assert first.done() and not last.done()  # the budget of this iteration went to the first
+    cancelled.cancel()
+    await asyncio.sleep(0)
+    assert last.done()  # the cancelled one took no turn
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not wakes.scheduled and wakes.budget == 1  # idle again, with a full budget
+
+
+@pytest.mark.asyncio
+async def test_every_stream_of_a_loop_shares_one_budget() -> None:
+    loop = asyncio.get_running_loop()
+    assert fair_wakes(loop) is fair_wakes(loop)
+    assert fair_wakes(loop).per_turn == WAKES_PER_TURN
+
+
+@pytest.mark.asyncio
+async def test_a_burst_of_requests_takes_turns_a_few_per_iteration() -> None:
+    loop = asyncio.get_running_loop()
+    wakes = FairWakes(loop, per_turn=4)
+    iteration = [0]
+    started: list[int] = []
+
+    async def request() -> None:
+        await wakes.turn()
+        started.append(iteration[0])
+
+    async def count_iterations() -> None:
+        while len(started) < 12:
+            iteration[0] += 1
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(count_iterations(), *(request() for _ in range(12))), 5.0)
+    assert max(started.count(i) for i in set(started)) <= 4
+    assert len(set(started)) >= 3

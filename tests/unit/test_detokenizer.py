@@ -80,6 +80,38 @@ def test_random_ids_stream_equals_decode(tokenizer: Any) -> None:
         assert stream_text(tokenizer, ids)[1] == tokenizer.decode(ids, skip_special_tokens=True), ids
 
 
+def runs_text(tokenizer: Any, ids: list[int], cuts: list[int]) -> tuple[list[str], str]:
+    """``push_many`` over ``ids`` cut at ``cuts`` (as an engine process's frames cut a stream)."""
+    detok = IncrementalDetokenizer(tokenizer)
+    bounds = [0, *sorted(cuts), len(ids)]
+    deltas = [detok.push_many(ids[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return deltas, "".join(deltas) + detok.flush()
+
+
+def test_runs_of_ids_give_the_same_text_as_one_by_one(tokenizer: Any) -> None:
+    rng = random.Random(11)
+    texts = [MIXED, *CORPUS[:4]]
+    for _ in range(300):
+        if rng.random() < 0.5:
+            ids = tokenizer.encode(rng.choice(texts), add_special_tokens=False)
+        else:
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 24))]
+        cuts = [rng.randrange(len(ids) + 1) for _ in range(rng.randrange(0, 6))]
+        deltas, text = runs_text(tokenizer, ids, cuts)
+        assert text == stream_text(tokenizer, ids)[1] == tokenizer.decode(ids, skip_special_tokens=True), (ids, cuts)
+        if ids and ids[-1] not in tokenizer.all_special_ids and tokenizer.decode(ids) == MIXED:
+            assert not any(REPLACEMENT_CHAR in d for d in deltas)  # a run that ends inside a character waits
+
+
+def test_a_run_ending_inside_a_character_holds_it_back(byte_level: Any) -> None:
+    ids = byte_level.encode("👍🏽", add_special_tokens=False)
+    assert len(ids) > 2  # the emoji and its skin tone take several byte-level tokens
+    detok = IncrementalDetokenizer(byte_level)
+    assert detok.push_many(ids[:2]) == ""
+    assert detok.push_many(ids[2:]) == "👍🏽"
+    assert detok.push_many([]) == "" and detok.flush() == ""
+
+
 def test_random_model_output_stream_equals_decode(tiny_engine_parts: tuple[Any, Any]) -> None:
     model, tokenizer = tiny_engine_parts
     torch.manual_seed(3)

@@ -363,6 +363,31 @@ async def test_sse_pings_while_the_engine_is_silent() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_ping_that_finds_the_client_gone_ends_the_stream_and_closes_the_engine_stream() -> None:
+    def raise_after_the_first_ping(send: RecordingSend) -> None:
+        if send.body_chunks == [b": ping\n\n"]:
+            send.hook = raise_oserror
+
+    def raise_oserror(send: RecordingSend) -> None:
+        raise ConnectionResetError("client gone")
+
+    chunks = ScriptedChunks.hanging([])  # a model that never says anything
+    send = RecordingSend(hook=raise_after_the_first_ping)
+    result, send = await run_stream(chunks, send=send, encoder=SSEEncoder(ping_interval=0.02))
+    assert result.outcome == "disconnected"
+    assert chunks.cleaned_up.is_set()
+    assert send.body_chunks[:2] == [b": ping\n\n", b": ping\n\n"]  # the second one found the client gone
+
+
+@pytest.mark.asyncio
+async def test_sse_sends_no_ping_while_text_keeps_flowing() -> None:
+    chunks = ScriptedChunks([x for part in "abcdefghij" for x in (0.01, GenerationChunk(part))] + text()[-1:])
+    _, send = await run_stream(chunks, encoder=SSEEncoder(ping_interval=0.05))
+    assert b": ping" not in send.body
+    assert "".join(data["text"] for name, data in send.sse_events() if name == "delta") == "abcdefghij"
+
+
+@pytest.mark.asyncio
 async def test_plain_text_never_pings() -> None:
     chunks = ScriptedChunks([0.05, *text("late")])
     _, send = await run_stream(chunks, encoder=PlainTextEncoder())
