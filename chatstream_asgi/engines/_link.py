@@ -87,7 +87,7 @@ class EngineLink:
             raise ConnectionError("the connection to the engine is closed")
         rid = next(self._ids)
         self.replies[rid] = OpenReply(replies, ReplyText(self.decoder, params.stop), len(prompt_ids))
-        self.writer.write(encode(("submit", rid, prompt_ids, dataclasses.asdict(params))))
+        self.writer.write(encode(("submit", rid, prompt_ids, dict(vars(params)))))  # flat fields: asdict's deep copy is 10x slower
         return rid
 
     def cancel(self, rid: int) -> None:
