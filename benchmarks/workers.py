@@ -388,15 +388,15 @@ def findings(args: argparse.Namespace, fast: list[Row], smol: list[Row]) -> list
 
 
 def web_worker_cost(rows: list[Row]) -> str:
-    """What a process-mode web worker holds without a model: its tokenizer and config need transformers (and torch)."""
+    """What a process-mode web worker holds without a model, and where the torch question stands."""
     process = next((r for r in rows if r.mode == "process" and r.workers > 1 and r.idle and r.idle.per_worker), None)
     if process is None or process.idle is None:
         return ""
     uss = statistics.mean(u for _, u in process.idle.per_worker)
     return (
-        f"- a process-mode web worker holds no model, yet {mib(int(uss))} USS ({process.model}): "
-        "`ProcessEngine.from_pretrained` loads the tokenizer and config through transformers, which imports torch; "
-        "with a small model that is most of the server's memory."
+        f"- a process-mode web worker holds no model: {mib(int(uss))} USS ({process.model}), the Python runtime, "
+        "the web stack, the tokenizer the engine pickled and the detokenizer; it does not import torch "
+        "(`tests/integration/test_process_engine.py` checks that)."
     )
 
 

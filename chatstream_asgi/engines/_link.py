@@ -87,7 +87,8 @@ class EngineLink:
             raise ConnectionError("the connection to the engine is closed")
         rid = next(self._ids)
         self.replies[rid] = OpenReply(replies, ReplyText(self.decoder, params.stop), len(prompt_ids))
-        self.writer.write(encode(("submit", rid, prompt_ids, dict(vars(params)))))  # flat fields: asdict's deep copy is 10x slower
+        # a flat copy of the fields: dataclasses.asdict deep-copies them, ten times slower for the same dict
+        self.writer.write(encode(("submit", rid, prompt_ids, dict(vars(params)))))
         return rid
 
     def cancel(self, rid: int) -> None:

@@ -44,7 +44,8 @@ class ProcessEngine:
         linger: seconds the engine process stays up with no web process connected (a worker restart keeps it).
         start_timeout: seconds to wait for the model to load.
         tokenizer, context_len, model_name, max_batch_size, system_prompt: what the web side knows before the
-            engine answers (``from_pretrained`` fills them in); the engine's own values replace them once connected.
+            engine answers (``from_pretrained`` fills in the last four from its arguments); the engine's own values
+            replace them once connected.
     """
 
     def __init__(
@@ -86,13 +87,10 @@ class ProcessEngine:
     ) -> ProcessEngine:
         """The engine process runs ``TransformersEngine.from_pretrained(path_or_dir, gguf_file=..., **kwargs)``.
 
-        The tokenizer (for prompts) and the model config (for the context length) are also loaded here.
+        Nothing of the model is loaded here: the tokenizer, the context length and the system prompt come with
+        the engine's first answer (``start()``). Loading the tokenizer here through transformers would import
+        torch into every web worker (its config classes do), 250 MB of resident memory each for nothing.
         """
-        from transformers import AutoConfig, AutoTokenizer
-
-        gguf = {"gguf_file": gguf_file} if gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(path_or_dir, **gguf)
-        config = AutoConfig.from_pretrained(path_or_dir, **gguf)
         spec = {"path": str(path_or_dir), "gguf_file": gguf_file, "kwargs": kwargs}
         name = kwargs.get("model_name") or (Path(gguf_file).stem if gguf_file else Path(str(path_or_dir)).name)
         return cls(
@@ -100,8 +98,7 @@ class ProcessEngine:
             address=address,
             linger=linger,
             start_timeout=start_timeout,
-            tokenizer=tokenizer,
-            context_len=kwargs.get("context_len") or getattr(config, "max_position_embeddings", None),
+            context_len=kwargs.get("context_len"),
             model_name=name,
             max_batch_size=kwargs.get("max_batch_size", 8),
             system_prompt=kwargs.get("system_prompt"),

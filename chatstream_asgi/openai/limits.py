@@ -49,23 +49,34 @@ class PromptLimits:
         max_input_tokens: int | None = None,
     ) -> None:
         engines = getattr(engine, "engines", None)
-        first = engines[0] if engines else engine
-        tokenizer = getattr(first, "tokenizer", None)
-        self.tokenizer: Any = tokenizer if callable(getattr(tokenizer, "encode", None)) else None
-        context_len = getattr(first, "context_len", None)
-        self.context_len = context_len if isinstance(context_len, int) else None
-        self.system_prompt: str | None = getattr(first, "system_prompt", None)
+        self.first = engines[0] if engines else engine
         self.max_messages = max_messages
         self.max_input_chars = max_input_chars
         self.max_input_tokens = max_input_tokens
 
+    # Read at each request, not at construction: an engine process's tokenizer arrives when it first answers.
+    @property
+    def tokenizer(self) -> Any:
+        tokenizer = getattr(self.first, "tokenizer", None)
+        return tokenizer if callable(getattr(tokenizer, "encode", None)) else None
+
+    @property
+    def context_len(self) -> int | None:
+        context_len = getattr(self.first, "context_len", None)
+        return context_len if isinstance(context_len, int) else None
+
+    @property
+    def system_prompt(self) -> str | None:
+        return getattr(self.first, "system_prompt", None)
+
     async def check(self, request: CompletionRequest) -> CompletionRequest:
         """``request`` if it is within every limit, its reply cut to the room left when it set no ``max_tokens``."""
         self.check_messages(request.messages)
-        if self.tokenizer is None or (self.context_len is None and self.max_input_tokens is None):
+        tokenizer, context_len = self.tokenizer, self.context_len
+        if tokenizer is None or (context_len is None and self.max_input_tokens is None):
             return request
         try:
-            prompt_tokens = await asyncio.to_thread(self.count_prompt, request.messages)
+            prompt_tokens = await asyncio.to_thread(self.count_prompt, request.messages, tokenizer)
         except Exception as exc:  # e.g. a template that insists on alternating roles: vLLM answers 400 too
             message = f"the model's chat template cannot render these messages: {type(exc).__name__}: {exc}"
             raise over_limit("messages", "invalid_request", message) from exc
@@ -76,7 +87,7 @@ class PromptLimits:
                 f"the messages make a prompt of {prompt_tokens} tokens; this server accepts at most "
                 f"{self.max_input_tokens}. Send fewer or shorter messages.",
             )
-        return request if self.context_len is None else fit_reply(request, prompt_tokens, self.context_len)
+        return request if context_len is None else fit_reply(request, prompt_tokens, context_len)
 
     def check_messages(self, messages: Sequence[ChatMessage]) -> None:
         if len(messages) > self.max_messages:
@@ -96,14 +107,14 @@ class PromptLimits:
                     f"'{param}' has {length} characters; the limit is {self.max_input_chars}. Shorten it.",
                 )
 
-    def count_prompt(self, messages: Sequence[ChatMessage]) -> int:
+    def count_prompt(self, messages: Sequence[ChatMessage], tokenizer: Any) -> int:
         """Tokens of the prompt the engine will generate from (called on a worker thread)."""
         messages = with_system_prompt(messages, self.system_prompt)
-        if callable(getattr(self.tokenizer, "apply_chat_template", None)):
-            text = render_chat(self.tokenizer, messages)
+        if callable(getattr(tokenizer, "apply_chat_template", None)):
+            text = render_chat(tokenizer, messages)
         else:  # a tokenizer without a chat template: the contents are what there is to count
             text = "\n".join(message["content"] for message in messages)
-        return len(self.tokenizer.encode(text, add_special_tokens=False))
+        return len(tokenizer.encode(text, add_special_tokens=False))
 
 
 def fit_reply(request: CompletionRequest, prompt_tokens: int, context_len: int) -> CompletionRequest:

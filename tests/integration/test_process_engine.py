@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -148,6 +150,48 @@ async def test_over_http_a_killed_engine_ends_the_stream_in_band_and_new_chats_g
         load = await wait_for_load(client, running=0, waiting=0)
         assert load["running"] == 0
         assert (await get_load(client))["waiting"] == 0
+
+
+@pytest.mark.asyncio
+async def test_token_limits_use_the_tokenizer_the_engine_process_sends(tiny_model_dir: Path, serve: Any) -> None:
+    """``from_pretrained`` loads nothing in the web process; the limits find the tokenizer once the engine answers."""
+    process_engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=2, stream_interval=0)
+    assert process_engine.tokenizer is None and process_engine.context_len is None
+    app = chat_app(not_found_app, process_engine, max_concurrency=2, max_input_tokens=8)
+    server = serve(app, start_timeout=90)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        long_input = "The quick brown fox jumps over the lazy dog. " * 4
+        refused = await client.post("/chat_stream", json={"user_input": long_input})
+        assert refused.status_code == 400, refused.text
+        assert "tokens" in refused.json()["error"]["message"]
+        messages = [{"role": "user", "content": long_input}]
+        refused = await client.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "context_length_exceeded"
+        ok = await chat(client, "hi", max_new_tokens=4)
+        assert ok.status == 200 and ok.text
+    assert process_engine.context_len == 512  # the tiny model's max_position_embeddings, from the engine
+
+
+def test_a_web_process_never_imports_torch(tiny_model_dir: Path) -> None:
+    """The web side of an engine process streams with the tokenizer the engine pickled: no torch in its memory."""
+    script = f"""
+import asyncio, sys
+from chatstream_asgi.engines.process import ProcessEngine
+from chatstream_asgi.engines.base import SamplingParams
+
+async def main():
+    engine = ProcessEngine.from_pretrained({str(tiny_model_dir)!r}, max_batch_size=1, stream_interval=0)
+    await engine.start()
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    text = "".join([c.text async for c in engine.stream([{{"role": "user", "content": "hi"}}], params)])
+    await engine.close()
+    print(bool(text), "torch" in sys.modules, "transformers.modeling_utils" in sys.modules)
+
+asyncio.run(main())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True", "False", "False"], done.stdout
 
 
 @pytest.mark.asyncio
