@@ -89,7 +89,7 @@ class ProcessEngine:
 
         Nothing of the model is loaded here: the tokenizer, the context length and the system prompt come with
         the engine's first answer (``start()``). Loading the tokenizer here through transformers would import
-        torch into every web worker (its config classes do), 250 MB of resident memory each for nothing.
+        torch into every web worker (its config classes do): 280 MiB of resident memory each, for nothing.
         """
         spec = {"path": str(path_or_dir), "gguf_file": gguf_file, "kwargs": kwargs}
         name = kwargs.get("model_name") or (Path(gguf_file).stem if gguf_file else Path(str(path_or_dir)).name)
