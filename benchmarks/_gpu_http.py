@@ -105,11 +105,12 @@ async def ready(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def server(model: str, device: str, max_batch: int, *, smoke: bool) -> Iterator[int]:
-    """``_gpu_server.py`` on a free port, ready to serve; yields the port, stops the process after."""
+def server(model: str, device: str, max_batch: int, *, smoke: bool, engine: str = "thread") -> Iterator[int]:
+    """``_gpu_server.py`` on a free port, ready to serve; yields the port, stops the process (and with it an engine
+    process of its own) after."""
     port = free_port()
     command = [sys.executable, str(SERVER), f"--model={model}", f"--device={device}", f"--port={port}"]
-    command += [f"--max-batch={max_batch}", *(["--smoke"] if smoke else [])]
+    command += [f"--max-batch={max_batch}", f"--engine={engine}", *(["--smoke"] if smoke else [])]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:

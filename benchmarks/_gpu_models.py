@@ -121,6 +121,15 @@ def build_model(name: str, device: str, *, smoke: bool) -> tuple[Any, Any]:
     return model.eval(), tokenizer
 
 
+def engine_factory(name: str, device: str, smoke: bool, max_batch: int) -> Any:
+    """The engine process's factory for the ``ProcessEngine`` row (``_gpu_server.py --engine process``): the same
+    random model as every other row, built in that process, on ``device``."""
+    from chatstream_asgi.engines.transformers import TransformersEngine
+
+    model, tokenizer = build_model(name, device, smoke=smoke)
+    return TransformersEngine(model, tokenizer, max_batch_size=max_batch)
+
+
 def prompt_texts(count: int) -> list[str]:
     """``count`` user turns of one to three corpus sentences (30 to 80 tokens once templated)."""
     return [" ".join(CORPUS[(i + j) % len(CORPUS)] for j in range(1 + i % 3)) for i in range(count)]

@@ -9,7 +9,9 @@ offline and padded to the model's vocabulary), greedy, ``ignore_eos``, a fixed n
 - ``model.generate`` on the whole batch (static batching);
 - transformers' own continuous batching, ``model.generate_batch`` (timed after a warm-up call);
 - ``TransformersEngine`` alone: N concurrent ``stream()`` consumers in one asyncio loop;
-- HTTP: ``ChatStreamMiddleware`` on a real uvicorn in a subprocess, N raw-socket streaming clients;
+- HTTP: ``ChatStreamMiddleware`` on a real uvicorn in a subprocess, N raw-socket streaming clients, with
+  ``ProcessEngine`` (the model in an engine process of its own, ``--engine-process``) and with
+  ``TransformersEngine`` in the server's process;
 - for the 8B model at the largest batch, the memory-bandwidth bound of a decode step: weight bytes
   plus the KV bytes a step reads (at the padded cache width), over the measured device-to-device
   copy bandwidth (bytes read plus written per second);
@@ -160,14 +162,21 @@ class ModelRun:
         return f"{where} waits for the GPU at: {found}"
 
     def http_rows(self) -> list[Row]:
-        rows = [self.row("HTTP: middleware on uvicorn", b) for b in self.batches]
+        """The middleware on uvicorn, with the engine in an engine process of its own (the serving path for
+        production) and in the server's own process."""
+        rows = self.served_rows("HTTP: ProcessEngine on uvicorn", "process")
+        return rows + self.served_rows("HTTP: middleware on uvicorn", "thread")
+
+    def served_rows(self, contender: str, engine: str) -> list[Row]:
+        rows = [self.row(contender, b) for b in self.batches]
         if missing := _gpu_http.missing_packages():
             return [row.skip(f"skipped: {', '.join(missing)} not installed") for row in rows]
         if not self.clock.left():
             return [row.skip("skipped: over budget") for row in rows]
-        free_device()  # the server process needs the memory this one keeps cached
+        free_device()  # the server (or its engine process) needs the memory this one keeps cached
+        serve = partial(_gpu_http.server, self.name, self.args.device, max(self.batches), smoke=self.args.smoke)
         try:
-            with _gpu_http.server(self.name, self.args.device, max(self.batches), smoke=self.args.smoke) as port:
+            with serve(engine=engine) as port:
                 for row in rows:
                     chat = partial(_gpu_http.chat_round, port, self.texts[: row.batch])
                     measure(row, self.clock, partial(chat, self.n), partial(chat, WARM_TOKENS))
