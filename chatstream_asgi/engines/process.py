@@ -28,7 +28,7 @@ from ._delivery import ReplyBuffer
 from ._launcher import Launcher
 from ._link import EngineLink
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
-from .prompts import Prompt, fit_prompt, with_system_prompt
+from .prompts import Prompt, fit_prompt, render_off_loop_if_long, with_system_prompt
 
 logger = logging.getLogger("chatstream_asgi")
 RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection attempts, seconds
@@ -161,7 +161,7 @@ class ProcessEngine:
     async def stream(self, messages: Seq[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         """Generate a reply in the engine process; closing the iterator cancels it there at its next step."""
         await self._usable_link()  # started and connected: the tokenizer is known
-        prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
+        prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered
         replies = ReplyBuffer()
         rid = link.submit(prompt.token_ids, params, replies)

@@ -26,7 +26,7 @@ from ._scheduler import Scheduler
 from ._sequence import Sequence
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats
 from .detokenizer import DecoderSpec
-from .prompts import Prompt, fit_prompt, model_context_len, with_system_prompt
+from .prompts import Prompt, fit_prompt, model_context_len, render_off_loop_if_long, with_system_prompt
 
 ENGINE_KWARGS = frozenset(
     {
@@ -205,7 +205,7 @@ class TransformersEngine:
         """
         check_params(params)
         scheduler = await self._running_scheduler()
-        prompt = await asyncio.to_thread(self.fit_prompt, messages, params)
+        prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         replies = ReplyBuffer()
         seq = self.new_sequence(prompt.token_ids, params, self._loop_channel(), replies)
         scheduler.submit(seq)

@@ -1,17 +1,20 @@
 from __future__ import annotations
 
+import threading
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from chatstream_asgi.engines.prompts import (
+    INLINE_PROMPT_CHARS,
     TRUNCATION_STEP,
     Prompt,
     PromptTooLong,
     fit_prompt,
     model_context_len,
     render_chat,
+    render_off_loop_if_long,
     with_system_prompt,
 )
 from chatstream_asgi.errors import ChatStreamError
@@ -177,3 +180,18 @@ def test_model_context_len_reads_config_or_override() -> None:
     assert model_context_len(model, 512) == 512
     with pytest.raises(ChatStreamError, match="context_len"):
         model_context_len(SimpleNamespace(config=SimpleNamespace()))
+
+
+@pytest.mark.asyncio
+async def test_a_short_conversation_renders_on_the_loop_and_a_long_one_in_a_thread() -> None:
+    threads: list[int] = []
+
+    def render(messages: list[dict[str, str]], params: object) -> int:
+        threads.append(threading.get_ident())
+        return len(messages)
+
+    short = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x" * 100}]
+    long = [{"role": "user", "content": "y" * (INLINE_PROMPT_CHARS - 10)}, {"role": "user", "content": "z" * 20}]
+    assert await render_off_loop_if_long(render, short, None) == 2
+    assert await render_off_loop_if_long(render, long, None) == 2  # the sum of the contents counts
+    assert threads[0] == threading.get_ident() != threads[1]
