@@ -42,25 +42,22 @@ class FairWakes:
                 waiter.set_result(None)
         else:
             self.waiting.append(waiter)
+        self._schedule()
+
+    async def turn(self) -> None:
+        """Wait for a share of an iteration's budget: a burst of new chats starts a few per iteration."""
+        waiter = self.loop.create_future()
+        self.wake(waiter)
+        await waiter  # already done, without a pause, while this iteration has budget
+
+    def _schedule(self) -> None:
         if not self.scheduled:
             self.scheduled = True
             self.loop.call_soon(self._next_turn)
 
-    async def turn(self) -> None:
-        """Wait for a share of an iteration's budget: a burst of new chats starts a few per iteration."""
-        if self.budget > 0 and not self.waiting:
-            self.budget -= 1
-            if not self.scheduled:
-                self.scheduled = True
-                self.loop.call_soon(self._next_turn)
-            return
-        waiter = self.loop.create_future()
-        self.wake(waiter)
-        await waiter
-
     def _next_turn(self) -> None:
         # Runs once per iteration while there is work: a fresh budget, spent on the oldest waiters first.
-        self.scheduled = False
+        self.scheduled = False  # so that _schedule below can queue the next one
         self.budget = self.per_turn
         waiting = self.waiting
         while waiting and self.budget > 0:
@@ -69,8 +66,7 @@ class FairWakes:
                 self.budget -= 1
                 waiter.set_result(None)
         if waiting or self.budget < self.per_turn:  # the budget refills at the next iteration
-            self.scheduled = True
-            self.loop.call_soon(self._next_turn)
+            self._schedule()
 
 
 def fair_wakes(loop: asyncio.AbstractEventLoop) -> FairWakes:
