@@ -69,11 +69,7 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes (often ``""`` while bytes are pending)."""
-        self._ids.append(token_id)
-        if token_id not in self._spec.special_ids:
-            # A run of <0xNN> tokens decodes as one group, so text is final only after the run ends.
-            self._held_byte = token_id in self._spec.byte_ids
-        return self._emit()
+        return self.push_many((token_id,))
 
     def push_many(self, token_ids: Sequence[int]) -> str:
         """Add several ids at once (one engine frame's); the same text as pushing them one by one, joined.
@@ -84,7 +80,9 @@ class IncrementalDetokenizer:
         if not token_ids:
             return ""
         self._ids.extend(token_ids)
-        for token_id in reversed(token_ids):  # the held-byte state is the last decodable id's
+        # A run of <0xNN> tokens decodes as one group, so text is final only after the run ends: the held-byte
+        # state is the last decodable id's.
+        for token_id in reversed(token_ids):
             if token_id not in self._spec.special_ids:
                 self._held_byte = token_id in self._spec.byte_ids
                 break
