@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -24,11 +25,11 @@ from ._delivery import FirstToken, ReplyBuffer
 from ._wire import WIRE_VERSION, encode, local_event, read_message
 from .base import GenerationChunk, PrefixCacheStats, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
+from .fair_wakes import TURN_TARGET_S
 
 logger = logging.getLogger("chatstream_asgi")
 LINK_BUFFER = 1 << 22  # bytes the reader may take in one read: a step of many streams is one read
 LOST = "The engine process ended while generating this reply; it is being restarted."
-STREAMS_PER_TURN = 16  # streams a frame is delivered to per loop iteration: ~0.3 ms of detokenizing and pushing
 
 
 @dataclasses.dataclass(slots=True)
@@ -121,23 +122,26 @@ class EngineLink:
             self._lose()
 
     async def _deliver(self, batch: list[tuple[int, Any]]) -> None:
-        """Hand a frame's events to their streams, a few streams per loop iteration.
+        """Hand a frame's events to their streams, as many per loop iteration as fit in ``TURN_TARGET_S``.
 
         A frame holds every step the engine sent while this loop was busy (at batch 64, five steps of 64
         tokens were common), in step order. Grouped by stream, each stream's run of ids is detokenized in
         one call and lands in its buffer at once: one wake-up and one write per stream and frame, not one
         per step. Decoding a whole frame in one callback stalled the host app's requests for 4-9 ms; a
-        slice of streams per iteration lets them in between.
+        slice of streams per iteration lets them in between. The slice is cut by time, not by a count of
+        streams: a stream's cost varies tenfold (a run of ids to detokenize, a stop string to watch).
         """
         by_stream: dict[int, list[Any]] = {}
         for rid, wire in batch:
             by_stream.setdefault(rid, []).append(wire)
-        for count, (rid, events) in enumerate(by_stream.items(), start=1):
+        slice_end = time.perf_counter() + TURN_TARGET_S
+        for rid, events in by_stream.items():
+            if time.perf_counter() > slice_end:
+                await asyncio.sleep(0)
+                slice_end = time.perf_counter() + TURN_TARGET_S
             reply = self.replies.get(rid)
             if reply is not None:  # None: cancelled or stopped here while its last tokens were on the way
                 self._deliver_stream(rid, reply, events)
-            if count % STREAMS_PER_TURN == 0 and count < len(by_stream):
-                await asyncio.sleep(0)
 
     def _deliver_stream(self, rid: int, reply: OpenReply, events: list[Any]) -> None:
         ids: list[int] = []

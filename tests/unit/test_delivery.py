@@ -148,11 +148,20 @@ async def test_engine_rejects_a_stream_interval_out_of_range(tiny_engine_parts: 
 
 
 
-async def consumers_woken_per_iteration(n: int, per_turn: int) -> tuple[list[int], list[int]]:
+def spin(seconds: float) -> None:
+    """Keep the loop busy (a consumer whose write or history save takes long)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def consumers_woken_per_iteration(
+    n: int, per_turn: int, turn_target: float = 1.0, work: Any = lambda i: None
+) -> tuple[list[int], list[int]]:
     """``n`` consumers waiting on their buffers, one push each in one callback (a step); the order they woke
-    in, and how many woke in each loop iteration that woke any."""
+    in, and how many woke in each loop iteration that woke any. Consumer ``i`` does ``work(i)`` once woken."""
     loop = asyncio.get_running_loop()
-    wakes = FairWakes(loop, per_turn=per_turn)
+    wakes = FairWakes(loop, per_turn=per_turn, turn_target=turn_target)
     buffers = [ReplyBuffer() for _ in range(n)]
     order: list[int] = []
     iteration = [0]
@@ -161,6 +170,7 @@ async def consumers_woken_per_iteration(n: int, per_turn: int) -> tuple[list[int
         await buffers[i].take()
         order.append(i)
         woke_at.append(iteration[0])
+        work(i)
 
     async def count_iterations() -> None:
         while len(order) < n:
@@ -185,6 +195,25 @@ async def test_a_step_wakes_its_consumers_a_few_per_loop_iteration_in_order() ->
     assert order == list(range(40))  # first pushed, first woken
     assert max(per_iteration) <= 8 and sum(per_iteration) == 40
     assert len(per_iteration) >= 5  # spread over iterations, so others run in between
+
+
+@pytest.mark.asyncio
+async def test_iterations_that_run_long_shrink_the_turns_to_one_wake() -> None:
+    # every consumer keeps the loop 40 ms, twice the target: turns halve (8, 4, 2) down to one per iteration
+    _, per_iteration = await consumers_woken_per_iteration(16, per_turn=8, turn_target=0.02, work=lambda i: spin(0.04))
+    assert per_iteration == [8, 4, 2, 1, 1]
+
+
+@pytest.mark.asyncio
+async def test_turns_grow_back_by_one_once_iterations_are_short_again() -> None:
+    # the first eight consumers are slow (their iterations run long), the rest cost nothing: the turns
+    # shrink (4, 2), then grow one wake at a time back to the full eight
+    def work(i: int) -> None:
+        if i < 8:
+            spin(0.04)
+
+    _, per_iteration = await consumers_woken_per_iteration(52, per_turn=8, turn_target=0.02, work=work)
+    assert per_iteration == [8, 4, 2, 3, 4, 5, 6, 7, 8, 5]
 
 
 @pytest.mark.asyncio
