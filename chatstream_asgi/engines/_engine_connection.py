@@ -23,6 +23,8 @@ from ._wire import WIRE_VERSION, encode, recv_message, step_frame, wire_event
 from .base import PrefixCacheStats, SamplingParams
 from .transformers import TransformersEngine
 
+WRITER_EXIT_S = 5.0  # the writer thread's last sendall fails at once on a shut-down socket
+
 
 class ClientConnection:
     """One web process: its requests in, its events out (the ``Channel`` of its sequences)."""
@@ -124,6 +126,8 @@ class ClientConnection:
             pass
         finally:
             self._close()
+            self._writer.join(WRITER_EXIT_S)  # it exits once the socket is shut down; then the socket can go
+            self.sock.close()
             on_close(self)
 
     def _handle(self, message: tuple[Any, ...]) -> None:

@@ -54,6 +54,9 @@ class EngineServer:
 
     def run(self) -> None:
         listener = self.listen()
+        # The idle clock starts now, not when the model was loaded: freezing the heap in between took 0.2-0.6 s
+        # here, and a private engine (0.5 s linger) exited before its web process could connect.
+        self.idle_since = time.monotonic()
         logger.info("engine %s serving on %s (pid %d)", self.engine.model_name, self.address, os.getpid())
         try:
             while not self.stopping.is_set() and self.scheduler.alive:
