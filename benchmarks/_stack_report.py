@@ -206,7 +206,7 @@ def section(a: argparse.Namespace, rows: list[Row], env: list[str], seconds: flo
         "",
         *(capacity_note(rows) or ["- not run (contender 5 not selected)"]),
         "- client CPU column: the client process's own user + system CPU over its load windows, all rounds together, "
-        "per 1000 tokens and as a share of one core; /hello polls every 20 ms from a process of its own, idle = 3 s "
+        "per 1000 tokens and as a share of one core; /hello polls every 5 ms from a process of its own, idle = 3 s "
         "before the rounds, load = the polls inside the row's load windows (all rounds).",
     ]
     return "\n".join(lines)
