@@ -132,10 +132,17 @@ class EngineLink:
         streams: a stream's cost varies tenfold (a run of ids to detokenize, a stop string to watch).
         """
         by_stream: dict[int, list[Any]] = {}
+        urgent: dict[int, None] = {}  # streams with a first token or an end: they go first (see below)
         for rid, wire in batch:
             by_stream.setdefault(rid, []).append(wire)
+            if not isinstance(wire, int):
+                urgent[rid] = None
+        # A reply's first text is its time to first token, and a reply's end lets its client send the next
+        # request (a batch row stays empty until it arrives); a running stream's text can wait a slice.
+        order = [*urgent, *(rid for rid in by_stream if rid not in urgent)] if urgent else by_stream
         slice_end = time.perf_counter() + TURN_TARGET_S
-        for rid, events in by_stream.items():
+        for rid in order:
+            events = by_stream[rid]
             if time.perf_counter() > slice_end:
                 await asyncio.sleep(0)
                 slice_end = time.perf_counter() + TURN_TARGET_S

@@ -1,10 +1,12 @@
 """The web side of the engine process's socket: a step frame for many streams reaches them a slice per loop
-iteration (``EngineLink._deliver``), so the host app's requests get in between."""
+iteration (``EngineLink._deliver``), so the host app's requests get in between, and first tokens and ends go
+before running streams."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,9 +15,10 @@ from chatstream_asgi.engines import _link
 from chatstream_asgi.engines._delivery import FirstToken, ReplyBuffer
 from chatstream_asgi.engines._link import EngineLink
 from chatstream_asgi.engines._wire import step_frame, wire_event
-from chatstream_asgi.engines.base import SamplingParams
+from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 
 STREAMS = 32
+Frame = list[tuple[int, Any]]
 
 
 class RecordingBuffer(ReplyBuffer):
@@ -31,28 +34,38 @@ class RecordingBuffer(ReplyBuffer):
         super().push(event)
 
 
-async def iterations_a_frame_takes(tokenizer: Any) -> tuple[set[int], list[str], str]:
-    """Deliver one frame (a first token and two more ids for each of ``STREAMS`` streams) through a real
-    socket pair; return the loop iterations the pushes came in, the text each stream got, and the ids' text."""
+async def deliver(tokenizer: Any, streams: int, frame_for: Callable[[list[int]], Frame]) -> list[RecordingBuffer]:
+    """Open ``streams`` requests on a link over a real socket pair, send it ``frame_for(request ids)`` as the
+    engine would, and count loop iterations until every stream got something; return their buffers."""
     engine_end, web_end = socket.socketpair()
     reader, writer = await asyncio.open_connection(sock=web_end)
     link = EngineLink(reader, writer, {"tokenizer": tokenizer}, on_lost=lambda _: None)
     clock = [0]
-    buffers = [RecordingBuffer(clock) for _ in range(STREAMS)]
+    buffers = [RecordingBuffer(clock) for _ in range(streams)]
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     rids = [link.submit([1, 2, 3], params, buffer) for buffer in buffers]
-    ids = tokenizer.encode("hello world", add_special_tokens=False)[:3]
-    frame = [(rid, event) for rid in rids for event in (wire_event(FirstToken(ids[0], 0)), *ids[1:])]
     try:
-        engine_end.sendall(step_frame(frame))
+        engine_end.sendall(step_frame(frame_for(rids)))
         while not all(b.pushed_at for b in buffers):
             clock[0] += 1
             await asyncio.sleep(0)
             assert clock[0] < 10_000, "the frame never reached every stream"
-        texts = [(await b.take()).text for b in buffers]
     finally:
         await link.close()
         engine_end.close()
+    return buffers
+
+
+async def a_first_token_and_two_more(tokenizer: Any) -> tuple[set[int], list[str], str]:
+    """A frame with a first token and two more ids for each of ``STREAMS`` streams: the loop iterations the
+    pushes came in, the text each stream got, and the ids' text."""
+    ids = tokenizer.encode("hello world", add_special_tokens=False)[:3]
+
+    def frame_for(rids: list[int]) -> Frame:
+        return [(rid, event) for rid in rids for event in (wire_event(FirstToken(ids[0], 0)), *ids[1:])]
+
+    buffers = await deliver(tokenizer, STREAMS, frame_for)
+    texts = [(await b.take()).text for b in buffers]
     return {at for b in buffers for at in b.pushed_at}, texts, tokenizer.decode(ids)
 
 
@@ -62,7 +75,7 @@ async def test_a_frame_that_takes_longer_than_a_turn_is_delivered_over_several_i
 ) -> None:
     _, tokenizer = tiny_engine_parts
     monkeypatch.setattr(_link, "TURN_TARGET_S", 0.0)  # every stream is over the budget: one per iteration
-    iterations, texts, expected = await iterations_a_frame_takes(tokenizer)
+    iterations, texts, expected = await a_first_token_and_two_more(tokenizer)
     assert len(iterations) == STREAMS
     assert texts == [expected] * STREAMS  # each stream got its own ids, in order
 
@@ -73,6 +86,25 @@ async def test_a_frame_within_a_turn_is_delivered_in_one_iteration(
 ) -> None:
     _, tokenizer = tiny_engine_parts
     monkeypatch.setattr(_link, "TURN_TARGET_S", 10.0)
-    iterations, texts, expected = await iterations_a_frame_takes(tokenizer)
+    iterations, texts, expected = await a_first_token_and_two_more(tokenizer)
     assert len(iterations) == 1
     assert texts == [expected] * STREAMS
+
+
+@pytest.mark.asyncio
+async def test_first_tokens_and_ends_are_delivered_before_running_streams(
+    tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the engine lists rows in batch order, so a frame names new rows (first tokens) last; they go first here,
+    # with the rows that ended (their clients send the next request), one stream per iteration
+    _, tokenizer = tiny_engine_parts
+    monkeypatch.setattr(_link, "TURN_TARGET_S", 0.0)
+    token = tokenizer.encode("hello", add_special_tokens=False)[0]
+    end, first = wire_event(GenerationChunk("", "length", 3, 8)), wire_event(FirstToken(token, 0))
+
+    def frame_for(rids: list[int]) -> Frame:
+        return [*((rid, token) for rid in rids[:6]), (rids[5], end), (rids[6], first), (rids[7], first)]
+
+    buffers = await deliver(tokenizer, 8, frame_for)
+    order = sorted(range(8), key=lambda i: buffers[i].pushed_at[0])
+    assert order == [5, 6, 7, 0, 1, 2, 3, 4]  # the end and the first tokens in frame order, then the rest
