@@ -5,7 +5,7 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-gpu bench-workers bench-multiturn
+.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-server-stack bench-gpu bench-workers bench-multiturn
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -52,6 +52,12 @@ bench: install
 bench-stack: install
 	$(PIP) install -q -e ".[bench]"
 	$(PYTHON) benchmarks/stack.py
+
+# uvicorn on asyncio + h11 against uvloop + httptools, the middleware on MockEngine: chat requests/s and
+# streamed tokens/s at 64 clients, web CPU per unit (about 2 min). Writes between the server-stack markers.
+bench-server-stack: install
+	$(PIP) install -q -e ".[bench]"
+	$(PYTHON) benchmarks/server_stack.py
 
 # Decode throughput on one CUDA GPU: random-weight SmolLM2-135M, Llama-3.2-1B and Llama-3.1-8B built on the device
 # in bf16, at N = 1, 8, 32 and 64 (under 8 min on an H200). No install step: it runs on a bare CUDA machine with torch

@@ -37,11 +37,12 @@ def free_port() -> int:
 class Server:
     """``_stack_server.py`` with one engine kind and batch size, on a free port of 127.0.0.1."""
 
-    def __init__(self, engine: str, n: int, model: Path, new_tokens: int) -> None:
+    def __init__(self, engine: str, n: int, model: Path | None, new_tokens: int, stack: str = "auto") -> None:
         self.engine, self.port = engine, free_port()
         self.argv = [sys.executable, str(HERE / "_stack_server.py"), "--port", str(self.port), "--engine", engine]
-        self.argv += ["--batch", str(n), "--model", str(model), "--mock-tokens", str(new_tokens)]
-        self.log_path = LOGS / f"stack-{engine}-{n}.log"
+        self.argv += ["--batch", str(n), "--mock-tokens", str(new_tokens), "--stack", stack]
+        self.argv += ["--model", str(model)] if model is not None else []
+        self.log_path = LOGS / f"stack-{engine}-{n}{'' if stack == 'auto' else '-' + stack}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
 

@@ -1,12 +1,14 @@
 """The served contenders of ``stack.py``: the middleware around a tiny Starlette app, on uvicorn, 127.0.0.1.
 
-    python benchmarks/_stack_server.py --port P --engine thread|process|mock --batch N [--model DIR]
+    python benchmarks/_stack_server.py --port P --engine thread|process|mock --batch N [--model DIR] [--stack h11]
 
 ``thread``: ``TransformersEngine`` (its worker thread in this process); ``process``: ``ProcessEngine``
 (the model in a process of its own); ``mock``: ``MockEngine`` replying ``--mock-tokens`` words with no
 delay, the client's capacity check. The wrapped app answers ``/hello`` (polled during the load) and
 ``/bench_info`` (what the numbers depend on; the driver waits for it). Access logs off, as in production
-behind a proxy that logs; the middleware's own metrics stay on.
+behind a proxy that logs; the middleware's own metrics stay on. ``--stack`` picks uvicorn's event loop and
+HTTP parser: ``auto`` (uvicorn's choice: uvloop and httptools when installed), ``h11`` (asyncio + h11) or
+``fast`` (uvloop + httptools).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from starlette.routing import Route  # noqa: E402
 from chatstream_asgi import ChatStreamMiddleware  # noqa: E402
 
 SECRET_KEY = "stack-benchmark-secret-key"
+STACKS = {"auto": {}, "h11": {"loop": "asyncio", "http": "h11"}, "fast": {"loop": "uvloop", "http": "httptools"}}
 
 
 def wrapped_app(info: dict[str, Any]) -> Starlette:
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--model", default=None)
     parser.add_argument("--mock-tokens", type=int, default=200)
+    parser.add_argument("--stack", choices=sorted(STACKS), default="auto")
     args = parser.parse_args()
     engine = build_engine(args)
     app = ChatStreamMiddleware(
@@ -82,7 +86,8 @@ def main() -> None:
         queue_timeout=None,
         generation_timeout=None,
     )
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    stack = STACKS[args.stack]
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False, **stack)
 
 
 if __name__ == "__main__":
