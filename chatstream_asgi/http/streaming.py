@@ -28,6 +28,7 @@ from ..errors import ChatStreamError, HTTPError
 from ..ops.metrics import StreamResult
 from .asgi import listen_for_disconnect, send_error
 from .encoders import StreamEncoder
+from .send_watchdog import SendWatchdog
 from .types import HTTPReceive, HTTPSend, HTTPSendEvent, response_body, response_start
 
 STREAM_HEADERS = [(b"cache-control", b"no-store"), (b"x-accel-buffering", b"no")]
@@ -89,6 +90,7 @@ class ReplySender:
         self.started_at = time.perf_counter()
         self.last_write = asyncio.get_running_loop().time()
         self.send_lock: asyncio.Lock | None = None  # only where a keep-alive ping may send beside the chunks
+        self.watchdog = SendWatchdog(options.send_timeout)
 
     async def run(self, chunks: AsyncIterator[GenerationChunk]) -> None:
         try:
@@ -101,6 +103,8 @@ class ReplySender:
         except Exception as exc:  # an engine failure must end the stream cleanly, not crash the server
             self.result.outcome, self.result.error = "error", exc
             await self.fail(as_http_error(exc))
+        finally:
+            self.watchdog.close()
 
     async def pump(self, chunks: AsyncIterator[GenerationChunk]) -> None:
         # One await per chunk, straight on the engine's iterator: no task or wait per chunk (on a fast model the
@@ -211,15 +215,20 @@ class ReplySender:
         self.last_write = asyncio.get_running_loop().time()
 
     async def send_within_timeout(self, message: HTTPSendEvent) -> None:
-        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that lands as the send completes, and
-        # the stream would go on to its end after the client (or a Stop) had ended it.
+        # Not wait_for: on 3.11 it swallows a cancel that lands as the send completes, and the stream would go
+        # on to its end after the client (or a Stop) had ended it. Not asyncio.timeout: see send_watchdog.py.
+        watchdog = self.watchdog
+        watchdog.begin()
         try:
-            async with asyncio.timeout(self.options.send_timeout):
-                await self.send(message)
-        except TimeoutError:  # a subclass of OSError, so it comes first
-            raise ClientTooSlow("the client stopped reading") from None
+            await self.send(message)
+        except asyncio.CancelledError:
+            if watchdog.expired():
+                raise ClientTooSlow("the client stopped reading") from None
+            raise
         except OSError as exc:
             raise ClientGone("the client disconnected") from exc
+        finally:
+            watchdog.end()
 
 
 def as_http_error(exc: BaseException) -> HTTPError:

@@ -292,6 +292,54 @@ async def test_send_blocked_longer_than_send_timeout_counts_as_disconnected() ->
     assert chunks.cleaned_up.is_set()
 
 
+class SlowSend(RecordingSend):
+    """A client that reads, slowly: every body chunk takes ``seconds`` to go out."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(self.seconds)
+        await super().__call__(message)
+
+
+@pytest.mark.asyncio
+async def test_the_send_timeout_is_per_send_not_per_reply() -> None:
+    # five sends of 60 ms each: 0.3 s in all, three times the timeout, yet no single send took 0.1 s
+    result, send = await run_stream(ScriptedChunks(text("a", "b", "c", "d")), send=SlowSend(0.06), send_timeout=0.1)
+    assert result.outcome == "completed" and send.body == b"abcd"
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_model_between_sends_does_not_count_against_the_send_timeout() -> None:
+    # the model is silent for twice the timeout between chunks; every send itself is instant
+    chunks = ScriptedChunks([GenerationChunk("a"), 0.25, GenerationChunk("b"), 0.25, *text("c")])
+    result, send = await run_stream(chunks, send_timeout=0.1)
+    assert result.outcome == "completed" and send.body == b"abc"
+
+
+@pytest.mark.asyncio
+async def test_a_reply_schedules_no_timer_per_send() -> None:
+    # asyncio.timeout around each send scheduled (and cancelled) a timer per chunk; one per reply is enough
+    loop = asyncio.get_running_loop()
+    scheduled = []
+    call_at = loop.call_at
+
+    def counting_call_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
+        scheduled.append(callback)
+        return call_at(when, callback, *args, **kwargs)
+
+    loop.call_at = counting_call_at  # type: ignore[method-assign]
+    try:
+        result, send = await run_stream(ScriptedChunks(text(*("x" * 300))), send_timeout=30.0)
+    finally:
+        del loop.call_at  # type: ignore[method-assign]
+    assert result.outcome == "completed" and len(send.body_chunks) >= 300
+    assert len(scheduled) <= 2
+
+
 @pytest.mark.asyncio
 async def test_send_raising_oserror_counts_as_disconnected_and_keeps_the_sent_text() -> None:
     # ASGI 2.4 servers raise an OSError subclass from send() once the client is gone.
