@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from starlette.datastructures import Headers
-
 from ..errors import ClientDisconnected, HTTPError
 from .types import HTTPReceive, HTTPSend, Scope, response_body, response_start
 
@@ -27,8 +25,15 @@ def route_path(scope: Scope) -> str:
 
 
 def header(scope: Scope, name: bytes) -> str | None:
-    """The first value of a request header (``name`` lower-case), decoded as latin-1 (Starlette's ``Headers``)."""
-    return Headers(scope=scope).get(name.decode("latin-1"))
+    """The first value of a request header (``name`` lower-case), decoded as latin-1 (as Starlette's ``Headers``).
+
+    A plain scan: ASGI servers send header names lower-cased, and building a ``Headers`` for each lookup was
+    4 % of the web process's CPU per chat request (a request looks up five or six headers).
+    """
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
 
 
 async def read_body(scope: Scope, receive: HTTPReceive, max_bytes: int) -> bytes:
