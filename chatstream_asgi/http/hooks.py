@@ -80,7 +80,7 @@ class ChatHooks:
         switch = self.stops.get(session_id)
         if switch is None:
             return False
-        switch.stopped.set()
+        switch.stop()
         return True
 
     async def wait_until_over(self, session_id: str, timeout: float) -> bool:
@@ -169,23 +169,39 @@ class TurnStop:
         self.over = asyncio.Event()  # set once the turn has ended, its reply saved and its response completed
         self._receive, self._send = receive, send
         self.started = self.ended = False
-        self.armed = False  # until then every call goes straight through (no extra loop turns while queued)
+        self.armed = False  # until then a stop does not interrupt a receive (a queued turn leaves with its fetch)
+        self._receiving: asyncio.Task[object] | None = None  # the task waiting in an armed receive
+        self._interrupted = False  # stop() cancelled that task
+
+    def stop(self) -> None:
+        """End the turn: a receive waiting now is interrupted, a later one says ``http.disconnect`` at once.
+
+        The waiting receive is cancelled rather than raced against the stop in two extra tasks and a wait, which
+        every chat request paid for (its disconnect listener waits in ``receive`` for the whole reply).
+        """
+        self.stopped.set()
+        task = self._receiving
+        if task is not None and not self._interrupted:
+            self._interrupted = True
+            task.cancel()
 
     async def receive(self) -> HTTPReceiveEvent:
         if self.stopped.is_set():
             return {"type": "http.disconnect"}
         if not self.armed:
             return await self._receive()
-        message = asyncio.ensure_future(self._receive())
-        stop = asyncio.ensure_future(self.stopped.wait())
+        task = self._receiving = asyncio.current_task()
         try:
-            await asyncio.wait({message, stop}, return_when=asyncio.FIRST_COMPLETED)
+            return await self._receive()
+        except asyncio.CancelledError:
+            # our own cancel, and nobody else's: the stop, as the client leaving (the server's receive is safe to
+            # cancel; what it was about to return can only have been http.disconnect once the body is read)
+            if self._interrupted and task is not None and task.uncancel() == 0:
+                return {"type": "http.disconnect"}
+            raise
         finally:
-            for task in (message, stop):
-                task.cancel()
-        if message.done() and not message.cancelled():
-            return message.result()
-        return {"type": "http.disconnect"}
+            self._receiving = None
+            self._interrupted = False
 
     async def send(self, message: HTTPSendEvent) -> None:
         await self._send(message)

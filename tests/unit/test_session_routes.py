@@ -388,5 +388,22 @@ async def test_stop_switch_passes_real_messages_through() -> None:
     assert (await with_hang_guard(switch.receive()))["type"] == "http.request"
     pending = asyncio.ensure_future(switch.receive())
     await asyncio.sleep(0)
-    switch.stopped.set()
+    switch.stop()
     assert (await with_hang_guard(pending))["type"] == "http.disconnect"
+    assert (await switch.receive())["type"] == "http.disconnect"  # and every receive after the stop
+
+
+@pytest.mark.asyncio
+async def test_a_cancel_that_is_not_the_stop_still_cancels_the_receive() -> None:
+    # the stop interrupts a waiting receive by cancelling its task; a cancel from anywhere else (the server
+    # ending the request, a drain) must stay a cancel, not turn into a disconnect message
+    from chatstream_asgi.http.hooks import TurnStop
+
+    switch = TurnStop(ScriptedReceive([], wait_for_disconnect=True), RecordingSend())
+    switch.armed = True
+    pending = asyncio.ensure_future(switch.receive())
+    await asyncio.sleep(0)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+    assert not switch.stopped.is_set()
