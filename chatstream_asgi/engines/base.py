@@ -113,6 +113,12 @@ class SchedulerStats:
     cache_width: int
 
 
+def first_engine(engine: object) -> object:
+    """The engine itself, or the first of ``EngineReplicas``: where the tokenizer and the context length are read."""
+    engines = getattr(engine, "engines", None)
+    return engines[0] if engines else engine
+
+
 def prefix_cache_stats(engine: object) -> PrefixCacheStats | None:
     """The engine's prefix cache figures, or None for an engine without one (mock, OpenAI upstream)."""
     stats = getattr(engine, "prefix_cache_stats", None)

@@ -107,8 +107,8 @@ class ChatRoutes:
         turn = parse_chat_turn(
             body, defaults, max_new_tokens_limit=s.max_new_tokens_limit, max_input_chars=s.max_input_chars
         )
-        # the tokenizer is looked up now: an engine process's arrives when it first answers
-        await check_input_tokens(token_counter(self.engine), turn.user_input, s.max_input_tokens)
+        if s.max_input_tokens is not None:  # the tokenizer is looked up now: an engine process's comes when it answers
+            await check_input_tokens(token_counter(self.engine), turn.user_input, s.max_input_tokens)
         with self.turns.exclusive(session_id) as end_turn:
             async with self.hooks.stoppable(session_id, receive, send) as (receive, send):
                 base, user_input = previous_turns(await self.turns.load(session_id), turn)

@@ -17,6 +17,7 @@ import hmac
 from collections.abc import Callable, Sequence
 from urllib.parse import urlsplit
 
+from ..engines.base import first_engine
 from ..errors import ConfigurationError, HTTPError
 from .asgi import header
 from .types import Scope
@@ -130,8 +131,7 @@ def forbidden(what: str) -> HTTPError:
 
 def token_counter(engine: object) -> Callable[[str], int] | None:
     """A function counting the tokens of a text with the engine's tokenizer (replicas: the first one's), if any."""
-    engines = getattr(engine, "engines", None)
-    tokenizer = getattr(engines[0] if engines else engine, "tokenizer", None)
+    tokenizer = getattr(first_engine(engine), "tokenizer", None)
     encode = getattr(tokenizer, "encode", None)
     if encode is None:
         return None

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..engines.base import ChatMessage
+from ..engines.base import ChatMessage, first_engine
 from ..engines.prompts import render_chat, with_system_prompt
 from .schema import CompletionRequest, OpenAIError
 
@@ -48,8 +48,7 @@ class PromptLimits:
         max_input_chars: int = 16_000,
         max_input_tokens: int | None = None,
     ) -> None:
-        engines = getattr(engine, "engines", None)
-        self.first = engines[0] if engines else engine
+        self.first = first_engine(engine)
         self.max_messages = max_messages
         self.max_input_chars = max_input_chars
         self.max_input_tokens = max_input_tokens

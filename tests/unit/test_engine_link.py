@@ -70,25 +70,21 @@ async def a_first_token_and_two_more(tokenizer: Any) -> tuple[set[int], list[str
 
 
 @pytest.mark.asyncio
-async def test_a_frame_that_takes_longer_than_a_turn_is_delivered_over_several_iterations(
-    tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("turn_target", "iterations_wanted"),
+    [
+        (0.0, STREAMS),  # every stream is over the budget: one per iteration
+        (10.0, 1),  # the whole frame fits in one turn
+    ],
+)
+async def test_a_frame_is_delivered_in_as_many_iterations_as_its_slices_take(
+    tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, turn_target: float, iterations_wanted: int
 ) -> None:
     _, tokenizer = tiny_engine_parts
-    monkeypatch.setattr(_link, "TURN_TARGET_S", 0.0)  # every stream is over the budget: one per iteration
+    monkeypatch.setattr(_link, "TURN_TARGET_S", turn_target)
     iterations, texts, expected = await a_first_token_and_two_more(tokenizer)
-    assert len(iterations) == STREAMS
+    assert len(iterations) == iterations_wanted
     assert texts == [expected] * STREAMS  # each stream got its own ids, in order
-
-
-@pytest.mark.asyncio
-async def test_a_frame_within_a_turn_is_delivered_in_one_iteration(
-    tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, tokenizer = tiny_engine_parts
-    monkeypatch.setattr(_link, "TURN_TARGET_S", 10.0)
-    iterations, texts, expected = await a_first_token_and_two_more(tokenizer)
-    assert len(iterations) == 1
-    assert texts == [expected] * STREAMS
 
 
 @pytest.mark.asyncio
