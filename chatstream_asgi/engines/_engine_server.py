@@ -124,6 +124,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s engine[%(process)d] %(levelname)s %(message)s")
     address, linger = sys.argv[1], float(sys.argv[2])
     spec = pickle.load(sys.stdin.buffer)
+    # the web process's import path after this one's own: a factory's module is found where it found it
+    sys.path.extend(folder for folder in spec.pop("sys_path", []) if folder not in sys.path)
     server = EngineServer(build_engine(spec), address, linger)
     freeze_startup_heap("engine process")  # the model is loaded: a full GC would stall every step for ~0.1 s
     # SIGTERM / SIGINT end the serving loop; running replies end with an in-band error, the socket goes away.

@@ -4,6 +4,10 @@ Every web worker that names one address races to start its engine; an exclusive 
 ``ADDRESS.lock`` picks one, which starts ``_engine_server`` in a new session (it outlives that
 worker, serves all of them, and is not hit by the Ctrl-C meant for the web server) and holds the lock
 until the socket appears or the process dies. The others keep trying to connect meanwhile.
+
+The engine process imports what the web process imported: this ``chatstream_asgi`` (a checkout on
+``sys.path`` that pip never installed, say) and a factory's module from wherever the web process found it
+(uvicorn's ``--app-dir``, a ``sys.path.insert``), as ``multiprocessing``'s spawn does with the parent's path.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import pickle
+import site
 import socket
 import subprocess
 import sys
@@ -62,9 +67,9 @@ class Launcher:
             os.unlink(self.address)  # a dead engine's socket
         started = time.monotonic()
         command = [sys.executable, "-m", "chatstream_asgi.engines._engine_server", self.address, str(self.linger)]
-        process = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True)
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True, env=engine_environment())
         assert process.stdin is not None
-        process.stdin.write(pickle.dumps(self.spec))
+        process.stdin.write(pickle.dumps({**self.spec, "sys_path": list(sys.path)}))
         process.stdin.close()
         self.process = process
         while not serving(self.address):
@@ -91,6 +96,20 @@ class Launcher:
                 yield True
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def engine_environment() -> dict[str, str]:
+    """This environment, with ``PYTHONPATH`` led by the folder this ``chatstream_asgi`` was imported from.
+
+    A site-packages folder is left out: every interpreter has it already, and ahead of the standard library
+    it could shadow a standard module with a stale backport installed there.
+    """
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    site_folders = {os.path.abspath(folder) for folder in [*site.getsitepackages(), site.getusersitepackages()]}
+    if root not in site_folders:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    return env
 
 
 def serving(address: str) -> bool:

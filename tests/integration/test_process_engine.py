@@ -217,6 +217,36 @@ async def test_a_cuda_error_restarts_the_engine_process_instead_of_failing_every
         await engine.close()
 
 
+FACTORY_MODULE = """
+from chatstream_asgi.engines.transformers import TransformersEngine
+
+
+def build(model_dir):
+    return TransformersEngine.from_pretrained(model_dir, max_batch_size=2, stream_interval=0)
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_factory_module_found_only_on_the_web_processs_path_loads_in_the_engine_process(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what uvicorn --app-dir or a sys.path.insert does: the module is on no path a fresh interpreter has
+    app_dir, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    app_dir.mkdir()
+    elsewhere.mkdir()
+    (app_dir / "app_only_factory.py").write_text(FACTORY_MODULE)
+    monkeypatch.syspath_prepend(str(app_dir))
+    monkeypatch.chdir(elsewhere)
+    engine = ProcessEngine.from_factory(
+        "app_only_factory:build", max_batch_size=2, model_name="tiny", factory_kwargs={"model_dir": str(tiny_model_dir)}
+    )
+    await engine.start()
+    try:
+        assert await reply(engine)
+    finally:
+        await engine.close()
+
+
 @pytest.mark.asyncio
 async def test_replicas_of_engine_processes_split_the_chats(tiny_model_dir: Path) -> None:
     replicas = EngineReplicas.from_pretrained(tiny_model_dir, devices=["cpu", "cpu"], process=True, max_batch_size=2)
