@@ -10,7 +10,8 @@ was busy when several arrived takes them as one coalesced chunk (one write to th
 A channel may also hold text back for up to ``interval`` seconds (the engine's ``stream_interval``),
 so that on a model faster than anyone reads, each stream gets one write per interval instead of one
 per step (what SGLang's ``--stream-interval`` does in steps). A stream's first text, its end and its
-failure always go at the next flush, so time to first token and the end of a reply never wait.
+failure always go at the next flush, so time to first token and the end of a reply never wait; they
+take only their own stream's events with them (``StreamHold``).
 
 Events are cheap on purpose: a ``str`` for text, a ``GenerationChunk`` only for the last one, an
 exception for a failure.
@@ -21,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator
-from typing import Any, NamedTuple, Protocol, cast
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, NamedTuple, Protocol
 
 from .base import GenerationChunk
 from .fair_wakes import FairWakes, fair_wakes
@@ -52,34 +53,45 @@ class Channel(Protocol):
         """Deliver what was posted since the last flush; False once the consumer side is gone for good."""
 
 
-class HoldBack:
-    """When a channel's pending events are due: at once if urgent, else ``interval`` after the last hand-over.
+class StreamHold:
+    """A channel's pending events, by stream, and which of them are due at a step's flush.
 
-    Measured from the last hand-over, not from the oldest event: on a model slower than the interval every
-    step goes out at once, and on a faster one the hand-overs are ``interval`` apart.
+    Every stream's events go once ``interval`` has passed since the last full hand-over (on a model slower
+    than the interval, every step). In between, a stream with an urgent event (a first token, an end, a
+    failure) goes at once, alone: at batch 64 a reply starts or ends every few steps, and when each of those
+    took every stream's text along, the interval never elapsed and each stream still got a hand-over (a
+    detokenization, a wake-up) every two steps.
     """
 
-    __slots__ = ("interval", "last", "pending", "urgent")
+    __slots__ = ("interval", "last", "events", "urgent")
 
     def __init__(self, interval: float) -> None:
         self.interval = interval
         self.last = 0.0
-        self.pending = False
-        self.urgent = False
+        self.events: dict[Any, list[Any]] = {}  # a stream's events in the order posted
+        self.urgent: list[Any] = []  # streams holding an urgent event
 
-    def posted(self, urgent: bool) -> None:
-        self.pending = True
-        self.urgent = self.urgent or urgent
+    def post(self, key: Any, event: Any, urgent: bool) -> None:
+        events = self.events.get(key)
+        if events is None:
+            self.events[key] = [event]
+        else:
+            events.append(event)
+        if urgent:
+            self.urgent.append(key)
 
-    def due(self) -> bool:
-        if not self.pending:
-            return False
+    def take_due(self) -> dict[Any, list[Any]]:
+        """The events to hand over now (all of them, the urgent streams', or none), removed from the hold."""
+        if not self.events:
+            return {}
         now = time.monotonic() if self.interval > 0 else 0.0
-        if self.urgent or now - self.last >= self.interval:
-            self.pending = self.urgent = False
+        if now - self.last >= self.interval:
             self.last = now
-            return True
-        return False
+            due, self.events, self.urgent = self.events, {}, []
+            return due
+        due = {key: self.events.pop(key) for key in self.urgent if key in self.events}
+        self.urgent = []
+        return due
 
 
 class LoopChannel:
@@ -88,22 +100,20 @@ class LoopChannel:
     def __init__(self, loop: asyncio.AbstractEventLoop, interval: float = 0.0) -> None:
         self.loop = loop
         self.closed = False
-        self._pending: list[tuple[ReplyBuffer, Reply]] = []  # its sequences detokenize: no token ids
-        self._hold = HoldBack(interval)
+        self._hold = StreamHold(interval)  # its sequences detokenize: Replies by ReplyBuffer, no token ids
 
     def post(self, key: Any, event: Event, urgent: bool) -> bool:
         if self.closed:
             return False
-        self._pending.append((key, cast(Reply, event)))
-        self._hold.posted(urgent)
+        self._hold.post(key, event, urgent)
         return True
 
     def flush(self) -> bool:
-        if self.closed or not self._hold.due():
+        batch = {} if self.closed else self._hold.take_due()
+        if not batch:
             # a loop that closed with nothing pending (a test's, a notebook's) leaves the scheduler's list too
             self.closed = self.closed or self.loop.is_closed()
             return not self.closed
-        batch, self._pending = self._pending, []
         try:
             self.loop.call_soon_threadsafe(_dispatch, batch)
         except RuntimeError:  # the loop is closed: nobody listens; its sequences cancel at their next post
@@ -111,9 +121,9 @@ class LoopChannel:
         return not self.closed
 
 
-def _dispatch(batch: list[tuple[ReplyBuffer, Reply]]) -> None:
-    for buffer, event in batch:
-        buffer.push(event)
+def _dispatch(batch: dict[ReplyBuffer, list[Reply]]) -> None:
+    for buffer, events in batch.items():
+        buffer.push_many(events)
 
 
 class ReplyBuffer:
@@ -128,7 +138,10 @@ class ReplyBuffer:
 
     def push(self, event: Reply) -> None:
         """Called on the loop: store ``event`` and wake the consumer (through the loop's fair wake-ups)."""
-        self._events.append(event)
+        self.push_many((event,))
+
+    def push_many(self, events: Iterable[Reply]) -> None:
+        self._events.extend(events)
         waiter = self._waiter
         if waiter is not None and self._wakes is not None:
             self._waiter = None  # handed over once: later events of this step ride on the same wake-up

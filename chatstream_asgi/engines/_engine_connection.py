@@ -16,7 +16,7 @@ import threading
 from dataclasses import astuple
 from typing import Any
 
-from ._delivery import Event, FirstToken, HoldBack
+from ._delivery import Event, FirstToken, StreamHold
 from ._scheduler import Scheduler
 from ._sequence import Sequence
 from ._wire import WIRE_VERSION, encode, recv_message, step_frame, wire_event
@@ -35,8 +35,7 @@ class ClientConnection:
         self.scheduler = scheduler
         self.closed = False
         self._sequences: dict[int, Sequence] = {}
-        self._pending: list[tuple[int, Any]] = []
-        self._hold = HoldBack(engine.stream_interval)
+        self._hold = StreamHold(engine.stream_interval)  # wire events by request id
         self._cache_sent: PrefixCacheStats | None = None
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued = 0  # frames handed to the writer thread and not yet sent
@@ -56,15 +55,14 @@ class ClientConnection:
     def post(self, key: Any, event: Event, urgent: bool) -> bool:
         if self.closed:
             return False
-        self._pending.append((key, wire_event(event)))
+        self._hold.post(key, wire_event(event), urgent)
         if not isinstance(event, (int, str, FirstToken)):  # the last event of that sequence
             self._sequences.pop(key, None)
-        self._hold.posted(urgent)
         return True
 
     def flush(self) -> bool:
-        if not self.closed and self._hold.due():
-            batch, self._pending = self._pending, []
+        batch = {} if self.closed else self._hold.take_due()
+        if batch:
             self._send(step_frame(batch, self._cache_changes()))
         return not self.closed
 
@@ -140,7 +138,7 @@ class ClientConnection:
                 self._sequences[rid] = seq
                 self.scheduler.submit(seq)
             except Exception as exc:  # a closed scheduler, bad parameters: that request fails, not the connection
-                self._send(step_frame([(rid, wire_event(exc))]))
+                self._send(step_frame({rid: [wire_event(exc)]}))
         elif message[0] == "cancel":
             cancelled = self._sequences.pop(message[1], None)
             if cancelled is not None:

@@ -121,28 +121,24 @@ class EngineLink:
         finally:
             self._lose()
 
-    async def _deliver(self, batch: list[tuple[int, Any]]) -> None:
+    async def _deliver(self, batch: dict[int, list[Any]]) -> None:
         """Hand a frame's events to their streams, as many per loop iteration as fit in ``TURN_TARGET_S``.
 
         A frame holds every step the engine sent while this loop was busy (at batch 64, five steps of 64
-        tokens were common), in step order. Grouped by stream, each stream's run of ids is detokenized in
-        one call and lands in its buffer at once: one wake-up and one write per stream and frame, not one
+        tokens were common), grouped by stream, each stream's in step order. Each stream's run of ids is
+        detokenized in one call and lands in its buffer at once: one wake-up and one write per stream and frame, not one
         per step. Decoding a whole frame in one callback stalled the host app's requests for 4-9 ms; a
         slice of streams per iteration lets them in between. The slice is cut by time, not by a count of
         streams: a stream's cost varies tenfold (a run of ids to detokenize, a stop string to watch).
         """
-        by_stream: dict[int, list[Any]] = {}
-        urgent: dict[int, None] = {}  # streams with a first token or an end: they go first (see below)
-        for rid, wire in batch:
-            by_stream.setdefault(rid, []).append(wire)
-            if not isinstance(wire, int):
-                urgent[rid] = None
         # A reply's first text is its time to first token, and a reply's end lets its client send the next
-        # request (a batch row stays empty until it arrives); a running stream's text can wait a slice.
-        order = [*urgent, *(rid for rid in by_stream if rid not in urgent)] if urgent else by_stream
+        # request (a batch row stays empty until it arrives): those streams go first, a running stream's text
+        # can wait a slice. Only a run's first event (a first token) or its last (an end, an error) is either.
+        urgent = {rid: None for rid, run in batch.items() if type(run[0]) is not int or type(run[-1]) is not int}
+        order = [*urgent, *(rid for rid in batch if rid not in urgent)] if urgent else batch
         slice_end = time.perf_counter() + TURN_TARGET_S
         for rid in order:
-            events = by_stream[rid]
+            events = batch[rid]
             if time.perf_counter() > slice_end:
                 await asyncio.sleep(0)
                 slice_end = time.perf_counter() + TURN_TARGET_S

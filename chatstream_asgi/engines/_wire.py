@@ -1,17 +1,18 @@
 """What crosses the boundary between web processes and an engine process: framed, pickled batches.
 
-A frame is a 4-byte big-endian length and a pickle. Pickle (protocol 5) of plain tuples is the
-cheapest serialisation the standard library has for what goes through here (a step's batch of
-``(request id, event)`` pairs, a few microseconds per stream), and the peer is trusted by
-construction: the socket lives in a folder only its user can enter and the server checks the
-peer's uid (``SO_PEERCRED``) before it reads anything.
+A frame is a 4-byte big-endian length and a pickle. Pickle (protocol 5) of plain lists and tuples is the
+cheapest serialisation the standard library has for what goes through here (a step's events, a few
+microseconds per stream), and the peer is trusted by construction: the socket lives in a folder only its
+user can enter and the server checks the peer's uid (``SO_PEERCRED``) before it reads anything.
 
 Client to engine: ``("submit", rid, prompt_ids, params)``, ``("cancel", rid)``.
-Engine to client: ``("hello", info)`` once, then one ``("step", [(rid, event), ...], cache)`` per step,
-where an event is an ``int`` (a generated token id: the web process detokenizes), ``("first", token id,
-cached_tokens)`` for a reply's first token, ``("end", text, reason, prompt_tokens, completion_tokens,
-cached_tokens)`` or ``("error", message)``, and ``cache`` is the prefix cache's ``PrefixCacheStats``
-fields when they changed since the last frame, else None.
+Engine to client: ``("hello", info)`` once, then one ``("step", {rid: [event, ...]}, cache)`` per step (or
+stream interval). The events come grouped by request, each request's in order: grouping them as the engine
+posts them costs it nothing more, and spares the web process a pass over every id of the frame. An event
+is an ``int`` (a generated token id: the web process detokenizes), ``("first", token id, cached_tokens)``
+for a reply's first token, ``("end", text, reason, prompt_tokens, completion_tokens, cached_tokens)`` or
+``("error", message)``, and ``cache`` is the prefix cache's ``PrefixCacheStats`` fields when they changed
+since the last frame, else None.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .base import GenerationChunk
 
 HEADER = struct.Struct("!I")
 #: bumped whenever a message changes shape: a web process never talks to an engine of another version
-WIRE_VERSION = 3
+WIRE_VERSION = 4
 MAX_FRAME = 1 << 30
 
 
@@ -90,6 +91,6 @@ def local_event(event: Any) -> int | str | GenerationChunk | FirstToken | tuple[
     return GenerationChunk(*event[1:])
 
 
-def step_frame(batch: list[tuple[int, Any]], cache: tuple[int, ...] | None = None) -> bytes:
+def step_frame(batch: dict[int, list[Any]], cache: tuple[int, ...] | None = None) -> bytes:
     """One step's events, and the prefix cache's figures when they changed."""
     return encode(("step", batch, cache))

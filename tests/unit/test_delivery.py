@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from chatstream_asgi.engines._delivery import HoldBack, LoopChannel, ReplyBuffer
+from chatstream_asgi.engines._delivery import LoopChannel, ReplyBuffer, StreamHold
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 from chatstream_asgi.engines.fair_wakes import WAKES_PER_TURN, FairWakes, fair_wakes
 from chatstream_asgi.engines.transformers import TransformersEngine
@@ -54,26 +54,41 @@ async def test_take_waits_until_a_push_arrives() -> None:
     assert await asyncio.wait_for(waiting, 1) == GenerationChunk("late")
 
 
-def test_hold_back_releases_urgent_events_at_once_and_others_an_interval_after_the_last_release() -> None:
-    hold = HoldBack(0.05)
-    assert not hold.due()  # nothing pending
-    hold.posted(urgent=False)
-    assert hold.due()  # nothing was handed over yet: it goes at once
-    hold.posted(urgent=False)
-    assert not hold.due()  # within the interval of that release: held
+def test_a_stream_hold_releases_every_stream_an_interval_after_the_last_full_release() -> None:
+    hold = StreamHold(0.05)
+    assert hold.take_due() == {}  # nothing pending
+    hold.post("a", "a1", urgent=False)
+    assert hold.take_due() == {"a": ["a1"]}  # nothing was handed over yet: it goes at once
+    hold.post("a", "a2", urgent=False)
+    hold.post("b", "b1", urgent=False)
+    assert hold.take_due() == {}  # within the interval of that release: held
     time.sleep(0.06)
-    assert hold.due()
-    hold.posted(urgent=True)
-    assert hold.due()  # a first token or an end never waits
-    assert not hold.due()
+    assert hold.take_due() == {"a": ["a2"], "b": ["b1"]}
+
+
+def test_an_urgent_event_goes_at_once_with_its_own_streams_events_only() -> None:
+    # a reply that starts or ends must not take every other stream's held text along: at batch 64 one does
+    # every few steps, and the interval would never elapse
+    hold = StreamHold(0.05)
+    hold.post("a", "a1", urgent=False)
+    hold.take_due()  # the first release
+    hold.post("a", "a2", urgent=False)
+    hold.post("b", "b1", urgent=False)
+    hold.post("b", "end", urgent=True)
+    hold.post("c", "first", urgent=True)
+    hold.post("a", "a3", urgent=False)
+    assert hold.take_due() == {"b": ["b1", "end"], "c": ["first"]}  # in order, each stream's whole run
+    assert hold.take_due() == {}  # a is still held
+    time.sleep(0.06)
+    assert hold.take_due() == {"a": ["a2", "a3"]}
 
 
 def test_a_step_slower_than_the_interval_is_never_held() -> None:
-    hold = HoldBack(0.01)
-    for _ in range(3):
+    hold = StreamHold(0.01)
+    for step in range(3):
         time.sleep(0.015)  # one slow step
-        hold.posted(urgent=False)
-        assert hold.due()
+        hold.post("a", step, urgent=False)
+        assert hold.take_due() == {"a": [step]}
 
 
 @pytest.mark.asyncio

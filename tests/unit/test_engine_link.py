@@ -18,7 +18,7 @@ from chatstream_asgi.engines._wire import step_frame, wire_event
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
 
 STREAMS = 32
-Frame = list[tuple[int, Any]]
+Frame = dict[int, list[Any]]  # each stream's events, as the engine groups them
 
 
 class RecordingBuffer(ReplyBuffer):
@@ -62,7 +62,7 @@ async def a_first_token_and_two_more(tokenizer: Any) -> tuple[set[int], list[str
     ids = tokenizer.encode("hello world", add_special_tokens=False)[:3]
 
     def frame_for(rids: list[int]) -> Frame:
-        return [(rid, event) for rid in rids for event in (wire_event(FirstToken(ids[0], 0)), *ids[1:])]
+        return {rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]] for rid in rids}
 
     buffers = await deliver(tokenizer, STREAMS, frame_for)
     texts = [(await b.take()).text for b in buffers]
@@ -99,7 +99,7 @@ async def test_first_tokens_and_ends_are_delivered_before_running_streams(
     end, first = wire_event(GenerationChunk("", "length", 3, 8)), wire_event(FirstToken(token, 0))
 
     def frame_for(rids: list[int]) -> Frame:
-        return [*((rid, token) for rid in rids[:6]), (rids[5], end), (rids[6], first), (rids[7], first)]
+        return {**{rid: [token] for rid in rids[:5]}, rids[5]: [token, end], rids[6]: [first], rids[7]: [first]}
 
     buffers = await deliver(tokenizer, 8, frame_for)
     order = sorted(range(8), key=lambda i: buffers[i].pushed_at[0])
