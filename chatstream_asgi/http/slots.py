@@ -51,6 +51,9 @@ def queue_headers(position: int) -> list[tuple[bytes, bytes]]:
 
 async def wait_for_slot(ticket: Any, receive: HTTPReceive) -> bool:
     """Wait for the ticket's slot; ``False`` if the client disconnects first (it then leaves the queue)."""
+    if ticket.granted:  # a slot was free: nothing to wait for, no disconnect to race (two tasks a request saved)
+        await ticket.wait()
+        return True
     waiter = asyncio.ensure_future(ticket.wait())
     listener = asyncio.ensure_future(listen_for_disconnect(receive))
     try:
