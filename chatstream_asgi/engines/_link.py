@@ -126,10 +126,10 @@ class EngineLink:
 
         A frame holds every step the engine sent while this loop was busy (at batch 64, five steps of 64
         tokens were common), grouped by stream, each stream's in step order. Each stream's run of ids is
-        detokenized in one call and lands in its buffer at once: one wake-up and one write per stream and frame, not one
-        per step. Decoding a whole frame in one callback stalled the host app's requests for 4-9 ms; a
-        slice of streams per iteration lets them in between. The slice is cut by time, not by a count of
-        streams: a stream's cost varies tenfold (a run of ids to detokenize, a stop string to watch).
+        detokenized in one call and lands in its buffer at once: one wake-up and one write per stream and
+        frame, not one per step. Decoding a whole frame in one callback stalled the host app's requests for
+        4-9 ms; a slice of streams per iteration lets them in between. The slice is cut by time, not by a
+        count of streams: a stream's cost varies tenfold (a run of ids to detokenize, a stop string to watch).
         """
         # A reply's first text is its time to first token, and a reply's end lets its client send the next
         # request (a batch row stays empty until it arrives): those streams go first, a running stream's text
