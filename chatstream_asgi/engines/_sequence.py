@@ -15,7 +15,7 @@ from ._delivery import Channel, Event, FirstToken
 from ._prefix_cache import PrefixHit, PrefixSource
 from ._sampling import RowSampler
 from .base import FinishReason, GenerationChunk, SamplingParams
-from .detokenizer import DecoderSpec, ReplyText
+from .detokenizer import DecoderSpec, IncrementalDetokenizer, ReplyText
 
 
 class Sequence:
@@ -44,6 +44,10 @@ class Sequence:
         self._sent_text = False
         # None: token ids leave as they are and the consumer detokenizes (and watches the stop strings)
         self._text = ReplyText(decoder, params.stop) if detokenize else None
+        # Ids alone: the reply's first ids are still decoded here until they make text, so that ids before the
+        # first text (a character split over byte tokens: an emoji, a rare CJK one) go out at once, as text
+        # would, instead of waiting out the stream interval. Usually the first id makes text: one decode a reply.
+        self._until_text = IncrementalDetokenizer(decoder) if not detokenize else None
         self._eos = frozenset() if params.ignore_eos else eos_ids
         self.channel = channel
         self.key = key  # who the channel delivers to: a ReplyBuffer, or a request id across a process boundary
@@ -85,7 +89,10 @@ class Sequence:
         if token_id in self._eos:
             return self._finish("stop", "")
         first = self.completion_tokens == 1  # it tells the consumer what the prefill reused, too
-        self._emit(FirstToken(token_id, self.cached_tokens) if first else token_id, urgent=first)
+        urgent = first or self._until_text is not None
+        if self._until_text is not None and self._until_text.push(token_id):
+            self._until_text = None  # the first text is complete: later ids may wait for the interval
+        self._emit(FirstToken(token_id, self.cached_tokens) if first else token_id, urgent=urgent)
         if self.completion_tokens >= self.params.max_new_tokens:
             return self._finish("length", "")
         return False

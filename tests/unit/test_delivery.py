@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 
 from chatstream_asgi.engines._delivery import LoopChannel, ReplyBuffer, StreamHold
+from chatstream_asgi.engines._sequence import Sequence
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
+from chatstream_asgi.engines.detokenizer import DecoderSpec, IncrementalDetokenizer
 from chatstream_asgi.engines.fair_wakes import WAKES_PER_TURN, FairWakes, fair_wakes
 from chatstream_asgi.engines.transformers import TransformersEngine
 from chatstream_asgi.errors import EngineError
+from tests.unit.test_detokenizer import byte_fallback_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
 
@@ -273,3 +276,39 @@ async def test_a_burst_of_requests_takes_turns_a_few_per_iteration() -> None:
     await asyncio.wait_for(asyncio.gather(count_iterations(), *(request() for _ in range(12))), 5.0)
     assert max(started.count(i) for i in set(started)) <= 4
     assert len(set(started)) >= 3
+
+
+class RecordingChannel:
+    """A channel that keeps what a sequence posted, with its urgency."""
+
+    def __init__(self) -> None:
+        self.posted: list[tuple[Any, bool]] = []
+
+    def post(self, key: Any, event: Any, urgent: bool) -> bool:
+        self.posted.append((event, urgent))
+        return True
+
+    def flush(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tokenizer_kind", ["byte_level", "byte_fallback"])
+@pytest.mark.parametrize("reply", ["😀 and more words", "Hello and more words"])
+def test_ids_before_a_replys_first_text_are_urgent_and_later_ids_are_not(
+    tiny_engine_parts: tuple[Any, Any], tokenizer_kind: str, reply: str
+) -> None:
+    # an engine process sends ids and its web process detokenizes: ids that do not make text yet (an emoji's
+    # byte tokens) must not wait out the stream interval, or the reply's first text comes up to 20 ms late
+    tokenizer = tiny_engine_parts[1] if tokenizer_kind == "byte_level" else byte_fallback_tokenizer()
+    ids = tokenizer.encode(reply, add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer)
+    makes_text_at = next(i for i, token_id in enumerate(ids) if detok.push(token_id))
+    channel = RecordingChannel()
+    params = SamplingParams(max_new_tokens=len(ids) + 1, temperature=0.0, ignore_eos=True)
+    decoder = DecoderSpec(tokenizer)
+    seq = Sequence([1, 2, 3], params, channel, "key", decoder=decoder, eos_ids=frozenset(), detokenize=False)
+    for token_id in ids:
+        seq.accept(token_id)
+    urgent = [flag for _, flag in channel.posted]
+    assert urgent == [True] * (makes_text_at + 1) + [False] * (len(ids) - makes_text_at - 1)
+    assert (makes_text_at > 0) == reply.startswith("😀")  # the emoji really is split over several ids
