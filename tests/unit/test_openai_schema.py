@@ -186,6 +186,17 @@ def test_encoder_sends_role_then_deltas_then_finish_and_done() -> None:
     assert all("usage" not in c for c in chunks)
 
 
+@pytest.mark.parametrize("model", ["served", "model \x00content\x00 with the placeholder in its name"])
+def test_encoder_content_chunks_are_the_chunk_objects_json_whatever_the_text(model: str) -> None:
+    # the content chunk is rendered once around a placeholder and only the text is encoded per chunk
+    header = ReplyHeader("chatcmpl-1", 1700000000, model)
+    encoder = OpenAIStreamEncoder(header, include_usage=False)
+    encoder.delta("")  # the role chunk
+    for text in ["Hel", 'a "quote" and a \\', "line\nbreak\ttab", "東京😀", "\u2028\x00", "\x00content\x00", ""]:
+        assert encoder.delta(text) == OpenAIStreamEncoder.event(header.chunk({"content": text}))
+        assert events(encoder.delta(text))[0]["choices"][0]["delta"] == {"content": text}
+
+
 def test_encoder_usage_chunk_and_empty_reply() -> None:
     encoder = OpenAIStreamEncoder(HEADER, include_usage=True)
     summary = {"finish_reason": None, "prompt_tokens": 4, "completion_tokens": 0, "cached_tokens": 2}
