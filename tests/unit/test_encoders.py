@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -29,6 +30,12 @@ def test_sse_encoder_writes_named_events_with_json_data() -> None:
     assert encoder.done({"finish_reason": "length"}) == b'event: done\ndata: {"finish_reason": "length"}\n\n'
     assert encoder.error("t", "m") == b'event: error\ndata: {"error": {"type": "t", "message": "m"}}\n\n'
     assert encoder.ping() == b": ping\n\n"
+
+
+@pytest.mark.parametrize("text", ["", 'a "quote" and a \\', "line\nbreak\ttab", "東京😀", "\u2028\x00"])
+def test_sse_delta_is_the_delta_events_json_whatever_the_text(text: str) -> None:
+    assert SSEEncoder().delta(text) == SSEEncoder.event("delta", {"text": text})
+    assert json.loads(SSEEncoder().delta(text).decode().split("data: ", 1)[1]) == {"text": text}
 
 
 @pytest.mark.parametrize(
