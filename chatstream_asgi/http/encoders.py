@@ -48,7 +48,7 @@ class SSEEncoder:
         self.ping_interval = ping_interval
 
     def delta(self, text: str) -> bytes:
-        # what event("delta", {"text": text}) renders, with only the text encoded (1 us instead of 2.9 a chunk)
+        # what event("delta", {"text": text}) renders, with only the text encoded (1.5 us instead of 2.9 a chunk)
         return b'event: delta\ndata: {"text": ' + json.dumps(text, ensure_ascii=False).encode() + b"}\n\n"
 
     def done(self, summary: dict[str, Any]) -> bytes:

@@ -12,7 +12,7 @@ from ..errors import HTTPError
 from .schema import error_body
 
 DONE = b"data: [DONE]\n\n"
-_PLACEHOLDER = "\x00content\x00"  # a NUL: JSON escapes it, so no model name or id renders the same
+_PLACEHOLDER = "\x00content\x00"  # JSON renders it \u0000content\u0000, which an id or model name hardly holds
 _PLACEHOLDER_JSON = json.dumps(_PLACEHOLDER).encode()
 
 
@@ -72,7 +72,7 @@ class OpenAIStreamEncoder:
         self.ping_interval = ping_interval
         self.role_sent = False
         # A content chunk differs from the next only in its text: render the event once around a placeholder and
-        # encode just the text per chunk (1.3 us instead of 5.3, once per chunk and stream).
+        # encode just the text per chunk (1.0 us instead of 5.3, once per chunk and stream).
         event = self.event(header.chunk({"content": _PLACEHOLDER}))
         self._content_around = event.split(_PLACEHOLDER_JSON) if event.count(_PLACEHOLDER_JSON) == 1 else None
 
