@@ -4,8 +4,8 @@ Every row's real tokens are right-aligned in the cache: row ``i`` holds ``length
 columns at the right end and padding on the left. That keeps the attention mask a function of
 ``lengths`` alone (rebuilt each step, O(rows x width) integers, no state) and makes trimming
 simple: when rows leave, the leftmost ``width - max(lengths)`` columns are padding for every
-remaining row and are cut. The cache tensors are re-copied only when rows join or leave (see
-``_cache.GrowingLayer`` for the steps in between).
+remaining row and are cut. Rows joining or leaving copy only their own rows' KV, and the order of
+the rows may change when some leave (see ``_cache.GrowingLayer``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache
 
-from ._cache import HEADROOM, LayerKV, append_rows, keep_rows, new_cache, row_kv, seed_cache
+from ._cache import HEADROOM, LayerKV, append_rows, compaction, keep_rows, new_cache, row_kv, seed_cache
 from ._sampling import upload
 from ._sequence import Sequence
 
@@ -132,12 +132,14 @@ class KVBatch:
         return row_kv(self.cache, row, self.width - self.lengths[row], self.width)
 
     def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (ascending) and cut the columns that became padding for all of them."""
-        lengths = [self.lengths[i] for i in rows]
+        """Keep only ``rows`` (ascending; their order may change) and cut the columns that became padding for
+        all of them."""
+        order, moves = compaction(len(self.seqs), rows)
+        lengths = [self.lengths[i] for i in order]
         cut = self.width - max(lengths)
-        keep_rows(self.cache, rows, cut)
-        self.seqs = [self.seqs[i] for i in rows]
-        self.next_tokens = [self.next_tokens[i] for i in rows]
+        keep_rows(self.cache, moves, len(order), cut)
+        self.seqs = [self.seqs[i] for i in order]
+        self.next_tokens = [self.next_tokens[i] for i in order]
         self.lengths = lengths
         self.width -= cut
 

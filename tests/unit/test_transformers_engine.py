@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -425,7 +426,7 @@ async def test_from_pretrained_loads_model_and_tokenizer(tiny_model_dir: Any) ->
 def test_growing_cache_layer_matches_concatenation() -> None:
     from transformers import LlamaConfig
 
-    from chatstream_asgi.engines._cache import HEADROOM, GrowingLayer, append_rows, keep_rows, new_cache
+    from chatstream_asgi.engines._cache import HEADROOM, GrowingLayer, append_rows, compaction, keep_rows, new_cache
 
     torch.manual_seed(2)
     config = LlamaConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
@@ -439,8 +440,10 @@ def test_growing_cache_layer_matches_concatenation() -> None:
         keys, values = layer.update(step, step.clone())
         expected = torch.cat([expected, step], dim=-2)
         assert torch.equal(keys, expected) and torch.equal(values, expected)
-    keep_rows(cache, [0, 2], cut=3)
-    expected = expected[[0, 2], :, 3:]
+    order, moves = compaction(3, [1, 2])
+    assert (order, moves) == ([2, 1], [(2, 0)])  # the last row fills the hole: one row copied, not the cache
+    keep_rows(cache, moves, len(order), cut=3)
+    expected = expected[order, :, 3:]
     assert torch.equal(layer.keys, expected)
     joined = torch.randn(1, 1, 7, 4)
     other.layers[0].update(joined, joined.clone())
@@ -450,3 +453,54 @@ def test_growing_cache_layer_matches_concatenation() -> None:
     assert torch.equal(layer.keys, merged)
     step = torch.randn(3, 1, 1, 4)
     assert torch.equal(layer.update(step, step.clone())[0], torch.cat([merged, step], dim=-2))
+
+
+def test_growing_cache_survives_any_mix_of_steps_leaves_and_joins() -> None:
+    """Rows leave and join in place: after every operation each layer equals the same batch rebuilt by
+    concatenation, its padding zeros (never the garbage of reused memory), whatever the buffers' room."""
+    from transformers import LlamaConfig
+
+    from chatstream_asgi.engines._cache import append_rows, compaction, keep_rows, new_cache
+
+    rng = random.Random(7)
+    torch.manual_seed(7)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+
+    def filled(rows: int, width: int) -> tuple[Any, list[list[torch.Tensor]]]:
+        cache, tensors = new_cache(config), []
+        for layer in cache.layers:
+            keys, values = torch.randn(rows, 1, width, 4), torch.randn(rows, 1, width, 4)
+            layer.update(keys, values)
+            tensors.append([keys.clone(), values.clone()])
+        return cache, tensors
+
+    def padded(t: torch.Tensor, width: int) -> torch.Tensor:
+        return torch.cat([torch.zeros(*t.shape[:2], width - t.shape[2], t.shape[3]), t], dim=2)
+
+    cache, expected = filled(3, 5)
+    buffers = set()
+    for _ in range(1500):
+        rows, width = expected[0][0].shape[0], expected[0][0].shape[2]
+        roll = rng.random()
+        if roll < 0.6:  # a decode step
+            for layer, kv in zip(cache.layers, expected, strict=True):
+                step = [torch.randn(rows, 1, 1, 4), torch.randn(rows, 1, 1, 4)]
+                layer.update(*step)
+                kv[:] = [torch.cat([old, new], dim=2) for old, new in zip(kv, step, strict=True)]
+        elif roll < 0.8 and rows > 1:  # some rows leave, some columns become padding for all
+            order, moves = compaction(rows, sorted(rng.sample(range(rows), rng.randint(1, rows))))
+            cut = rng.randint(0, min(3, width - 1))
+            keep_rows(cache, moves, len(order), cut)
+            expected = [[t[order][:, :, cut:] for t in kv] for kv in expected]
+        else:  # rows join, narrower or wider than the batch
+            other, joined = filled(rng.randint(1, 6), rng.randint(1, width + 3))
+            width = max(width, joined[0][0].shape[2])
+            append_rows(cache, other, width)
+            expected = [
+                [torch.cat([padded(a, width), padded(b, width)]) for a, b in zip(mine, theirs, strict=True)]
+                for mine, theirs in zip(expected, joined, strict=True)
+            ]
+        for layer, (keys, values) in zip(cache.layers, expected, strict=True):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+        buffers.add(cache.layers[0]._key_buffer.shape)
+    assert len(buffers) > 50  # the mix grew and shrank the buffers many times
