@@ -79,6 +79,14 @@ def add_engine_options(engine: argparse._ArgumentGroup) -> None:
         help="run the model in its own process (one per device): the web server never shares a GIL with it",
     )
     engine.add_argument(
+        "--engine-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch threads of the engine process (with --engine-process; default: all cores but one, which "
+        "is left to the web server)",
+    )
+    engine.add_argument(
         "--prefix-cache-bytes",
         type=int,
         default=None,
@@ -113,6 +121,10 @@ def load_model(args: argparse.Namespace, device: str | None) -> Engine:
         from .engines.transformers import TransformersEngine as engine_class  # type: ignore[assignment]
 
     options: dict[str, Any] = {"device": device, "max_batch_size": args.max_concurrency}
+    if args.engine_threads is not None:
+        if not args.engine_process:
+            raise SystemExit("--engine-threads sets the engine process's threads: add --engine-process")
+        options["torch_threads"] = args.engine_threads
     if args.prefix_cache_bytes is not None:
         options["prefix_cache_bytes"] = args.prefix_cache_bytes
     if args.model:

@@ -16,6 +16,8 @@ import threading
 from dataclasses import astuple
 from typing import Any
 
+import torch
+
 from ._delivery import Event, FirstToken, StreamHold
 from ._scheduler import Scheduler
 from ._sequence import Sequence
@@ -103,6 +105,7 @@ class ClientConnection:
             "system_prompt": engine.system_prompt,
             "tokenizer": engine.tokenizer,
             "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
             "wire": WIRE_VERSION,
         }
         self._send(encode(("hello", info)))

@@ -21,6 +21,8 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from ..errors import EngineNotReady
 from ._engine_connection import ClientConnection
 from .gc_heap import freeze_startup_heap
@@ -126,6 +128,9 @@ def main() -> None:
     spec = pickle.load(sys.stdin.buffer)
     # the web process's import path after this one's own: a factory's module is found where it found it
     sys.path.extend(folder for folder in spec.pop("sys_path", []) if folder not in sys.path)
+    threads = spec.pop("torch_threads", None)
+    if threads is not None:  # before the model loads: OpenMP sizes its pool at the first parallel region
+        torch.set_num_threads(threads)
     server = EngineServer(build_engine(spec), address, linger)
     freeze_startup_heap("engine process")  # the model is loaded: a full GC would stall every step for ~0.1 s
     # SIGTERM / SIGINT end the serving loop; running replies end with an in-band error, the socket goes away.

@@ -22,7 +22,7 @@ from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.process import ProcessEngine
 from chatstream_asgi.engines.replicas import EngineReplicas
 from chatstream_asgi.engines.transformers import TransformersEngine
-from chatstream_asgi.errors import EngineError, EngineNotReady, EngineUnavailable
+from chatstream_asgi.errors import ConfigurationError, EngineError, EngineNotReady, EngineUnavailable
 
 from .servers import chat, chat_app, get_load, not_found_app, wait_for_load, wait_until
 
@@ -103,6 +103,28 @@ async def test_engines_naming_one_address_share_one_engine_process(tiny_model_di
     starters = [engine.launcher.process for engine in engines if engine.launcher.process is not None]
     assert len(starters) == 1  # one of them started it, under the lock; the others connected
     await wait_until(lambda: starters[0].poll() is not None, timeout=10)  # idle for `linger` s, it exits by itself
+
+
+@pytest.mark.asyncio
+async def test_the_engine_process_leaves_a_core_to_the_web_process_unless_told_its_threads(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    default = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=1)
+    chosen = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=1, torch_threads=3)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the environment's choice, where nothing was asked
+    from_environment = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=1)
+    engines = [default, chosen, from_environment]
+    try:
+        await asyncio.gather(*(engine.start() for engine in engines))
+        threads = [engine._link.info["torch_threads"] for engine in engines if engine._link is not None]
+    finally:
+        for engine in engines:
+            await engine.close()
+    assert threads == [max(1, len(os.sched_getaffinity(0)) - 1), 3, 2]
+    for wrong in (0, -1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="torch_threads"):
+            ProcessEngine.from_pretrained(tiny_model_dir, torch_threads=wrong)
 
 
 @pytest.mark.asyncio

@@ -35,6 +35,15 @@ def test_engine_process_serves_each_device_from_its_own_engine_process(tiny_mode
     assert replicas.engines[0].address != replicas.engines[1].address  # type: ignore[attr-defined]
 
 
+def test_engine_threads_reach_the_engine_process_and_need_it(tiny_model_dir: Path) -> None:
+    argv = ("--model", str(tiny_model_dir), "--engine-threads", "3")
+    engine = load_engine(serve_args(*argv, "--engine-process"))
+    assert engine.launcher.spec["torch_threads"] == 3  # type: ignore[attr-defined]
+    with pytest.raises(SystemExit) as refused:
+        load_engine(serve_args(*argv))
+    assert "--engine-process" in str(refused.value)
+
+
 def test_one_device_loads_one_engine(tiny_model_dir: Path) -> None:
     engine = load_engine(serve_args("--model", str(tiny_model_dir), "--device", "cpu"))
     assert type(engine).__name__ == "TransformersEngine"
