@@ -10,6 +10,15 @@ do the same after their engines warm up.
 
 What is frozen is never collected as cyclic garbage; it is still freed by reference counting. So the heap is
 collected once first, and frozen once per process (a second startup, as in tests, changes nothing).
+
+The youngest generation is then collected every ``YOUNG_THRESHOLD`` net allocations instead of CPython's 700.
+A chat keeps a few hundred tracked objects (coroutines, tasks, futures, closures) alive for its whole reply,
+so each young collection walks every chat started since the previous one, whatever the threshold: at 700 a
+web process serving 64 streams on a fast model collected 5 times a second for 1.4 ms each, plus a 3.4 ms
+middle-generation collection every other second, 9.4 ms of stopped process a second; at 7,000, 0.2 times a
+second for 3.8 ms, 1.2 ms a second, and the wrapped app's ``/hello`` p99 under that load fell from
+2.9-3.1 ms to 2.3-2.6 ms (interleaved runs). Garbage cycles wait that much longer to be freed (a few MB at
+most). A threshold the host app set higher is kept.
 """
 
 from __future__ import annotations
@@ -20,10 +29,13 @@ import time
 
 logger = logging.getLogger("chatstream_asgi")
 _frozen = False
+#: net allocations of GC-tracked objects between two collections of the youngest generation, once serving.
+YOUNG_THRESHOLD = 7000
 
 
 def freeze_startup_heap(context: str) -> bool:
-    """Collect, then freeze every object alive now; False when this process already did (then nothing is done)."""
+    """Collect, freeze every object alive now and space out young collections; False when this process already did
+    (then nothing is done)."""
     global _frozen
     if _frozen:
         return False
@@ -31,6 +43,9 @@ def freeze_startup_heap(context: str) -> bool:
     gc.collect()
     collect_ms = (time.perf_counter() - started) * 1e3
     gc.freeze()
+    young, *older = gc.get_threshold()
+    if 0 < young < YOUNG_THRESHOLD:  # 0: the host app turned automatic collection off; leave it off
+        gc.set_threshold(YOUNG_THRESHOLD, *older)
     _frozen = True
     logger.info(
         "%s: froze %d objects out of the garbage collector's reach (a full collection walked them in %.0f ms)",

@@ -1,4 +1,5 @@
-"""The heap is frozen out of the garbage collector's reach once the engine has started (``Timeouts.freeze_gc``).
+"""The heap is frozen out of the garbage collector's reach once the engine has started, and young collections are
+spaced out (``Timeouts.freeze_gc``).
 
 Each case runs in a fresh interpreter: ``gc.freeze()`` is process-wide, and the pytest process may already have
 been frozen by another test's startup.
@@ -31,7 +32,7 @@ SCRIPT = textwrap.dedent(
 
         async def send(message):
             sent.append(message["type"])
-            counts.append(gc.get_freeze_count())
+            counts.append([gc.get_freeze_count(), gc.get_threshold()[0]])
 
         await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
         return sent, counts[0]
@@ -58,11 +59,12 @@ def run(options: dict[str, object]) -> dict[str, object]:
 @pytest.mark.parametrize("options", [{}, {"freeze_gc": True}])
 def test_startup_freezes_the_heap_once_per_process(options: dict[str, object]) -> None:
     result = run(options)
-    sent, frozen = result["first"]  # type: ignore[misc]
+    sent, (frozen, young_threshold) = result["first"]  # type: ignore[misc]
     assert result["before"] == 0
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert frozen > 10_000  # the interpreter, starlette, the package: everything alive at startup
-    _, frozen_again = result["second"]  # type: ignore[misc]
+    assert young_threshold == 7000  # CPython's 700 until then
+    _, (frozen_again, _) = result["second"]  # type: ignore[misc]
     # a second startup in the same process freezes nothing more: the count only shrinks as frozen objects are
     # freed, where a second freeze would have taken the 1000 lists made in between
     assert frozen_again <= frozen
@@ -70,5 +72,5 @@ def test_startup_freezes_the_heap_once_per_process(options: dict[str, object]) -
 
 def test_freeze_gc_false_leaves_the_collector_alone() -> None:
     result = run({"freeze_gc": False})
-    assert result["first"] == [["lifespan.startup.complete", "lifespan.shutdown.complete"], 0]
-    assert result["second"][1] == 0  # type: ignore[index]
+    assert result["first"] == [["lifespan.startup.complete", "lifespan.shutdown.complete"], [0, 700]]
+    assert result["second"][1] == [0, 700]  # type: ignore[index]
