@@ -170,6 +170,8 @@ def append_rows(cache: DynamicCache, other: DynamicCache, width: int) -> None:
     """Append ``other``'s rows to ``cache``, both left-padded to ``width`` columns."""
     for mine, theirs in zip(_layers(cache), _layers(other), strict=True):
         mine.append(*_kv(theirs), width)
+
+
 def bytes_per_token(cache: DynamicCache) -> int:
     """KV bytes one token of one row takes, over all layers."""
     total = 0
@@ -191,12 +193,10 @@ def row_kv(cache: DynamicCache, row: int, start: int, stop: int) -> LayerKV:
     return copies
 
 
-def seed_cache(
-    cache: DynamicCache, prefixes: list[tuple[LayerKV | None, int]], room: int = 0
-) -> int:
+def seed_cache(cache: DynamicCache, prefixes: list[tuple[LayerKV | None, int]], room: int = 0) -> int:
     """Fill an empty cache with each row's reused prefix: row ``i`` gets the first ``n`` columns of its
-    ``prefixes[i] = (layers, n)``, right-aligned, zeros on the left (see ``GrowingLayer.append``), with ``room`` spare
-    columns after them for the tokens about to be fed (no reallocation then). Returns the width."""
+    ``prefixes[i] = (layers, n)``, right-aligned, zeros on the left (see ``GrowingLayer.append``), with
+    ``room`` spare columns after them for the tokens about to be fed (no reallocation then). Returns the width."""
     width = max(n for _, n in prefixes)
     template = next(layers for layers, n in prefixes if layers is not None and n)
     for index, layer in enumerate(_layers(cache)):
