@@ -4,6 +4,7 @@ and its engine choice: one model, one model per listed device, or the mock."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import pytest
@@ -35,13 +36,27 @@ def test_engine_process_serves_each_device_from_its_own_engine_process(tiny_mode
     assert replicas.engines[0].address != replicas.engines[1].address  # type: ignore[attr-defined]
 
 
-def test_engine_threads_reach_the_engine_process_and_need_it(tiny_model_dir: Path) -> None:
-    argv = ("--model", str(tiny_model_dir), "--engine-threads", "3")
-    engine = load_engine(serve_args(*argv, "--engine-process"))
+def test_engine_threads_reach_the_engine_process(tiny_model_dir: Path) -> None:
+    engine = load_engine(serve_args("--model", str(tiny_model_dir), "--engine-threads", "3", "--engine-process"))
     assert engine.launcher.spec["torch_threads"] == 3  # type: ignore[attr-defined]
-    with pytest.raises(SystemExit) as refused:
-        load_engine(serve_args(*argv))
-    assert "--engine-process" in str(refused.value)
+
+
+def test_the_in_thread_engine_runs_torch_on_all_cores_but_one_or_as_told(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        load_engine(serve_args("--model", str(tiny_model_dir)))
+        default = torch.get_num_threads()
+        load_engine(serve_args("--model", str(tiny_model_dir), "--engine-threads", "3"))
+        asked = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)  # process-wide: the rest of the suite keeps its own
+    assert (default, asked) == (max(1, len(os.sched_getaffinity(0)) - 1), 3)
 
 
 def test_one_device_loads_one_engine(tiny_model_dir: Path) -> None:
