@@ -12,6 +12,8 @@ import pytest
 from chatstream_asgi import EngineReplicas, GenerationConfig, Limits, MockEngine, RoutesConfig, SamplingParams, Timeouts
 from chatstream_asgi.cli import build_parser, configs, default_params, load_engine
 
+pytestmark = pytest.mark.usefixtures("torch_threads_restored")  # loading an in-thread engine sets them
+
 
 def serve_args(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["serve", *argv])
@@ -47,16 +49,11 @@ def test_the_in_thread_engine_runs_torch_on_all_cores_but_one_or_as_told(
     import torch
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(4)
-        load_engine(serve_args("--model", str(tiny_model_dir)))
-        default = torch.get_num_threads()
-        load_engine(serve_args("--model", str(tiny_model_dir), "--engine-threads", "3"))
-        asked = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(threads)  # process-wide: the rest of the suite keeps its own
-    assert (default, asked) == (max(1, len(os.sched_getaffinity(0)) - 1), 3)
+    torch.set_num_threads(4)
+    load_engine(serve_args("--model", str(tiny_model_dir)))
+    default = torch.get_num_threads()
+    load_engine(serve_args("--model", str(tiny_model_dir), "--engine-threads", "3"))
+    assert (default, torch.get_num_threads()) == (max(1, len(os.sched_getaffinity(0)) - 1), 3)
 
 
 def test_one_device_loads_one_engine(tiny_model_dir: Path) -> None:
