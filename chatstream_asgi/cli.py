@@ -83,8 +83,8 @@ def add_engine_options(engine: argparse._ArgumentGroup) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="torch threads of the model (in its own process with --engine-process, else in this one; default: "
-        "all cores but one, which is left to the web server)",
+        help="torch threads of the model (in its own process with --engine-process, else in its worker thread; "
+        "default: all cores but one, which is left to the web server)",
     )
     engine.add_argument(
         "--prefix-cache-bytes",
@@ -121,10 +121,7 @@ def load_model(args: argparse.Namespace, device: str | None) -> Engine:
         from .engines.transformers import TransformersEngine as engine_class  # type: ignore[assignment]
 
     options: dict[str, Any] = {"device": device, "max_batch_size": args.max_concurrency}
-    if args.engine_process:
-        options["torch_threads"] = args.engine_threads
-    else:
-        use_threads_of_this_process(args.engine_threads)
+    options["torch_threads"] = args.engine_threads  # the model's worker thread, or its engine process
     if args.prefix_cache_bytes is not None:
         options["prefix_cache_bytes"] = args.prefix_cache_bytes
     if args.model:
@@ -136,20 +133,6 @@ def load_model(args: argparse.Namespace, device: str | None) -> Engine:
 
     path = smollm2_gguf()
     return engine_class.from_pretrained(str(path.parent), gguf_file=path.name, **options)
-
-
-def use_threads_of_this_process(requested: int | None) -> None:
-    """The in-thread engine: this process is the server's own, so its torch threads follow the engine process's
-    rule (``engine_threads``). With SmolLM2 at batch 8 on 2 cores, torch's default of 2 threads kept 1.9 cores
-    busy for 59-65 tokens/s and the web server's other requests waited (``/hello`` p99 8-9x idle); 1 thread
-    streamed 58-62 tokens/s on 1.0 core, ``/hello`` p99 1.4-1.6x idle."""
-    import torch
-
-    from .engines.process import engine_threads
-
-    threads = engine_threads(requested)
-    if threads is not None:
-        torch.set_num_threads(threads)
 
 
 def default_params(args: argparse.Namespace) -> SamplingParams:

@@ -56,14 +56,3 @@ def token_log(monkeypatch: pytest.MonkeyPatch) -> TokenLog:
 
     monkeypatch.setattr(_sequence.Sequence, "accept", recording)
     return log
-
-
-@pytest.fixture
-def torch_threads_restored() -> Iterator[None]:
-    """For a test that loads an engine through the CLI, which sets this process's torch threads
-    (``cli.use_threads_of_this_process``): the rest of the suite keeps its own."""
-    import torch
-
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)

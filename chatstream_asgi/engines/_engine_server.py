@@ -131,7 +131,10 @@ def main() -> None:
     threads = spec.pop("torch_threads", None)
     if threads is not None:  # before the model loads: OpenMP sizes its pool at the first parallel region
         torch.set_num_threads(threads)
-    server = EngineServer(build_engine(spec), address, linger)
+    engine = build_engine(spec)
+    if threads is not None:  # the engine's worker thread too, whatever its own default (a factory built it)
+        engine.torch_threads = threads
+    server = EngineServer(engine, address, linger)
     freeze_startup_heap("engine process")  # the model is loaded: a full GC would stall every step for ~0.1 s
     # SIGTERM / SIGINT end the serving loop; running replies end with an in-band error, the socket goes away.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -30,6 +30,7 @@ from ._sampling import choose_tokens
 from ._sequence import Sequence
 from ._step_failures import fail_step, poisons_the_device
 from .base import SchedulerStats
+from .torch_threads import use_in_this_thread
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,10 @@ class Scheduler:
         prefill_chunk_tokens: int,
         pad_id: int,
         prefix_cache: PrefixCache | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self._runner = runner
+        self._torch_threads = torch_threads
         self._reuse = PrefixReuse(prefix_cache)
         self._max_batch = max_batch_size
         self._chunk = prefill_chunk_tokens
@@ -98,6 +101,9 @@ class Scheduler:
         )
 
     def _run(self) -> None:
+        if self._torch_threads is not None:
+            use_in_this_thread(self._torch_threads)
+        logger.info("the model runs on %d torch thread(s)", torch.get_num_threads())
         try:
             with torch.inference_mode():
                 while not self._stopping.is_set():

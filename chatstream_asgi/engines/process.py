@@ -29,6 +29,7 @@ from ._launcher import Launcher
 from ._link import EngineLink
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
 from .prompts import Prompt, fit_prompt, render_off_loop_if_long, with_system_prompt
+from .torch_threads import engine_threads
 
 logger = logging.getLogger("chatstream_asgi")
 RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection attempts, seconds
@@ -44,10 +45,8 @@ class ProcessEngine:
         linger: seconds the engine process stays up with no web process connected (a worker restart keeps it).
         start_timeout: seconds to wait for the model to load.
         torch_threads: torch's intra-op threads in the engine process. Default: every core this process may run
-            on but one, which is left to the web process(es) (with ``OMP_NUM_THREADS`` set, torch's own choice).
-            On the CPU, OpenMP threads that share their cores with the web server wait at every barrier while it
-            runs: on 2 cores, SmolLM2 at batch 8 streamed 60 tokens/s on 2 threads (1.85 cores busy, the host
-            app's ``/hello`` p99 5-8x idle) against 67-76 on one (1.0 core, ``/hello`` p99 1.3-1.4x idle).
+            on but one, which is left to the web process(es) (with ``OMP_NUM_THREADS`` set, torch's own choice;
+            ``torch_threads.py`` says why).
         tokenizer, context_len, model_name, max_batch_size, system_prompt: what the web side knows before the
             engine answers (``from_pretrained`` fills in the last four from its arguments); the engine's own values
             replace them once connected.
@@ -232,16 +231,3 @@ class ProcessEngine:
 
     def __repr__(self) -> str:
         return f"ProcessEngine({self.model_name!r}, address={self.address!r}, ready={self.ready})"
-
-
-def engine_threads(requested: int | None) -> int | None:
-    """The engine process's torch threads: ``requested``, else all the cores this process may use but one
-    (``None``, torch's own choice, where ``OMP_NUM_THREADS`` says how many)."""
-    if requested is not None:
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ConfigurationError(f"torch_threads must be a positive int or None, got {requested!r}")
-        return requested
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)

@@ -27,6 +27,7 @@ from ._sequence import Sequence
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats
 from .detokenizer import DecoderSpec
 from .prompts import Prompt, fit_prompt, model_context_len, render_off_loop_if_long, with_system_prompt
+from .torch_threads import engine_threads
 
 ENGINE_KWARGS = frozenset(
     {
@@ -39,6 +40,7 @@ ENGINE_KWARGS = frozenset(
         "system_prompt",
         "stream_interval",
         "prefix_cache_bytes",
+        "torch_threads",
     }
 )
 #: seconds a stream's text may wait to be sent with the next (see ``_delivery``): 50 writes a second at most.
@@ -66,6 +68,9 @@ class TransformersEngine:
         prefix_cache_bytes: bytes of KV kept from ended sequences so that a chat's next turn (or any prompt that
             starts the same way) computes only its new tokens; 0 turns the cache off. Default: a tenth of the
             memory free on the model's device at start, at most 4 GiB (``default_prefix_cache_bytes``).
+        torch_threads: CPU threads torch runs the model on, set in the engine's worker thread only (the host
+            app's threads keep theirs). Default: for a model on the CPU every core but one, left to the event
+            loop (``OMP_NUM_THREADS``, where set, decides); elsewhere torch's own (``torch_threads.py``).
     """
 
     def __init__(
@@ -82,6 +87,7 @@ class TransformersEngine:
         system_prompt: str | None = None,
         stream_interval: float = STREAM_INTERVAL,
         prefix_cache_bytes: int | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         self.max_batch_size = positive("max_batch_size", max_batch_size)
         self.prefill_chunk_tokens = positive("prefill_chunk_tokens", prefill_chunk_tokens)
@@ -104,6 +110,10 @@ class TransformersEngine:
         if not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0:
             raise ConfigurationError(f"prefix_cache_bytes must be an int >= 0 (0 = off), got {prefix_cache_bytes!r}")
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        #: the worker thread's torch threads (None: torch's own); an engine process sets its own before start
+        self.torch_threads = engine_threads(torch_threads)
+        if torch_threads is None and self.model.device.type != "cpu":
+            self.torch_threads = None  # the default is for a model computed on the CPU
         self._decoder = DecoderSpec(tokenizer)
         self._eos_ids = eos_token_ids(tokenizer, self.model)
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -166,6 +176,7 @@ class TransformersEngine:
             prefill_chunk_tokens=self.prefill_chunk_tokens,
             pad_id=self._pad_id,
             prefix_cache=self.prefix_cache,
+            torch_threads=self.torch_threads,
         )
         scheduler.start()
         return scheduler

@@ -22,7 +22,6 @@ def demo_args(*argv: str) -> argparse.Namespace:
 
 
 @pytest.mark.asyncio
-@pytest.mark.usefixtures("torch_threads_restored")
 async def test_smollm2_answers_the_capital_of_france(serve: Callable[..., UvicornThread]) -> None:
     engine = load_engine(demo_args("--max-concurrency", "2", "--device", "cpu"))
     server = serve(chat_app(demo_app(), engine, max_concurrency=2))
