@@ -114,6 +114,15 @@ def run_client(port: int, n: int, requests: int, new_tokens: int, sse: bool, tim
     return measure
 
 
+def run_queue_wait(pid: int) -> float:
+    """Seconds thread ``pid`` (a process's main thread: uvicorn's event loop) has waited for a core, runnable."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:  # on-CPU ns, run-queue wait ns, time slices (Linux)
+            return int(stat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def in_windows(samples: list[tuple[int, float, float]], port: int, windows: list[tuple[float, float]]) -> list[float]:
     """Latencies of the polls of ``port`` that started inside one of ``windows``."""
     return [s for p, at, s in samples if p == port and any(start <= at <= end for start, end in windows)]

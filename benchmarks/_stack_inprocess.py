@@ -35,6 +35,7 @@ class Measure:
     window: tuple[float, float] | None = None
     chunks: int = 0
     other_cores: float = 0.0
+    loop_cpu_wait: float | None = None  # seconds the server's event-loop thread waited for a core, per second
 
     @property
     def tokens_per_s(self) -> float:

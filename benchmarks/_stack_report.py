@@ -96,6 +96,9 @@ def table_line(row: Row, bare: Row | None, generate: Row | None) -> str:
     if row.hello_idle and row.hello_load:
         hello = f"{ms(percentile(row.hello_idle, 99))} → {ms(percentile(row.hello_load, 99))}"
         hello += f" ({len(row.hello_idle)}/{len(row.hello_load)} polls)"
+        waits = [m.loop_cpu_wait for m in row.measures if m.loop_cpu_wait is not None and m.loop_cpu_wait >= 0]
+        if waits:  # the server's loop was runnable but off the CPU (other processes on its core)
+            hello += f"; loop waited for a core {1000 * statistics.median(waits):.0f} ms/s"
     cpu = row.client_cpu()
     client = f"{cpu[0] * 1000:.1f} ms/1k tok, {cpu[1]:.0%} of a core" if cpu else "—"
     runs = f"{len(row.measures)} ({row.failed})"
@@ -207,6 +210,8 @@ def section(a: argparse.Namespace, rows: list[Row], env: list[str], seconds: flo
         *(capacity_note(rows) or ["- not run (contender 5 not selected)"]),
         "- client CPU column: the client process's own user + system CPU over its load windows, all rounds together, "
         "per 1000 tokens and as a share of one core; /hello polls every 5 ms from a process of its own, idle = 3 s "
-        "before the rounds, load = the polls inside the row's load windows (all rounds).",
+        "before the rounds, load = the polls inside the row's load windows (all rounds); loop waited for a core = "
+        "the run-queue wait of the server's event-loop thread (`/proc/PID/schedstat`) per second of load, median of "
+        "the rounds: time it was ready to run while the engine process, the client and the poller held both cores.",
     ]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from _fast_model import build_fast_model, load_fast_model
-from _stack_http import OtherLoad, Poller, Server, in_windows, run_client, wait_for_quiet
+from _stack_http import OtherLoad, Poller, Server, in_windows, run_client, run_queue_wait, wait_for_quiet
 from _stack_inprocess import Measure, StaticBatch, process_engine_class, stream_closed_loop, thread_engine
 from _stack_report import HTTP_ROWS, NAMES, Row, environment, section, write_section
 
@@ -115,16 +115,19 @@ class Block:
             except RuntimeError as exc:
                 self.add(key, None, f"failed: {str(exc)[:160]}")
                 continue
-            self.add(key, self.http_run(key, server.port, sse))
+            self.add(key, self.http_run(key, server, sse))
 
-    def http_run(self, key: str, port: int, sse: bool) -> Run:
+    def http_run(self, key: str, server: Server, sse: bool) -> Run:
         def run(requests: int, new_tokens: int) -> Measure:
-            assert self.poller is not None
-            self.poller.point_at(port if key in HTTP_ROWS else None)
+            assert self.poller is not None and server.process is not None
+            self.poller.point_at(server.port if key in HTTP_ROWS else None)
+            waited = run_queue_wait(server.process.pid)
             try:
-                measure = run_client(port, self.n, requests, new_tokens, sse, self.args.time_cap)
+                measure = run_client(server.port, self.n, requests, new_tokens, sse, self.args.time_cap)
             finally:
                 self.poller.point_at(None)
+            if measure.seconds > 0:
+                measure.loop_cpu_wait = (run_queue_wait(server.process.pid) - waited) / measure.seconds
             if measure.window is not None:
                 self.windows.setdefault(key, []).append(measure.window)
             return measure
