@@ -19,13 +19,6 @@ size adapts to time (additive increase, multiplicative decrease, as TCP does wit
 the iteration that ran the last turn's consumers took longer than ``turn_target``, the next turn
 is half as large; otherwise it grows by one, up to ``per_turn``. At 64 streams of a fast model this
 halved the host app's ``/hello`` p99 (8-9 ms to 4-5 ms) at the same tokens/s.
-
-The target is 0.1 ms. With the web process on a core of its own (the engine process, the clients and
-the poller on the other: what remote clients give), 0.25 ms left loop iterations of 0.2 / 0.56 / 1.0 ms
-(p50 / p90 / p99) and ``/hello`` p99 at 1.5-3.7 ms; 0.1 ms lowered it in 6 of 6 interleaved pairs
-(1.4-2.8 ms, p90 0.6-1.0 against 0.8-1.6 ms) for ~5 % more web CPU and the same tokens/s. 0.05 ms
-gained nothing more. With the clients sharing the web process's core, preemption sets the tail and the
-target makes no difference.
 """
 
 from __future__ import annotations
@@ -37,7 +30,7 @@ import weakref
 
 WAKES_PER_TURN = 8  # ~0.6 ms of consumer work per iteration at ~80 us each (measured on the fast-model benchmark)
 #: how long one loop iteration may spend on chat work before turns shrink: a host request waits ~3 iterations
-TURN_TARGET_S = 0.0001
+TURN_TARGET_S = 0.00025
 
 _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, FairWakes] = weakref.WeakKeyDictionary()
 
