@@ -4,7 +4,9 @@ On the CPU, torch's default (one OpenMP thread per core) puts a thread on the co
 loop runs on, and every parallel region then waits at its barrier while the loop works: on 2 cores, SmolLM2
 at batch 8 kept 1.9 cores busy for 59-65 tokens/s and the host app's ``/hello`` p99 went to 8-9x idle; on
 one thread it streamed 58-62 tokens/s on 1.0 core, ``/hello`` p99 1.4-1.6x idle (in-thread engine; the
-engine process: 60 -> 67-76 tokens/s, p99 5-8x -> 1.3-1.4x). So the model gets every core but one.
+engine process: 60 -> 67-76 tokens/s, p99 5-8x -> 1.3-1.4x). So the model gets every core but one. Where
+cores are this few it costs the model some speed (``make bench``'s server: 0.93-0.97x the static batch on
+all cores, against 0.97-1.00x on two threads); ``torch_threads=os.cpu_count()`` takes them all back.
 
 torch keeps the count per thread: ``torch.set_num_threads`` sets the calling thread's OpenMP count and a
 process-wide value that threads take when they first run a parallel region. ``use_in_this_thread`` gives
