@@ -46,6 +46,7 @@ def build_app(args: argparse.Namespace) -> ChatStreamMiddleware:
     cache = {"prefix_cache_bytes": 0 if budget == "off" else None if budget == "default" else int(budget)}
     engine = TransformersEngine(model, tokenizer, max_batch_size=args.batch_size, **cache)
     info = {**runtime_info(), "contender": "chatstream_asgi", "max_batch_size": args.batch_size, **cache}
+    info["model_threads"] = engine.torch_threads  # its worker thread's (None: torch's own), not the process's
     return ChatStreamMiddleware(
         wrapped_app(info),
         engine=engine,

@@ -128,7 +128,8 @@ def environment(a: argparse.Namespace, seconds: float) -> list[str]:
     return [
         f"- date: {when}",
         f"- machine: {os.cpu_count()} cores, {cpu_model()}, {platform.platform()}; torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads, the default, in every process), transformers {transformers.__version__}",
+        f"({torch.get_num_threads()} threads, the default, in every process; our model's worker thread: all cores "
+        f"but one, `TransformersEngine`'s default), transformers {transformers.__version__}",
         f"- command: `{command}`",
         f"- model: SmolLM2-135M-Instruct, float32 on CPU, from `{gguf_path().name}`; `max_batch_size` = "
         f"`max_concurrency` = `max_queue` = K",

