@@ -104,3 +104,12 @@ async def test_first_tokens_and_ends_are_delivered_before_running_streams(
     buffers = await deliver(tokenizer, 8, frame_for)
     order = sorted(range(8), key=lambda i: buffers[i].pushed_at[0])
     assert order == [5, 6, 7, 0, 1, 2, 3, 4]  # the end and the first tokens in frame order, then the rest
+
+
+@pytest.mark.asyncio
+async def test_a_running_streams_ids_become_its_text(tiny_engine_parts: tuple[Any, Any]) -> None:
+    # the common frame: ids only (no first token, no end), turned into text in one call per stream
+    _, tokenizer = tiny_engine_parts
+    ids = tokenizer.encode("again and again", add_special_tokens=False)
+    buffers = await deliver(tokenizer, 4, lambda rids: {rid: list(ids) for rid in rids})
+    assert [(await b.take()).text for b in buffers] == [tokenizer.decode(ids)] * 4
