@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any, NamedTuple, Protocol
 
 from .base import GenerationChunk
@@ -127,14 +127,23 @@ def _dispatch(batch: dict[ReplyBuffer, list[Reply]]) -> None:
 
 
 class ReplyBuffer:
-    """One stream's events on the consumer's loop; ``take`` returns all that arrived, coalesced."""
+    """One stream's events on the consumer's loop; ``take`` returns all that arrived, coalesced.
 
-    __slots__ = ("_events", "_waiter", "_wakes")
+    ``decode`` (an engine process's link sets it) turns raw events pushed with ``push_raw`` (token ids, an
+    end, an error, as the engine sent them) into replies, pushed back here with ``push``. It runs in
+    ``take``, on the consumer's own turn: the link hands a whole step frame over in one cheap pass, and
+    detokenizing, the larger part of a stream's cost, falls under the loop's fair wake-ups with the rest
+    of that stream's work (a write to its client).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_events", "_raw", "_waiter", "_wakes", "decode")
+
+    def __init__(self, decode: Callable[[list[Any]], None] | None = None) -> None:
         self._events: list[Reply] = []
+        self._raw: list[Any] = []
         self._waiter: asyncio.Future[None] | None = None
         self._wakes: FairWakes | None = None
+        self.decode = decode
 
     def push(self, event: Reply) -> None:
         """Called on the loop: store ``event`` and wake the consumer (through the loop's fair wake-ups)."""
@@ -142,6 +151,14 @@ class ReplyBuffer:
 
     def push_many(self, events: Iterable[Reply]) -> None:
         self._events.extend(events)
+        self._wake()
+
+    def push_raw(self, events: list[Any]) -> None:
+        """Store events for ``decode`` (in arrival order, before anything pushed later) and wake the consumer."""
+        self._raw.extend(events)
+        self._wake()
+
+    def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and self._wakes is not None:
             self._waiter = None  # handed over once: later events of this step ride on the same wake-up
@@ -157,7 +174,12 @@ class ReplyBuffer:
 
     async def take(self) -> GenerationChunk:
         """Wait for events; return them as one chunk (text joined), or raise the failure they carry."""
-        while not self._events:
+        while True:
+            if self._raw and self.decode is not None:
+                raw, self._raw = self._raw, []
+                self.decode(raw)  # may push nothing yet: a token that is part of a character, or of a stop string
+            if self._events:
+                return self._coalesce()
             loop = asyncio.get_running_loop()
             if self._wakes is None:
                 self._wakes = fair_wakes(loop)
@@ -166,7 +188,6 @@ class ReplyBuffer:
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._coalesce()
 
     def _coalesce(self) -> GenerationChunk:
         events, texts = self._events, []

@@ -3,8 +3,9 @@
 The engine process sends token ids, not text: detokenizing and watching stop strings cost ~4 µs a
 token in Python, a fifth of a fast model's step at batch 64, so they run here, beside the model loop
 instead of inside it (vLLM's frontend does the same). A reader task takes each frame (every stream's
-tokens of one engine step), turns them into text and pushes it into the streams' ``ReplyBuffer``s.
-A stop string ends the reply here at once and cancels the sequence at the engine's next step.
+tokens of one engine step) and hands each stream its ids; each stream's consumer turns them into text
+when it runs (``ReplyBuffer.decode``). A stop string ends the reply there and cancels the sequence at
+the engine's next step.
 When the connection ends, every open stream gets an ``EngineError`` (in-band for the client) and
 ``on_lost`` tells the engine to restart.
 """
@@ -14,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,6 @@ from ._delivery import FirstToken, ReplyBuffer
 from ._wire import WIRE_VERSION, encode, local_event, read_message
 from .base import GenerationChunk, PrefixCacheStats, SamplingParams
 from .detokenizer import DecoderSpec, ReplyText
-from .fair_wakes import TURN_TARGET_S
 
 logger = logging.getLogger("chatstream_asgi")
 LINK_BUFFER = 1 << 22  # bytes the reader may take in one read: a step of many streams is one read
@@ -83,14 +83,17 @@ class EngineLink:
             )
         return cls(reader, writer, info, on_lost)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, replies: ReplyBuffer) -> int:
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[int, ReplyBuffer]:
+        """Send a request to the engine; its id (to ``cancel`` it) and the buffer its reply arrives in."""
         if self.closed:  # nobody would ever answer this request
             raise ConnectionError("the connection to the engine is closed")
         rid = next(self._ids)
-        self.replies[rid] = OpenReply(replies, ReplyText(self.decoder, params.stop), len(prompt_ids))
+        reply = OpenReply(ReplyBuffer(), ReplyText(self.decoder, params.stop), len(prompt_ids))
+        reply.buffer.decode = functools.partial(self._decode, rid, reply)
+        self.replies[rid] = reply
         # a flat copy of the fields: dataclasses.asdict deep-copies them, ten times slower for the same dict
         self.writer.write(encode(("submit", rid, prompt_ids, dict(vars(params)))))
-        return rid
+        return rid, reply.buffer
 
     def cancel(self, rid: int) -> None:
         """Stop request ``rid`` at the engine's next step; nothing to do once it ended."""
@@ -111,7 +114,7 @@ class EngineLink:
             while True:
                 kind, batch, *cache = await read_message(self.reader)
                 if kind == "step":
-                    await self._deliver(batch)
+                    self._deliver(batch)
                     if cache and cache[0] is not None:
                         self.cache_stats = PrefixCacheStats(*cache[0])
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
@@ -121,35 +124,38 @@ class EngineLink:
         finally:
             self._lose()
 
-    async def _deliver(self, batch: dict[int, list[Any]]) -> None:
-        """Hand a frame's events to their streams, as many per loop iteration as fit in ``TURN_TARGET_S``.
+    def _deliver(self, batch: dict[int, list[Any]]) -> None:
+        """Hand a frame's events to their streams as they came, to be decoded on each consumer's own turn.
 
         A frame holds every step the engine sent while this loop was busy (at batch 64, five steps of 64
-        tokens were common), grouped by stream, each stream's in step order. Each stream's run of ids is
-        detokenized in one call and lands in its buffer at once: one wake-up and one write per stream and
-        frame, not one per step. Decoding a whole frame in one callback stalled the host app's requests for
-        4-9 ms; a slice of streams per iteration lets them in between. The slice is cut by time, not by a
-        count of streams: a stream's cost varies tenfold (a run of ids to detokenize, a stop string to watch).
+        tokens were common), grouped by stream, each stream's in step order. Handing them over costs a
+        list extend and a wake-up per stream, so a whole frame goes in one callback; detokenizing and
+        watching stop strings (~4 µs a token) run in ``ReplyBuffer.take``, where the loop's fair wake-ups
+        bound each iteration's chat work, and a consumer that fell behind decodes all its pending ids in
+        one call. (Decoding here, in time slices of streams per iteration, decoded each frame's ids as
+        they came and gave the link a budget of its own beside the consumers': ~12 % fewer tokens/s over
+        HTTP on the fast-model benchmark, the host app's ``/hello`` p99 the same.)
         """
         # A reply's first text is its time to first token, and a reply's end lets its client send the next
-        # request (a batch row stays empty until it arrives): those streams go first, a running stream's text
-        # can wait a slice. Only a run's first event (a first token) or its last (an end, an error) is either.
-        urgent = {rid: None for rid, run in batch.items() if type(run[0]) is not int or type(run[-1]) is not int}
-        order = [*urgent, *(rid for rid in batch if rid not in urgent)] if urgent else batch
-        slice_end = time.perf_counter() + TURN_TARGET_S
-        for rid in order:
-            events = batch[rid]
-            if time.perf_counter() > slice_end:
-                await asyncio.sleep(0)
-                slice_end = time.perf_counter() + TURN_TARGET_S
-            reply = self.replies.get(rid)
-            if reply is not None:  # None: cancelled or stopped here while its last tokens were on the way
-                self._deliver_stream(rid, reply, events)
+        # request (a batch row stays empty until it arrives): those streams are woken first. Only a run's
+        # first event (a first token) or its last (an end, an error) is either.
+        urgent = [rid for rid, run in batch.items() if type(run[0]) is not int or type(run[-1]) is not int]
+        if urgent:
+            for rid in urgent:
+                self._hand_over(rid, batch.pop(rid))
+        for rid, events in batch.items():
+            self._hand_over(rid, events)
 
-    def _deliver_stream(self, rid: int, reply: OpenReply, events: list[Any]) -> None:
+    def _hand_over(self, rid: int, events: list[Any]) -> None:
+        reply = self.replies.get(rid)
+        if reply is not None:  # None: cancelled or stopped here while its last tokens were on the way
+            reply.buffer.push_raw(events)
+
+    def _decode(self, rid: int, reply: OpenReply, events: list[Any]) -> None:
+        """A stream's raw events into its reply text, an end or an error (``ReplyBuffer.decode``)."""
         if type(events[0]) is int and type(events[-1]) is int:
-            # A running stream's run: ids only (a first token or an end is only ever at the edge of a run). No test
-            # per id: at batch 64 that loop was a quarter of the cost of turning a frame into text.
+            # A running stream's: ids only (a first token or an end is only ever at the edge of a reply's events).
+            # No test per id: at batch 64 that loop was a quarter of the cost of decoding (cProfile).
             self._tokens(rid, reply, events)
             return
         ids: list[int] = []
@@ -164,7 +170,7 @@ class EngineLink:
                 continue
             if ids and not self._tokens(rid, reply, ids):
                 return  # a stop string ended it
-            del self.replies[rid]
+            self.replies.pop(rid, None)
             if isinstance(event, GenerationChunk):
                 reply.buffer.push(self._last_chunk(reply, event))
             elif isinstance(event, tuple):
@@ -208,6 +214,6 @@ class EngineLink:
         self.writer.close()
         replies, self.replies = self.replies, {}
         for reply in replies.values():
-            reply.buffer.push(EngineError(LOST))
+            reply.buffer.push_raw([("error", LOST)])  # after the tokens that arrived before, still undecoded
         if not was_closed:
             self._on_lost(self)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, EngineNotReady, EngineUnavailable
-from ._delivery import ReplyBuffer
 from ._launcher import Launcher
 from ._link import EngineLink
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
@@ -172,8 +171,7 @@ class ProcessEngine:
         await self._usable_link()  # started and connected: the tokenizer is known
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered
-        replies = ReplyBuffer()
-        rid = link.submit(prompt.token_ids, params, replies)
+        rid, replies = link.submit(prompt.token_ids, params)
         try:
             async for chunk in replies.chunks():
                 yield chunk

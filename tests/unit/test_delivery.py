@@ -57,6 +57,25 @@ async def test_take_waits_until_a_push_arrives() -> None:
     assert await asyncio.wait_for(waiting, 1) == GenerationChunk("late")
 
 
+@pytest.mark.asyncio
+async def test_raw_events_are_decoded_on_take_and_a_decode_with_no_text_yet_keeps_waiting() -> None:
+    decoded: list[list[Any]] = []
+
+    def decode(raw: list[Any]) -> None:  # as an engine link's: ids in, text out once a whole character is in
+        decoded.append(raw)
+        if len(decoded) > 1:
+            buffer.push("".join(map(str, (x for batch in decoded for x in batch))))
+
+    buffer = ReplyBuffer(decode)
+    buffer.push_raw([1, 2])
+    assert not decoded  # nothing is decoded until the consumer takes
+    waiting = asyncio.ensure_future(buffer.take())
+    await asyncio.sleep(0)
+    assert decoded == [[1, 2]] and not waiting.done()  # decoded, no text yet: it waits for more
+    buffer.push_raw([3])
+    assert await asyncio.wait_for(waiting, 1) == GenerationChunk("123")
+    assert decoded == [[1, 2], [3]]
+
 def test_a_stream_hold_releases_every_stream_an_interval_after_the_last_full_release() -> None:
     hold = StreamHold(0.05)
     assert hold.take_due() == {}  # nothing pending

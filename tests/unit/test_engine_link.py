@@ -1,12 +1,16 @@
-"""The web side of the engine process's socket: a step frame for many streams reaches them a slice per loop
-iteration (``EngineLink._deliver``), so the host app's requests get in between, and first tokens and ends go
-before running streams."""
+"""The web side of the engine process's socket (``EngineLink``): a step frame for many streams is handed to
+all of them in one loop callback, undecoded; each stream's consumer detokenizes its own ids when it takes
+them (on its fair-wakes turn); first tokens and ends wake their consumers first; a stop string found there
+ends the reply and cancels the request at the engine; a lost engine fails each stream after the text that
+had arrived before."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -14,102 +18,167 @@ import pytest
 from chatstream_asgi.engines import _link
 from chatstream_asgi.engines._delivery import FirstToken, ReplyBuffer
 from chatstream_asgi.engines._link import EngineLink
-from chatstream_asgi.engines._wire import step_frame, wire_event
+from chatstream_asgi.engines._wire import recv_message, step_frame, wire_event
 from chatstream_asgi.engines.base import GenerationChunk, SamplingParams
+from chatstream_asgi.errors import EngineError
 
 STREAMS = 32
-Frame = dict[int, list[Any]]  # each stream's events, as the engine groups them
+GREEDY = SamplingParams(max_new_tokens=8, temperature=0.0)
 
 
-class RecordingBuffer(ReplyBuffer):
-    """A stream's buffer that notes the loop iteration each push came in."""
+@dataclass
+class LinkedEngine:
+    """A link over a real socket pair; ``engine`` is the engine process's end."""
 
-    def __init__(self, clock: list[int]) -> None:
-        super().__init__()
-        self.clock = clock
-        self.pushed_at: list[int] = []
+    link: EngineLink
+    engine: socket.socket
+    frames: list[int]  # streams in each frame the link has handed over
 
-    def push(self, event: Any) -> None:
-        self.pushed_at.append(self.clock[0])
-        super().push(event)
+    def open(self, count: int, params: SamplingParams = GREEDY) -> list[tuple[int, ReplyBuffer]]:
+        opened = [self.link.submit([1, 2, 3], params) for _ in range(count)]
+        for _ in opened:
+            assert recv_message(self.engine)[0] == "submit"
+        return opened
+
+    async def send(self, frame: dict[int, list[Any]]) -> None:
+        """Send a step frame as the engine does and wait until the link has handed it over."""
+        handed = len(self.frames)
+        self.engine.sendall(step_frame(frame))
+        for _ in range(1000):
+            await asyncio.sleep(0)
+            if len(self.frames) > handed:
+                return
+        raise AssertionError("the link never read the frame")
 
 
-async def deliver(tokenizer: Any, streams: int, frame_for: Callable[[list[int]], Frame]) -> list[RecordingBuffer]:
-    """Open ``streams`` requests on a link over a real socket pair, send it ``frame_for(request ids)`` as the
-    engine would, and count loop iterations until every stream got something; return their buffers."""
+@asynccontextmanager
+async def linked(tokenizer: Any) -> AsyncIterator[LinkedEngine]:
     engine_end, web_end = socket.socketpair()
+    engine_end.settimeout(10)  # a message the link never sends fails the test instead of hanging it
     reader, writer = await asyncio.open_connection(sock=web_end)
     link = EngineLink(reader, writer, {"tokenizer": tokenizer}, on_lost=lambda _: None)
-    clock = [0]
-    buffers = [RecordingBuffer(clock) for _ in range(streams)]
-    params = SamplingParams(max_new_tokens=8, temperature=0.0)
-    rids = [link.submit([1, 2, 3], params, buffer) for buffer in buffers]
+    frames: list[int] = []
+    deliver = link._deliver
+
+    def counted(batch: dict[int, list[Any]]) -> None:
+        frames.append(len(batch))
+        deliver(batch)
+
+    link._deliver = counted  # type: ignore[method-assign]
     try:
-        engine_end.sendall(step_frame(frame_for(rids)))
-        while not all(b.pushed_at for b in buffers):
-            clock[0] += 1
-            await asyncio.sleep(0)
-            assert clock[0] < 10_000, "the frame never reached every stream"
+        yield LinkedEngine(link, engine_end, frames)
     finally:
         await link.close()
         engine_end.close()
-    return buffers
 
 
-async def a_first_token_and_two_more(tokenizer: Any) -> tuple[set[int], list[str], str]:
-    """A frame with a first token and two more ids for each of ``STREAMS`` streams: the loop iterations the
-    pushes came in, the text each stream got, and the ids' text."""
-    ids = tokenizer.encode("hello world", add_special_tokens=False)[:3]
-
-    def frame_for(rids: list[int]) -> Frame:
-        return {rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]] for rid in rids}
-
-    buffers = await deliver(tokenizer, STREAMS, frame_for)
-    texts = [(await b.take()).text for b in buffers]
-    return {at for b in buffers for at in b.pushed_at}, texts, tokenizer.decode(ids)
+def words(tokenizer: Any, text: str) -> list[int]:
+    ids: list[int] = tokenizer.encode(text, add_special_tokens=False)
+    return ids
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize(
-    ("turn_target", "iterations_wanted"),
-    [
-        (0.0, STREAMS),  # every stream is over the budget: one per iteration
-        (10.0, 1),  # the whole frame fits in one turn
-    ],
-)
-async def test_a_frame_is_delivered_in_as_many_iterations_as_its_slices_take(
-    tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, turn_target: float, iterations_wanted: int
-) -> None:
-    _, tokenizer = tiny_engine_parts
-    monkeypatch.setattr(_link, "TURN_TARGET_S", turn_target)
-    iterations, texts, expected = await a_first_token_and_two_more(tokenizer)
-    assert len(iterations) == iterations_wanted
-    assert texts == [expected] * STREAMS  # each stream got its own ids, in order
-
-
-@pytest.mark.asyncio
-async def test_first_tokens_and_ends_are_delivered_before_running_streams(
+async def test_a_frame_reaches_every_stream_in_one_callback_and_is_decoded_by_its_consumer(
     tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # the engine lists rows in batch order, so a frame names new rows (first tokens) last; they go first here,
-    # with the rows that ended (their clients send the next request), one stream per iteration
     _, tokenizer = tiny_engine_parts
-    monkeypatch.setattr(_link, "TURN_TARGET_S", 0.0)
-    token = tokenizer.encode("hello", add_special_tokens=False)[0]
-    end, first = wire_event(GenerationChunk("", "length", 3, 8)), wire_event(FirstToken(token, 0))
+    decoded_by: list[str] = []  # which task detokenized: the link's reader, or the stream's consumer
+    real_decode = EngineLink._decode
 
-    def frame_for(rids: list[int]) -> Frame:
-        return {**{rid: [token] for rid in rids[:5]}, rids[5]: [token, end], rids[6]: [first], rids[7]: [first]}
+    def decode(self: EngineLink, *args: Any) -> None:
+        task = asyncio.current_task()
+        decoded_by.append(task.get_name() if task is not None else "?")
+        real_decode(self, *args)
 
-    buffers = await deliver(tokenizer, 8, frame_for)
-    order = sorted(range(8), key=lambda i: buffers[i].pushed_at[0])
-    assert order == [5, 6, 7, 0, 1, 2, 3, 4]  # the end and the first tokens in frame order, then the rest
+    monkeypatch.setattr(EngineLink, "_decode", decode)
+    ids = words(tokenizer, "hello world")[:3]
+    async with linked(tokenizer) as engine:
+        opened = engine.open(STREAMS)
+        handed: list[int] = []
+        real_push_raw = ReplyBuffer.push_raw
+
+        def push_raw(self: ReplyBuffer, events: list[Any]) -> None:
+            handed.append(len(events))
+            real_push_raw(self, events)
+
+        monkeypatch.setattr(ReplyBuffer, "push_raw", push_raw)
+        await engine.send({rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]] for rid, _ in opened})
+        assert len(handed) == STREAMS and not decoded_by  # all handed over, nothing detokenized yet
+
+        async def consume(buffer: ReplyBuffer) -> str:
+            return (await buffer.take()).text
+
+        consumers = [asyncio.create_task(consume(buffer), name=f"consumer {i}") for i, (_, buffer) in enumerate(opened)]
+        texts = await asyncio.gather(*consumers)
+        more = words(tokenizer, " again and again")
+        await engine.send({rid: more for rid, _ in opened})  # running streams: ids only
+        consumers = [asyncio.create_task(consume(buffer), name=f"consumer {i}") for i, (_, buffer) in enumerate(opened)]
+        later = await asyncio.gather(*consumers)
+    assert texts == [tokenizer.decode(ids)] * STREAMS  # each stream its own ids, in order
+    assert [a + b for a, b in zip(texts, later, strict=True)] == [tokenizer.decode(ids + more)] * STREAMS
+    assert decoded_by == [f"consumer {i}" for i in range(STREAMS)] * 2
 
 
 @pytest.mark.asyncio
-async def test_a_running_streams_ids_become_its_text(tiny_engine_parts: tuple[Any, Any]) -> None:
-    # the common frame: ids only (no first token, no end), turned into text in one call per stream
+async def test_first_tokens_and_ends_wake_their_consumers_before_running_streams(
+    tiny_engine_parts: tuple[Any, Any],
+) -> None:
+    # the engine lists rows in batch order, so a frame names new rows (first tokens) last; they go first here,
+    # with the rows that ended (their clients send the next request)
     _, tokenizer = tiny_engine_parts
-    ids = tokenizer.encode("again and again", add_special_tokens=False)
-    buffers = await deliver(tokenizer, 4, lambda rids: {rid: list(ids) for rid in rids})
-    assert [(await b.take()).text for b in buffers] == [tokenizer.decode(ids)] * 4
+    token = words(tokenizer, "hello")[0]
+    end, first = wire_event(GenerationChunk("", "length", 3, 8)), wire_event(FirstToken(token, 0))
+    async with linked(tokenizer) as engine:
+        opened = engine.open(8)
+        rids = [rid for rid, _ in opened]
+        woken: list[int] = []
+
+        async def consume(index: int, buffer: ReplyBuffer) -> None:
+            await buffer.take()
+            woken.append(index)
+
+        consumers = [asyncio.create_task(consume(i, buffer)) for i, (_, buffer) in enumerate(opened)]
+        await asyncio.sleep(0)  # every consumer waits in take()
+        running = {rid: [token] for rid in rids[:5]}
+        await engine.send({**running, rids[5]: [token, end], rids[6]: [first], rids[7]: [first]})
+        await asyncio.gather(*consumers)
+    assert woken == [5, 6, 7, 0, 1, 2, 3, 4]  # the end and the first tokens in frame order, then the rest
+
+
+@pytest.mark.asyncio
+async def test_a_stop_string_found_by_the_consumer_ends_the_reply_and_cancels_it_at_the_engine(
+    tiny_engine_parts: tuple[Any, Any],
+) -> None:
+    _, tokenizer = tiny_engine_parts
+    ids = words(tokenizer, "hello world again")
+    stop = tokenizer.decode(ids[1:2]).strip()
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, stop=[stop])
+    async with linked(tokenizer) as engine:
+        [(rid, buffer)] = engine.open(1, params)
+        await engine.send({rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]]})
+        chunk = await buffer.take()
+        assert recv_message(engine.engine) == ("cancel", rid)  # sent when the consumer met the stop string
+        await engine.send({rid: [ids[0]]})  # tokens already on their way are dropped
+    assert chunk.finish_reason == "stop"
+    assert stop not in chunk.text and tokenizer.decode(ids).startswith(chunk.text)
+    assert not buffer._raw and not buffer._events
+
+
+@pytest.mark.asyncio
+async def test_a_lost_engine_fails_each_stream_after_the_text_that_arrived_before(
+    tiny_engine_parts: tuple[Any, Any],
+) -> None:
+    _, tokenizer = tiny_engine_parts
+    ids = words(tokenizer, "hello world")
+    async with linked(tokenizer) as engine:
+        [(rid, buffer)] = engine.open(1)
+        await engine.send({rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]]})
+        engine.engine.close()  # the engine process died
+        for _ in range(100):
+            await asyncio.sleep(0)
+        assert engine.link.closed
+        text = (await buffer.take()).text
+        with pytest.raises(EngineError, match="restarted"):
+            await buffer.take()
+    assert text == tokenizer.decode(ids)
+    assert _link.LOST.endswith("being restarted.")
