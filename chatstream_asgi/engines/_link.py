@@ -140,9 +140,8 @@ class EngineLink:
         # request (a batch row stays empty until it arrives): those streams are woken first. Only a run's
         # first event (a first token) or its last (an end, an error) is either.
         urgent = [rid for rid, run in batch.items() if type(run[0]) is not int or type(run[-1]) is not int]
-        if urgent:
-            for rid in urgent:
-                self._hand_over(rid, batch.pop(rid))
+        for rid in urgent:
+            self._hand_over(rid, batch.pop(rid))
         for rid, events in batch.items():
             self._hand_over(rid, events)
 
