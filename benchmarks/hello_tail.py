@@ -1,0 +1,148 @@
+"""Where the slowest ``/hello`` polls spent their time while chats stream on the fast model.
+
+    python benchmarks/hello_tail.py                     # ProcessEngine, 64 clients x 5 requests
+    python benchmarks/hello_tail.py --engine thread --concurrency 32 --slow-ms 1.5
+
+A diagnostic for bench-stack's "/hello p99 under load ≤ 2× idle" target, not a benchmark: it writes nothing
+to ``RESULTS.md``. It starts bench-stack's server (the middleware around a tiny Starlette app on uvicorn)
+and its ``/hello`` poller, runs one closed loop of the light client while ``perf sched`` records every
+context switch of the machine, then, for each poll slower than ``--slow-ms``, says how long the server's
+event-loop thread was running, runnable but waiting for a CPU, or asleep, the same for the poller, and
+which threads held the CPUs; then the totals over all slow polls. Read it so:
+- the loop thread *running* for most of a slow poll: the poll waited for the server's own loop
+  iterations (chat work, in the iterations before uvicorn read the request and before its task ran);
+- *runnable*: the server waited for a core (the holders say who had them);
+- the poller *runnable* or *asleep* at the end: the answer was out, the measuring side was late.
+
+Needs ``perf`` and the right to trace all CPUs (root, or ``kernel.perf_event_paranoid`` at -1); without them
+it still prints the poll percentiles and the loop thread's run-queue wait from ``/proc``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from _fast_model import build_fast_model
+from _sched_timeline import Recording, Timeline, perf_missing
+from _stack_http import Poller, Server, in_windows, run_client, run_queue_wait
+
+HERE = Path(__file__).resolve().parent
+IDLE_SECONDS = 3.0
+STATES = ("running", "runnable", "asleep", "unknown")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+
+
+def thread_roles(server_pid: int) -> dict[int, str]:
+    """The server's threads and its child processes' (the engine process), read while they run."""
+    roles: dict[int, str] = {}
+    pending = [(server_pid, "server")]
+    while pending:
+        pid, role = pending.pop()
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                roles[int(tid)] = role
+                with open(f"/proc/{pid}/task/{tid}/children") as children:  # a child may come from any thread
+                    pending.extend((int(child), "engine") for child in children.read().split())
+        except OSError:
+            continue
+    roles[server_pid] = "server loop"
+    return roles
+
+
+def label(tid: int, comm: str, roles: dict[int, str]) -> str:
+    return roles.get(tid, f"{comm}[{tid}]")
+
+
+def states(spent: dict[str, float]) -> str:
+    return " ".join(f"{state} {spent[state] * 1e3:.2f}" for state in STATES if spent.get(state, 0.0) >= 5e-6)
+
+
+def report_slow_polls(
+    timeline: Timeline, slow: list[tuple[float, float]], pids: tuple[int, int], roles: dict[int, str], top: int
+) -> None:
+    """One line per slow poll (the ``top`` slowest), then the totals; ``pids``: the server's loop, the poller."""
+    server_pid, poller_pid = pids
+    totals: dict[str, collections.Counter[str]] = {"loop": collections.Counter(), "poller": collections.Counter()}
+    holders: collections.Counter[str] = collections.Counter()
+    for rank, (at, seconds) in enumerate(sorted(slow, key=lambda poll: -poll[1])):
+        loop = timeline.breakdown(server_pid, at, at + seconds)
+        poller = timeline.breakdown(poller_pid, at, at + seconds)
+        totals["loop"].update(loop)
+        totals["poller"].update(poller)
+        held: collections.Counter[str] = collections.Counter()
+        for cpu in timeline.on_cpu:
+            for (tid, comm), time_held in timeline.holders(cpu, at, at + seconds).items():
+                held[label(tid, comm, roles)] += time_held
+        holders.update(held)
+        if rank < top:
+            who = ", ".join(f"{name} {held_s * 1e3:.2f}" for name, held_s in held.most_common(4))
+            print(f"  {seconds * 1e3:6.2f} ms | loop: {states(loop)} | poller: {states(poller)} | CPUs: {who}")
+    total = sum(seconds for _, seconds in slow)
+    print(f"\nall {len(slow)} slow polls, {total * 1e3:.1f} ms in all (ms):")
+    print(f"  the server's loop thread: {states(dict(totals['loop']))}")
+    print(f"  the poller: {states(dict(totals['poller']))}")
+    busiest = ", ".join(f"{name} {held_s * 1e3:.1f}" for name, held_s in holders.most_common(6))
+    print(f"  CPU time by thread (all CPUs): {busiest}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=["process", "thread"], default="process")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=5, help="requests per client (closed loop)")
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--slow-ms", type=float, default=2.0, help="polls slower than this are explained")
+    parser.add_argument("--top", type=int, default=12, help="slow polls listed one by one")
+    args = parser.parse_args()
+    why_not = perf_missing()
+    model = build_fast_model(HERE / ".cache" / "fast-model")
+    server, poller = Server(args.engine, args.concurrency, model, args.new_tokens), Poller()
+    try:
+        server.start()
+        server.wait_ready()
+        run_client(server.port, args.concurrency, 1, 20, sse=False, time_cap=60.0)  # warm-up: first requests
+        poller.point_at(server.port)
+        time.sleep(IDLE_SECONDS)
+        roles = {**thread_roles(server.info["pid"]), poller.process.pid: "poller"}
+        trace_dir = tempfile.mkdtemp(prefix="hello-tail-")
+        recording = None if why_not else Recording(120.0, Path(trace_dir) / "sched.data")
+        time.sleep(0.5)  # perf is tracing before the load starts
+        waited = run_queue_wait(server.info["pid"])
+        load = run_client(server.port, args.concurrency, args.requests, args.new_tokens, sse=False, time_cap=50.0)
+        waited = run_queue_wait(server.info["pid"]) - waited
+        if recording is not None:
+            why_not = recording.stop()  # at the end of the load, not after the whole minute
+    finally:
+        server.stop()
+    samples = poller.samples()
+    start, end = load.window
+    idle = in_windows(samples, server.port, [(start - IDLE_SECONDS, start - 0.1)])
+    loaded = [(at, s) for port, at, s in samples if port == server.port and start <= at <= end]
+    seconds, under_load = end - start, [s for _, s in loaded]
+    rate = load.tokens / load.seconds
+    print(f"{args.engine} engine, {args.concurrency} clients: {rate:,.0f} tok/s over {seconds:.1f} s")
+    print(
+        f"/hello p50 / p99: idle {percentile(idle, 0.5) * 1e3:.2f} / {percentile(idle, 0.99) * 1e3:.2f} ms, load "
+        f"{percentile(under_load, 0.5) * 1e3:.2f} / {percentile(under_load, 0.99) * 1e3:.2f} ms ({len(loaded)} polls); "
+        f"the loop thread waited for a core {waited / seconds * 1e3:.0f} ms/s"
+    )
+    slow = [(at, s) for at, s in loaded if s * 1e3 > args.slow_ms]
+    if why_not is not None:
+        print(f"no per-poll breakdown: {why_not}")
+        return
+    print(f"\n{len(slow)} polls over {args.slow_ms} ms (ms spent in each state within the poll):")
+    timeline = Timeline.load(Path(trace_dir) / "sched.data")
+    report_slow_polls(timeline, slow, (int(server.info["pid"]), poller.process.pid), roles, args.top)
+
+
+if __name__ == "__main__":
+    main()
