@@ -103,6 +103,11 @@ def main() -> None:
     parser.add_argument("--slow-ms", type=float, default=2.0, help="polls slower than this are explained")
     parser.add_argument("--top", type=int, default=12, help="slow polls listed one by one")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="hello-tail-") as trace_dir:  # perf's trace: a few MB
+        run(args, Path(trace_dir))
+
+
+def run(args: argparse.Namespace, trace_dir: Path) -> None:
     why_not = perf_missing()
     model = build_fast_model(HERE / ".cache" / "fast-model")
     server, poller = Server(args.engine, args.concurrency, model, args.new_tokens), Poller()
@@ -113,8 +118,7 @@ def main() -> None:
         poller.point_at(server.port)
         time.sleep(IDLE_SECONDS)
         roles = {**thread_roles(server.info["pid"]), poller.process.pid: "poller"}
-        trace_dir = tempfile.mkdtemp(prefix="hello-tail-")
-        recording = None if why_not else Recording(120.0, Path(trace_dir) / "sched.data")
+        recording = None if why_not else Recording(120.0, trace_dir / "sched.data")
         time.sleep(0.5)  # perf is tracing before the load starts
         waited = run_queue_wait(server.info["pid"])
         load = run_client(server.port, args.concurrency, args.requests, args.new_tokens, sse=False, time_cap=50.0)
@@ -140,7 +144,7 @@ def main() -> None:
         print(f"no per-poll breakdown: {why_not}")
         return
     print(f"\n{len(slow)} polls over {args.slow_ms} ms (ms spent in each state within the poll):")
-    timeline = Timeline.load(Path(trace_dir) / "sched.data")
+    timeline = Timeline.load(trace_dir / "sched.data")
     report_slow_polls(timeline, slow, (int(server.info["pid"]), poller.process.pid), roles, args.top)
 
 
