@@ -30,15 +30,16 @@ from pathlib import Path
 from _fast_model import build_fast_model
 from _sched_timeline import Recording, Timeline, perf_missing
 from _stack_http import Poller, Server, in_windows, run_client, run_queue_wait
+from _stack_report import percentile
 
 HERE = Path(__file__).resolve().parent
 IDLE_SECONDS = 3.0
 STATES = ("running", "runnable", "asleep", "unknown")
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else float("nan")
+def ms_at(values: list[float], q: float) -> str:
+    """The ``q``-th percentile in ms, by bench-stack's rule (nearest rank)."""
+    return f"{percentile(values, q) * 1e3:.2f}" if values else "—"
 
 
 def thread_roles(server_pid: int) -> dict[int, str]:
@@ -135,8 +136,8 @@ def run(args: argparse.Namespace, trace_dir: Path) -> None:
     rate = load.tokens / load.seconds
     print(f"{args.engine} engine, {args.concurrency} clients: {rate:,.0f} tok/s over {seconds:.1f} s")
     print(
-        f"/hello p50 / p99: idle {percentile(idle, 0.5) * 1e3:.2f} / {percentile(idle, 0.99) * 1e3:.2f} ms, load "
-        f"{percentile(under_load, 0.5) * 1e3:.2f} / {percentile(under_load, 0.99) * 1e3:.2f} ms ({len(loaded)} polls); "
+        f"/hello p50 / p99: idle {ms_at(idle, 50)} / {ms_at(idle, 99)} ms, load "
+        f"{ms_at(under_load, 50)} / {ms_at(under_load, 99)} ms ({len(loaded)} polls); "
         f"the loop thread waited for a core {waited / seconds * 1e3:.0f} ms/s"
     )
     slow = [(at, s) for at, s in loaded if s * 1e3 > args.slow_ms]

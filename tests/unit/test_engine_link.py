@@ -77,6 +77,21 @@ def words(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
+def reply_start(ids: list[int]) -> list[Any]:
+    """A reply's first events as the engine sends them: its first token, then more ids."""
+    return [wire_event(FirstToken(ids[0], 0)), *ids[1:]]
+
+
+async def take_each(opened: list[tuple[int, ReplyBuffer]]) -> list[str]:
+    """Each stream's next text, taken by a consumer task of its own named ``consumer I``."""
+
+    async def consume(buffer: ReplyBuffer) -> str:
+        return (await buffer.take()).text
+
+    consumers = [asyncio.create_task(consume(buffer), name=f"consumer {i}") for i, (_, buffer) in enumerate(opened)]
+    return await asyncio.gather(*consumers)
+
+
 @pytest.mark.asyncio
 async def test_a_frame_reaches_every_stream_in_one_callback_and_is_decoded_by_its_consumer(
     tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
@@ -102,18 +117,12 @@ async def test_a_frame_reaches_every_stream_in_one_callback_and_is_decoded_by_it
             real_push_raw(self, events)
 
         monkeypatch.setattr(ReplyBuffer, "push_raw", push_raw)
-        await engine.send({rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]] for rid, _ in opened})
+        await engine.send({rid: reply_start(ids) for rid, _ in opened})
         assert len(handed) == STREAMS and not decoded_by  # all handed over, nothing detokenized yet
-
-        async def consume(buffer: ReplyBuffer) -> str:
-            return (await buffer.take()).text
-
-        consumers = [asyncio.create_task(consume(buffer), name=f"consumer {i}") for i, (_, buffer) in enumerate(opened)]
-        texts = await asyncio.gather(*consumers)
+        texts = await take_each(opened)
         more = words(tokenizer, " again and again")
         await engine.send({rid: more for rid, _ in opened})  # running streams: ids only
-        consumers = [asyncio.create_task(consume(buffer), name=f"consumer {i}") for i, (_, buffer) in enumerate(opened)]
-        later = await asyncio.gather(*consumers)
+        later = await take_each(opened)
     assert texts == [tokenizer.decode(ids)] * STREAMS  # each stream its own ids, in order
     assert [a + b for a, b in zip(texts, later, strict=True)] == [tokenizer.decode(ids + more)] * STREAMS
     assert decoded_by == [f"consumer {i}" for i in range(STREAMS)] * 2
@@ -155,7 +164,7 @@ async def test_a_stop_string_found_by_the_consumer_ends_the_reply_and_cancels_it
     params = SamplingParams(max_new_tokens=8, temperature=0.0, stop=[stop])
     async with linked(tokenizer) as engine:
         [(rid, buffer)] = engine.open(1, params)
-        await engine.send({rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]]})
+        await engine.send({rid: reply_start(ids)})
         chunk = await buffer.take()
         assert recv_message(engine.engine) == ("cancel", rid)  # sent when the consumer met the stop string
         await engine.send({rid: [ids[0]]})  # tokens already on their way are dropped
@@ -172,7 +181,7 @@ async def test_a_lost_engine_fails_each_stream_after_the_text_that_arrived_befor
     ids = words(tokenizer, "hello world")
     async with linked(tokenizer) as engine:
         [(rid, buffer)] = engine.open(1)
-        await engine.send({rid: [wire_event(FirstToken(ids[0], 0)), *ids[1:]]})
+        await engine.send({rid: reply_start(ids)})
         engine.engine.close()  # the engine process died
         for _ in range(100):
             await asyncio.sleep(0)
