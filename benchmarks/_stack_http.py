@@ -37,10 +37,13 @@ def free_port() -> int:
 class Server:
     """``_stack_server.py`` with one engine kind and batch size, on a free port of 127.0.0.1."""
 
-    def __init__(self, engine: str, n: int, model: Path | None, new_tokens: int, stack: str = "auto") -> None:
+    def __init__(
+        self, engine: str, n: int, model: Path | None, new_tokens: int, stack: str = "auto", trace_gc: bool = False
+    ) -> None:
         self.engine, self.port = engine, free_port()
         self.argv = [sys.executable, str(HERE / "_stack_server.py"), "--port", str(self.port), "--engine", engine]
         self.argv += ["--batch", str(n), "--mock-tokens", str(new_tokens), "--stack", stack]
+        self.argv += ["--trace-gc"] if trace_gc else []
         self.argv += ["--model", str(model)] if model is not None else []
         self.log_path = LOGS / f"stack-{engine}-{n}{'' if stack == 'auto' else '-' + stack}.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -59,11 +62,14 @@ class Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.engine} server exited with {self.process.returncode}: {self.log_tail()}")
             with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/bench_info", timeout=2.0) as response:
-                    self.info = json.loads(response.read())
-                    return
+                self.info = self.get_json("/bench_info")
+                return
             time.sleep(0.3)
         raise RuntimeError(f"{self.engine} server not ready within {START_TIMEOUT:.0f} s: {self.log_tail()}")
+
+    def get_json(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2.0) as response:
+            return json.loads(response.read())
 
     def log_tail(self) -> str:
         """The exception line of the server's log if it has one, else its last line."""

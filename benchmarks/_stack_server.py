@@ -8,14 +8,18 @@ delay, the client's capacity check. The wrapped app answers ``/hello`` (polled d
 ``/bench_info`` (what the numbers depend on; the driver waits for it). Access logs off, as in production
 behind a proxy that logs; the middleware's own metrics stay on. ``--stack`` picks uvicorn's event loop and
 HTTP parser: ``auto`` (uvicorn's choice: uvloop and httptools when installed), ``h11`` (asyncio + h11) or
-``fast`` (uvloop + httptools).
+``fast`` (uvloop + httptools). ``--trace-gc`` records every garbage collection of this process (start on
+the monotonic clock, duration, generation), served at ``/gc_pauses``, so that ``hello_tail.py`` can tell the
+slow polls that a collection stopped the loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +38,32 @@ SECRET_KEY = "stack-benchmark-secret-key"
 STACKS = {"auto": {}, "h11": {"loop": "asyncio", "http": "h11"}, "fast": {"loop": "uvloop", "http": "httptools"}}
 
 
-def wrapped_app(info: dict[str, Any]) -> Starlette:
+class GcPauses:
+    """A ``gc.callbacks`` entry: ``(monotonic start, seconds, generation)`` of every collection in this process."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[float, float, int]] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.monotonic()
+        else:
+            self.pauses.append((self._started, time.monotonic() - self._started, info["generation"]))
+
+
+def wrapped_app(info: dict[str, Any], gc_pauses: GcPauses | None = None) -> Starlette:
     async def hello(request: Request) -> JSONResponse:
         return JSONResponse({"hello": "from the wrapped app"})
 
     async def bench_info(request: Request) -> JSONResponse:
         return JSONResponse(info)
 
-    return Starlette(routes=[Route("/hello", hello), Route("/bench_info", bench_info)])
+    async def collections(request: Request) -> JSONResponse:
+        return JSONResponse(gc_pauses.pauses if gc_pauses is not None else [])
+
+    routes = [Route("/hello", hello), Route("/bench_info", bench_info), Route("/gc_pauses", collections)]
+    return Starlette(routes=routes)
 
 
 def build_engine(args: argparse.Namespace) -> Any:
@@ -75,10 +97,14 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--mock-tokens", type=int, default=200)
     parser.add_argument("--stack", choices=sorted(STACKS), default="auto")
+    parser.add_argument("--trace-gc", action="store_true", help="record every garbage collection (/gc_pauses)")
     args = parser.parse_args()
+    gc_pauses = GcPauses() if args.trace_gc else None
+    if gc_pauses is not None:
+        gc.callbacks.append(gc_pauses)
     engine = build_engine(args)
     app = ChatStreamMiddleware(
-        wrapped_app(runtime_info(args.engine)),
+        wrapped_app(runtime_info(args.engine), gc_pauses),
         engine=engine,
         secret_key=SECRET_KEY,
         max_concurrency=args.batch,

@@ -12,10 +12,11 @@ which threads held the CPUs; then the totals over all slow polls. Read it so:
 - the loop thread *running* for most of a slow poll: the poll waited for the server's own loop
   iterations (chat work, in the iterations before uvicorn read the request and before its task ran);
 - *runnable*: the server waited for a core (the holders say who had them);
-- the poller *runnable* or *asleep* at the end: the answer was out, the measuring side was late.
+- the poller *runnable* or *asleep* at the end: the answer was out, the measuring side was late;
+- a *gc* column: the server's garbage collector ran within the poll (and stopped the loop that long).
 
 Needs ``perf`` and the right to trace all CPUs (root, or ``kernel.perf_event_paranoid`` at -1); without them
-it still prints the poll percentiles and the loop thread's run-queue wait from ``/proc``.
+it still prints the poll percentiles, the loop thread's run-queue wait from ``/proc`` and the collections.
 """
 
 from __future__ import annotations
@@ -67,8 +68,39 @@ def states(spent: dict[str, float]) -> str:
     return " ".join(f"{state} {spent[state] * 1e3:.2f}" for state in STATES if spent.get(state, 0.0) >= 5e-6)
 
 
+def collected_within(pauses: list[tuple[float, float, int]], start: float, end: float) -> tuple[float, int]:
+    """Seconds of garbage collection between ``start`` and ``end``, and the oldest generation collected (-1: none)."""
+    seconds, oldest = 0.0, -1
+    for at, lasted, generation in pauses:
+        overlap = min(end, at + lasted) - max(start, at)
+        if overlap > 0:
+            seconds, oldest = seconds + overlap, max(oldest, generation)
+    return seconds, oldest
+
+
+def report_collections(
+    pauses: list[tuple[float, float, int]], window: tuple[float, float], slow: list[tuple[float, float]]
+) -> None:
+    """How often the server's garbage collector stopped it during the load, and how many slow polls that explains."""
+    during = [(at, lasted, gen) for at, lasted, gen in pauses if window[0] <= at <= window[1]]
+    by_generation = collections.Counter(gen for _, _, gen in during)
+    longest = max((lasted for _, lasted, _ in during), default=0.0)
+    hit = [collected_within(during, at, at + seconds)[0] for at, seconds in slow]
+    print(
+        f"garbage collections in the server during the load: {len(during)} "
+        f"({', '.join(f'gen {gen}: {n}' for gen, n in sorted(by_generation.items())) or 'none'}), "
+        f"longest {longest * 1e3:.2f} ms; {sum(1 for s in hit if s > 0)} of the {len(slow)} slow polls overlapped one "
+        f"({sum(hit) * 1e3:.1f} ms of collection within them)"
+    )
+
+
 def report_slow_polls(
-    timeline: Timeline, slow: list[tuple[float, float]], pids: tuple[int, int], roles: dict[int, str], top: int
+    timeline: Timeline,
+    slow: list[tuple[float, float]],
+    pids: tuple[int, int],
+    roles: dict[int, str],
+    pauses: list[tuple[float, float, int]],
+    top: int,
 ) -> None:
     """One line per slow poll (the ``top`` slowest), then the totals; ``pids``: the server's loop, the poller."""
     server_pid, poller_pid = pids
@@ -86,7 +118,9 @@ def report_slow_polls(
         holders.update(held)
         if rank < top:
             who = ", ".join(f"{name} {held_s * 1e3:.2f}" for name, held_s in held.most_common(4))
-            print(f"  {seconds * 1e3:6.2f} ms | loop: {states(loop)} | poller: {states(poller)} | CPUs: {who}")
+            collecting, generation = collected_within(pauses, at, at + seconds)
+            gc_note = f" | gc (gen {generation}) {collecting * 1e3:.2f}" if generation >= 0 else ""
+            print(f"  {seconds * 1e3:6.2f} ms | loop: {states(loop)}{gc_note} | poller: {states(poller)} | CPUs: {who}")
     total = sum(seconds for _, seconds in slow)
     print(f"\nall {len(slow)} slow polls, {total * 1e3:.1f} ms in all (ms):")
     print(f"  the server's loop thread: {states(dict(totals['loop']))}")
@@ -111,7 +145,7 @@ def main() -> None:
 def run(args: argparse.Namespace, trace_dir: Path) -> None:
     why_not = perf_missing()
     model = build_fast_model(HERE / ".cache" / "fast-model")
-    server, poller = Server(args.engine, args.concurrency, model, args.new_tokens), Poller()
+    server, poller = Server(args.engine, args.concurrency, model, args.new_tokens, trace_gc=True), Poller()
     try:
         server.start()
         server.wait_ready()
@@ -126,6 +160,7 @@ def run(args: argparse.Namespace, trace_dir: Path) -> None:
         waited = run_queue_wait(server.info["pid"]) - waited
         if recording is not None:
             why_not = recording.stop()  # at the end of the load, not after the whole minute
+        pauses = [(at, lasted, generation) for at, lasted, generation in server.get_json("/gc_pauses")]
     finally:
         server.stop()
     samples = poller.samples()
@@ -141,12 +176,13 @@ def run(args: argparse.Namespace, trace_dir: Path) -> None:
         f"the loop thread waited for a core {waited / seconds * 1e3:.0f} ms/s"
     )
     slow = [(at, s) for at, s in loaded if s * 1e3 > args.slow_ms]
+    report_collections(pauses, load.window, slow)
     if why_not is not None:
         print(f"no per-poll breakdown: {why_not}")
         return
     print(f"\n{len(slow)} polls over {args.slow_ms} ms (ms spent in each state within the poll):")
     timeline = Timeline.load(trace_dir / "sched.data")
-    report_slow_polls(timeline, slow, (int(server.info["pid"]), poller.process.pid), roles, args.top)
+    report_slow_polls(timeline, slow, (int(server.info["pid"]), poller.process.pid), roles, pauses, args.top)
 
 
 if __name__ == "__main__":
