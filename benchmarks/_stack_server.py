@@ -59,10 +59,10 @@ def wrapped_app(info: dict[str, Any], gc_pauses: GcPauses | None = None) -> Star
     async def bench_info(request: Request) -> JSONResponse:
         return JSONResponse(info)
 
-    async def collections(request: Request) -> JSONResponse:
+    async def garbage_collections(request: Request) -> JSONResponse:
         return JSONResponse(gc_pauses.pauses if gc_pauses is not None else [])
 
-    routes = [Route("/hello", hello), Route("/bench_info", bench_info), Route("/gc_pauses", collections)]
+    routes = [Route("/hello", hello), Route("/bench_info", bench_info), Route("/gc_pauses", garbage_collections)]
     return Starlette(routes=routes)
 
 
