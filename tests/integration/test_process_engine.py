@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -194,10 +195,10 @@ async def test_token_limits_use_the_tokenizer_the_engine_process_sends(tiny_mode
     assert process_engine.context_len == 512  # the tiny model's max_position_embeddings, from the engine
 
 
-def test_a_web_process_never_imports_torch(tiny_model_dir: Path) -> None:
+def test_a_web_process_never_imports_torch(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The web side of an engine process streams with the tokenizer the engine pickled: no torch in its memory."""
-    if imported_with("transformers.tokenization_utils_tokenizers", "torch"):
-        pytest.skip("this transformers imports torch with its own tokenizer module (5.17 does: its GGUF loader)")
+    if unpickling_imports_torch(tiny_model_dir, tmp_path):
+        pytest.skip("this transformers imports torch to unpickle a tokenizer (up to 5.17 its tokenizer module does)")
     script = f"""
 import asyncio, sys
 from chatstream_asgi.engines.process import ProcessEngine
@@ -218,9 +219,13 @@ asyncio.run(main())
     assert done.stdout.split() == ["True", "False", "False"], done.stdout
 
 
-def imported_with(module: str, other: str) -> bool:
-    """Whether importing ``module`` in a fresh interpreter imports ``other`` too."""
-    script = f"import sys, {module}; print({other!r} in sys.modules)"
+def unpickling_imports_torch(model_dir: Path, tmp_path: Path) -> bool:
+    """Whether transformers itself imports torch to unpickle its tokenizer: then no web process can do without."""
+    from transformers import AutoTokenizer
+
+    pickled = tmp_path / "tokenizer.pickle"
+    pickled.write_bytes(pickle.dumps(AutoTokenizer.from_pretrained(model_dir)))
+    script = f"import pickle, sys; pickle.loads(open({str(pickled)!r}, 'rb').read()); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout.strip() == "True"
