@@ -20,7 +20,8 @@ def fail_step(seqs: list[Sequence], exc: BaseException) -> None:
         error = EngineError(f"Generation failed in the model worker: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         seq.fail(error)
-    if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+    # torch.cuda's name: torch.OutOfMemoryError is the same class, but only from torch 2.4 (we support 2.1 up)
+    if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the failed batch's blocks back before the next step allocates
 
 
@@ -28,4 +29,4 @@ def poisons_the_device(exc: BaseException) -> bool:
     """A CUDA error other than OOM (an illegal address, a device-side assert) leaves the context unusable:
     every later step would fail too, so the worker stops (an engine process then exits and is restarted)."""
     accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, accelerator_error) and not isinstance(exc, torch.OutOfMemoryError)
+    return isinstance(exc, accelerator_error) and not isinstance(exc, torch.cuda.OutOfMemoryError)

@@ -173,7 +173,7 @@ async def test_out_of_memory_in_decode_fails_its_streams_and_the_engine_keeps_se
         with pytest.raises(EngineError, match="OutOfMemoryError") as failure:
             async for _ in stream:
                 pass
-        assert isinstance(failure.value.__cause__, torch.OutOfMemoryError)
+        assert isinstance(failure.value.__cause__, torch.cuda.OutOfMemoryError)
     assert engine.stats.batch_rows == 0
     assert (await collect(engine, PROMPTS[1], GREEDY))[0] == expected
     await engine.close()

@@ -38,7 +38,7 @@ async def test_out_of_memory_fails_the_affected_stream_and_the_engine_keeps_serv
 ) -> None:
     model, tokenizer = tiny_engine_parts
     engine = TransformersEngine(model, tokenizer, max_batch_size=2)
-    engine._runner.model = RaiseOnce(model, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    engine._runner.model = RaiseOnce(model, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     try:
         with pytest.raises(EngineError, match="OutOfMemoryError"):
             await reply(engine)
