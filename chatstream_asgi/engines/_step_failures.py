@@ -20,7 +20,7 @@ def fail_step(seqs: list[Sequence], exc: BaseException) -> None:
         error = EngineError(f"Generation failed in the model worker: {type(exc).__name__}: {exc}")
         error.__cause__ = exc
         seq.fail(error)
-    # torch.cuda's name: torch.OutOfMemoryError is the same class, but only from torch 2.4 (we support 2.1 up)
+    # torch.cuda's name: torch.OutOfMemoryError is the same class, but only from torch 2.4 (we support 2.2 up)
     if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
         torch.cuda.empty_cache()  # give the failed batch's blocks back before the next step allocates
 
