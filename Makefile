@@ -5,7 +5,9 @@ PIP := $(PYTHON) -m pip
 TORCH_PIN ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install install-test demo test lint typecheck bench soak bench-stack bench-server-stack bench-gpu bench-workers bench-multiturn
+LOWEST_VENV := .venv-lowest
+
+.PHONY: install install-test demo test test-lowest lint typecheck bench soak bench-stack bench-server-stack bench-gpu bench-workers bench-multiturn
 
 install:
 	$(PIP) install -q $(TORCH_PIN)
@@ -29,6 +31,19 @@ test: install-test
 	lint-imports
 	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest
+
+# The declared lower bounds of setup.cfg kept true: a fresh venv with every runtime requirement at its lowest release
+# line (.ci/lowest_constraints.py; torch stays at the pin, the only CPU wheel on this machine's disk), then the unit
+# tests (the engine on real tiny models) and the framework and uvicorn streaming tests (about 2 min with the install).
+test-lowest:
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install -q $(TORCH_PIN)
+	$(PYTHON) .ci/lowest_constraints.py > $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_VENV)/bin/pip install -q -c $(LOWEST_VENV)/constraints.txt -e ".[test]"
+	$(LOWEST_VENV)/bin/pip list --format=freeze | grep -iE "^($$(sed 's/==.*//; s/[-_]/[-_]/g' $(LOWEST_VENV)/constraints.txt | paste -sd'|'))=="
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider tests/unit \
+		tests/integration/test_frameworks.py tests/integration/test_uvicorn_streaming.py
 
 lint:
 	$(PYTHON) -m ruff check chatstream_asgi tests benchmarks
