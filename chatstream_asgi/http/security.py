@@ -30,7 +30,7 @@ class RequestGuard:
     """Checks one request against the API keys and the CSRF rules; raises ``HTTPError`` 401/403.
 
     Args:
-        api_keys: Bearer keys accepted; None or empty accepts none.
+        api_keys: Bearer keys accepted; None: no key checks (a Bearer header is then the host app's, and ignored).
         require_api_key: refuse requests without a valid key (needs ``api_keys``).
         allowed_origins: origins (``https://app.example.com``) allowed to POST besides the server's own.
         csrf: set False to turn the origin check off (e.g. behind a gateway that does it).
@@ -63,15 +63,14 @@ class RequestGuard:
             self.check_origin(scope)
 
     def bearer_ok(self, scope: Scope) -> bool:
-        value = header(scope, b"authorization")
-        if value is None or not value.lower().startswith(BEARER):
+        given = bearer_key(scope)
+        if given is None:
             if self.require_api_key:
                 raise unauthorized("send 'Authorization: Bearer <key>'")
             return False
-        given = value[len(BEARER) :].strip().encode("latin-1")
-        # compare with every key, so the time taken does not tell which key came close
-        matches = [hmac.compare_digest(given, key) for key in self.api_keys]
-        if not given or not any(matches):
+        if not self.api_keys:
+            return False  # no keys configured: the header is the host app's (its own token), not meant for us
+        if not key_matches(given, self.api_keys):
             raise unauthorized("wrong API key")
         return True
 
@@ -108,6 +107,20 @@ def check_keys(api_keys: str | Sequence[str] | None) -> list[bytes]:
     if api_keys is not None and (not keys or not all(isinstance(k, str) and k.strip() for k in keys)):
         raise ConfigurationError("api_keys must be None (no auth) or a list of non-empty strings, e.g. ['sk-...']")
     return [key.strip().encode("utf-8") for key in keys]
+
+
+def bearer_key(scope: Scope) -> bytes | None:
+    """The key of an ``Authorization: Bearer <key>`` header (stripped), or None without one."""
+    value = header(scope, b"authorization")
+    if value is None or not value.lower().startswith(BEARER):
+        return None
+    return value[len(BEARER) :].strip().encode("latin-1")
+
+
+def key_matches(given: bytes, keys: Sequence[bytes]) -> bool:
+    """Whether ``given`` is one of ``keys``: compared with every key, so the time taken tells not which came close."""
+    matches = [hmac.compare_digest(given, key) for key in keys]
+    return bool(given) and any(matches)
 
 
 def check_origin(origin: str) -> str:

@@ -9,16 +9,16 @@ added here: an OpenAI client sends its own system message.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from ..engines.base import Engine, GenerationChunk
 from ..errors import ConfigurationError, HTTPError
-from ..http.asgi import header, read_body, send_json
+from ..http.asgi import read_body, send_json
 from ..http.requests import require_json
 from ..http.routes import ChatSettings
+from ..http.security import bearer_key, check_keys, key_matches
 from ..http.slots import Finish, finish_before_last_byte, queue_headers, wait_for_slot
 from ..http.streaming import StreamOptions, as_http_error, stream_reply
 from ..http.types import Handler, HTTPReceive, HTTPSend, Scope
@@ -30,7 +30,6 @@ from .schema import CompletionRequest, error_body, parse_completion_request
 
 Routes = dict[str, tuple[str, Handler]]
 Chunks = AsyncIterator[GenerationChunk]
-BEARER = "bearer "
 
 
 async def send_openai_error(send: HTTPSend, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
@@ -56,13 +55,6 @@ def openai_route_table(
     if clash:
         raise ConfigurationError(f"the OpenAI routes {clash} clash with the chat routes; change openai_prefix")
     return table
-
-
-def check_api_keys(api_keys: str | Sequence[str] | None) -> list[bytes]:
-    keys = [api_keys] if isinstance(api_keys, str) else list(api_keys or [])
-    if api_keys is not None and (not keys or not all(isinstance(k, str) and k.strip() for k in keys)):
-        raise ConfigurationError("api_keys must be None (no auth) or a list of non-empty strings, e.g. ['sk-...']")
-    return [key.encode("utf-8") for key in keys]
 
 
 class CollectingEncoder:
@@ -113,7 +105,7 @@ class OpenAIRoutes:
         self.engine = engine
         self.admission = admission
         self.settings = settings
-        self.api_keys = check_api_keys(api_keys)
+        self.api_keys = check_keys(api_keys)
         self.max_body_bytes = max_body_bytes
         self.limits = PromptLimits(
             engine,
@@ -137,11 +129,8 @@ class OpenAIRoutes:
     def check_api_key(self, scope: Scope) -> None:
         if not self.api_keys:
             return
-        value = header(scope, b"authorization") or ""
-        given = value[len(BEARER) :].strip().encode("latin-1") if value.lower().startswith(BEARER) else b""
-        # compare with every key, so the time taken does not tell which key came close
-        matches = [hmac.compare_digest(given, key) for key in self.api_keys]
-        if not given or not any(matches):
+        given = bearer_key(scope)
+        if given is None or not key_matches(given, self.api_keys):
             error = HTTPError(401, "invalid_api_key", "missing or wrong API key; send 'Authorization: Bearer <key>'")
             error.headers["WWW-Authenticate"] = "Bearer"
             raise error

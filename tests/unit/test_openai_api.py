@@ -126,6 +126,15 @@ async def test_api_key_checks() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_key_read_from_a_file_with_its_newline_works_on_every_route() -> None:
+    # open("/run/secrets/key").read() keeps the newline; the chat routes strip keys, and so must these
+    app = middleware(api_keys=["sk-team-a\n"])
+    sent = [*JSON_HEADERS, (b"authorization", b"Bearer sk-team-a")]
+    assert (await call(app, headers=sent)).status == 200
+    assert (await call(app, "/v1/models", method="GET", headers=sent)).status == 200
+
+
+@pytest.mark.asyncio
 async def test_request_errors_use_openai_shape() -> None:
     app = middleware(openai_max_body_bytes=200)
     wrong_type = await call(app, headers=[(b"content-type", b"text/plain")])

@@ -75,6 +75,17 @@ async def test_without_require_a_browser_uses_its_cookie_but_a_wrong_bearer_is_r
     assert (await call(app, "POST", "/chat_stream", bearer("sk-nope"))).status == 401
 
 
+async def test_without_api_keys_a_bearer_header_is_the_host_apps_and_ignored() -> None:
+    # a single-page app that sends its own JWT with every fetch must still reach the chat
+    app, engine = build()
+    host_token = bearer("eyJhbGciOiJIUzI1NiJ9.host-app-jwt")
+    assert (await call(app, "POST", "/chat_stream", host_token)).body == b"a reply"
+    assert (await call(app, "GET", "/get_prompt", host_token)).status == 200
+    cross = [(b"sec-fetch-site", b"cross-site"), (b"origin", b"https://evil.example"), *host_token]
+    assert (await call(app, "POST", "/chat_stream", cross)).status == 403  # a token not ours skips no CSRF check
+    assert engine.calls == 1
+
+
 @pytest.mark.parametrize(
     "headers",
     [
