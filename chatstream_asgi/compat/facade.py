@@ -146,7 +146,12 @@ class ChatStream:
     async def handle_chat_stream_request(
         self, request: Any, request_body: bytes | str | None = None, callback: Callback | None = None
     ) -> ChatStreamResponse:
-        """Stream one chat turn; ``callback(request, "success" | "client_disconnected_while_streaming")`` at the end."""
+        """Stream one chat turn; ``callback(request, message)`` at its end, as ChatStream 0.3 calls it.
+
+        ``message``: ``"success"``, ``"client_disconnected_while_streaming"``, or
+        ``"client_disconnected_before_streaming"`` (the client left while queued). A request refused with an error
+        response (a full queue, bad input) gets none.
+        """
         return self.response_for("chat_stream", request, request_body, callback)
 
     handle_starlette_request = handle_chat_stream_request  # the README's (pre-0.3) name

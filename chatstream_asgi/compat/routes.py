@@ -69,10 +69,14 @@ class ChatStreamResponse(Response):
             await send(message)
             ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
 
+        # ChatStream 0.3 calls back for a request that streamed; one refused before that (full queue, bad input)
+        # gets its error response and no callback, and one whose client left while it waited is "..._before_streaming".
+        outcome: str | None = None
         try:
             if self.guard is not None:  # API keys and the CSRF check, as the middleware applies them
                 self.guard(scope)
             await self.handler(scope, self.replaying(receive), tracking_send)
+            outcome = "success" if ended else "client_disconnected_while_streaming"
         except QueueFull as rejection:  # ChatStream's body, with a real status and Retry-After
             retry_after = [(b"retry-after", str(rejection.retry_after).encode())]
             await send_json(send, 429, {"error": "too_many_requests"}, retry_after)
@@ -81,9 +85,10 @@ class ChatStreamResponse(Response):
         except HTTPError as error:
             await send_error(send, error)
         except ClientDisconnected:
-            pass
+            outcome = "client_disconnected_before_streaming"
         finally:
-            self.done("success" if ended else "client_disconnected_while_streaming")
+            if outcome is not None:
+                self.done(outcome)
 
     def replaying(self, loose_receive: Receive) -> HTTPReceive:
         """``receive`` that hands out an already-read body first (an intercepted request), then the real one."""
@@ -102,7 +107,8 @@ def chosen_apis(opts: dict[str, Any]) -> list[str]:
     given = [key for key in ("include", "exclude", "all") if key in opts]
     if len(given) > 1:
         raise ConfigurationError(f"give only one of 'include', 'exclude', 'all'; got {given}")
-    unknown = sorted(set(opts.get("include", [])) | set(opts.get("exclude", [])) - set(API_METHODS) - {"webui_js"})
+    named = set(opts.get("include", [])) | set(opts.get("exclude", []))
+    unknown = sorted(named - set(API_METHODS) - {"webui_js"})
     if unknown:
         raise ConfigurationError(f"unknown API name(s) {unknown}; use {sorted(API_METHODS)}")
     if "include" in opts:

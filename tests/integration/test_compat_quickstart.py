@@ -162,12 +162,30 @@ def test_intercepted_body_and_callback(tiny_model_dir: Path) -> None:
 
     async def talk(url: str) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            refused = await client.post("/chat_stream", json={"user_input": "hi", "temprature": 1})  # a typo: 400
+            assert refused.status_code == 400
             response = await client.post("/chat_stream", json={"user_input": "hi"})
             assert response.status_code == 200 and response.text.endswith(MARKER)
 
     with UvicornThread(app) as server:
         asyncio.run(talk(server.url))
-    assert messages == ["success"]
+    assert messages == ["success"]  # ChatStream 0.3 calls back for a refused request neither
+
+
+def test_append_apis_adds_only_the_included_routes() -> None:
+    chat_stream = ChatStream(use_mock_response=True, secret_key="k" * 32)
+    app = FastAPI()
+    chat_stream.append_apis(app, {"include": ["chat_stream", "get_prompt"]})
+
+    async def check(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await chat_stream.start_queue_worker()
+            assert (await client.post("/chat_stream", json={"user_input": "hi"})).text.endswith(MARKER)
+            assert (await client.get("/get_prompt")).status_code == 200
+            assert (await client.get("/get_load")).status_code == 404  # not included
+
+    with UvicornThread(app) as server:
+        asyncio.run(check(server.url))
 
 
 def test_facade_checks_origins_and_lets_its_cors_origins_post_with_the_cookie() -> None:
