@@ -177,7 +177,10 @@ class StreamDrained(HTTPError):
     """What ``on_token`` raises once a drain's grace is over: the reply ends in-band, counted as ``drained``."""
 
     def __init__(self) -> None:
-        super().__init__(503, "draining", "the server is shutting down and ended this reply; retry elsewhere")
+        # Retry-After 1: this server is going away, so the retry is for another replica, at once (the non-streaming
+        # OpenAI route answers with this error; a client without the header would back off on its own schedule)
+        message = "the server is shutting down and ended this reply; retry elsewhere"
+        super().__init__(503, "draining", message, {"Retry-After": "1"})
 
 
 def outcome_of(result: StreamResult) -> str:

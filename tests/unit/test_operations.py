@@ -158,6 +158,7 @@ async def test_a_drained_completion_without_streaming_still_answers_503() -> Non
     await with_hang_guard(app.drain(0.1))
     send = await with_hang_guard(running)
     assert send.status == 503 and send.json()["error"]["code"] == "draining"
+    assert send.header("retry-after") == "1"  # as docs/openai.md says: the client retries elsewhere, at once
     assert samples(app)['chatstream_request_outcome_total{outcome="drained"}'] == 1
 
 
