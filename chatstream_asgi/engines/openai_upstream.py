@@ -148,7 +148,7 @@ async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk
     finish_reason: FinishReason | None = None
     counts: dict[str, int] = {}
     sent = 0
-    async for line in response.aiter_lines():
+    async for line in sse_lines(response.aiter_bytes()):
         if not line.startswith("data:"):
             continue  # blank lines, ": ping" comments, "event:" and "id:" fields
         payload = line[len("data:") :].strip()
@@ -164,6 +164,22 @@ async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk
         raise protocol_error("the stream ended before a finish_reason")
     prompt_tokens, completion_tokens = counts.get("prompt_tokens", 0), counts.get("completion_tokens", sent)
     yield GenerationChunk("", finish_reason, prompt_tokens, completion_tokens)
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an event stream, which end at CR LF, LF or CR only.
+
+    Not httpx's ``aiter_lines``: it splits text as ``str.splitlines`` does, at U+2028, U+2029 and U+0085 too, which
+    a JSON encoder may leave raw inside a string (ours and vLLM's do), and the event was cut in two.
+    """
+    pending = b""
+    async for chunk in chunks:
+        lines = (pending + chunk).splitlines(keepends=True)  # bytes split at CR and LF only
+        pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        for line in lines:
+            yield line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
 
 
 def parse_chunk(payload: str) -> tuple[str, FinishReason | None, dict[str, int] | None]:

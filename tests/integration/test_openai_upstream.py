@@ -72,6 +72,16 @@ async def test_chat_stream_streams_through_the_upstream(serve: Serve) -> None:
 
 
 @pytest.mark.asyncio
+async def test_line_separators_in_the_reply_come_through_whole(serve: Serve) -> None:
+    # the upstream's JSON leaves U+2028, U+2029 and U+0085 raw; an SSE line ends only at CR or LF
+    reply = "line one\u2028line two\u2029 \x85 end"
+    upstream, mock, front, _ = upstream_pair(serve, {"reply": reply})
+    async with client_for(front) as client:
+        streamed = await chat(client, "hello")
+    assert streamed.status == 200 and streamed.text == reply
+
+
+@pytest.mark.asyncio
 async def test_history_is_kept_at_the_front_and_sent_upstream(serve: Serve) -> None:
     upstream, mock, front, _ = upstream_pair(serve, {"reply": count_turns}, system_prompt="be kind")
     async with client_for(front) as client:

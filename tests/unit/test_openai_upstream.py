@@ -3,6 +3,7 @@ shows, and how it reads upstream events (the wire behaviour is in ``tests/integr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 
 from chatstream_asgi import ConfigurationError, Engine, OpenAIUpstreamEngine
 from chatstream_asgi.engines.base import SamplingParams
-from chatstream_asgi.engines.openai_upstream import UpstreamError, parse_chunk
+from chatstream_asgi.engines.openai_upstream import UpstreamError, parse_chunk, sse_lines
 from chatstream_asgi.http.streaming import as_http_error
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -98,3 +99,26 @@ def test_missing_httpx_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setitem(sys.modules, "httpx", None)  # what `import httpx` meets when it is not installed
     with pytest.raises(ImportError, match=r"chatstream-asgi\[upstream\]"):
         OpenAIUpstreamEngine("http://h/v1", model="m")
+
+
+async def lines_of(pieces: list[bytes]) -> list[str]:
+    async def chunks() -> Any:
+        for piece in pieces:
+            yield piece
+            await asyncio.sleep(0)
+
+    return [line async for line in sse_lines(chunks())]
+
+
+@pytest.mark.asyncio
+async def test_event_lines_end_at_cr_and_lf_only_across_any_chunking() -> None:
+    text = "one\u2028two\u2029three\x85four 東京"  # raw in JSON strings; str.splitlines would cut there
+    data = f'data: {json.dumps({"t": text}, ensure_ascii=False)}'
+    stream = f"{data}\r\n\r\n: ping\rdata: [DONE]\n".encode()
+    expected = [data, "", ": ping", "data: [DONE]"]
+    assert await lines_of([stream]) == expected
+    for size in (1, 2, 3, 7):  # cut inside CR LF, inside multi-byte characters, inside the JSON
+        pieces = [stream[i : i + size] for i in range(0, len(stream), size)]
+        got = [line for line in await lines_of(pieces) if line]  # a CR LF cut in two may read as two line ends
+        assert got == [line for line in expected if line], size
+    assert await lines_of([b"data: [DONE]"]) == ["data: [DONE]"]  # no final line end
