@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
-from .base import SamplingParams
+from .base import MIN_REPETITION_PENALTY, SamplingParams
 
 NEG_INF = float("-inf")
 
@@ -40,8 +40,10 @@ def check_params(params: SamplingParams) -> None:
         raise ConfigurationError(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
         raise ConfigurationError(f"top_k must be >= 0 (0 disables it), got {params.top_k}")
-    if params.repetition_penalty <= 0:
-        raise ConfigurationError(f"repetition_penalty must be > 0 (1 disables it), got {params.repetition_penalty}")
+    if not MIN_REPETITION_PENALTY <= params.repetition_penalty:
+        raise ConfigurationError(
+            f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (1 disables it), got {params.repetition_penalty}"
+        )
 
 
 class RowSampler:

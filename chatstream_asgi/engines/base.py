@@ -19,15 +19,20 @@ FinishReason = Literal["stop", "length"]
 ChatMessage = dict[str, str]
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this decodes greedily
+MIN_REPETITION_PENALTY = 0.01  # a smaller one divides float32 logits into inf, or is 0 in float32: sampling reads NaN
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation parameters.
 
     Args:
         max_new_tokens: upper bound on generated tokens; the finish reason is ``"length"`` when hit.
-        temperature: 0 means greedy decoding.
+        temperature: 0 means greedy decoding, and so does any value below ``GREEDY_BELOW`` (1e-5, vLLM's cut too):
+            float32 logits divided by a smaller one overflow to inf and sampling would read NaN.
         top_p: nucleus sampling mass, in (0, 1].
-        top_k: keep the k most likely tokens; 0 disables.
+        top_k: keep the k most likely tokens; 0 disables (the HTTP routes take vLLM's -1 for it too).
         repetition_penalty: 1.0 disables; > 1 penalises tokens already in prompt or reply.
         seed: makes sampling reproducible for this request, independent of other requests.
         stop: strings that end the reply; the matched stop string is not part of the reply.
@@ -45,7 +50,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-from ..engines.base import SamplingParams
+from ..engines.base import MIN_REPETITION_PENALTY, SamplingParams
 from ..errors import HTTPError
 from ..sessions.history import Message
 from .asgi import header
@@ -26,7 +26,7 @@ MAX_SEED = 2**63 - 1
 FLOAT_RANGES: dict[str, tuple[float, float, bool]] = {
     "temperature": (0.0, 2.0, True),
     "top_p": (0.0, 1.0, False),
-    "repetition_penalty": (0.0, 10.0, False),
+    "repetition_penalty": (MIN_REPETITION_PENALTY, 10.0, True),
 }
 SAMPLING_FIELDS = frozenset({"max_new_tokens", "top_k", "stop", "seed", "ignore_eos", *FLOAT_RANGES})
 CHAT_FIELDS = frozenset({"user_input", "regenerate", *SAMPLING_FIELDS})
@@ -113,7 +113,7 @@ def parse_sampling(data: dict[str, Any], defaults: SamplingParams, max_new_token
     if data.get("max_new_tokens") is not None:
         changes["max_new_tokens"] = validate_int("max_new_tokens", data["max_new_tokens"], 1, max_new_tokens_limit)
     if data.get("top_k") is not None:
-        changes["top_k"] = validate_int("top_k", data["top_k"], 0, 1_000_000)
+        changes["top_k"] = max(0, validate_int("top_k", data["top_k"], -1, 1_000_000))  # vLLM's -1: all tokens, our 0
     if data.get("seed") is not None:
         changes["seed"] = validate_int("seed", data["seed"], 0, MAX_SEED)
     if data.get("stop") is not None:

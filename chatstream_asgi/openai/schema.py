@@ -91,6 +91,8 @@ def parse_completion_request(body: bytes, defaults: SamplingParams, max_new_toke
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_field("stream_options", "'stream_options' must be an object such as {\"include_usage\": true}")
+    if options is not None and not stream:  # as OpenAI and vLLM answer
+        raise bad_field("stream_options", "'stream_options' is only allowed when 'stream' is true")
     include_usage = parse_bool(options or {}, "include_usage", "stream_options.include_usage")
     for name in ("model", "user"):
         if data.get(name) is not None and not isinstance(data[name], str):

@@ -101,7 +101,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"stop": ["s"] * 9}, "stop", "at most 8 strings of at most 64 characters"),  # the chat routes' limits
     ({"stop": "x" * 65}, "stop", "at most 8 strings of at most 64 characters"),
     ({"stream": "yes"}, "stream", "true or false"),
-    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage", "true or false"),
+    ({"stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "true or false"),
+    ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed when 'stream' is true"),
     ({"stream_options": []}, "stream_options", "object"),
     ({"model": 3}, "model", "string"),
     ({"messages": "hi"}, "messages", "non-empty list"),

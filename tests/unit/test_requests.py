@@ -157,7 +157,7 @@ def test_regenerate_ignores_user_input() -> None:
 FLOAT_CASES = [
     ("temperature", [0.0, 0, 1, 2.0], [-0.01, 2.01, 10**400, -(10**400)]),
     ("top_p", [1e-9, 0.5, 1, 1.0], [0, 0.0, -0.1, 1.01]),
-    ("repetition_penalty", [0.01, 1, 10.0], [0, -1.0, 10.5]),
+    ("repetition_penalty", [0.01, 1, 10.0], [0, -1.0, 0.0099, 1e-300, 10.5]),  # < 0.01: the logits would overflow
 ]
 
 
@@ -183,13 +183,17 @@ def test_float_fields_reject_non_numbers_including_bools(name: str, value: Any) 
     assert "must be a number" in rejected(with_input(**{name: value})).message
 
 
+def test_vllms_top_k_of_minus_one_means_all_tokens() -> None:
+    assert parse(with_input(top_k=-1)).params.top_k == 0
+
+
 def test_a_huge_integer_temperature_is_400_not_an_overflow() -> None:
     rejected(b'{"user_input": "hi", "temperature": 1' + b"0" * 400 + b"}")
 
 
 INT_CASES = [
     ("max_new_tokens", [1, LIMIT], [0, -1, LIMIT + 1]),
-    ("top_k", [0, 1, 1_000_000], [-1, 1_000_001]),
+    ("top_k", [0, 1, 1_000_000], [-2, 1_000_001]),
     ("seed", [0, 2**63 - 1], [-1, 2**63, 10**400]),
 ]
 

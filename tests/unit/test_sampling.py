@@ -15,11 +15,13 @@ from chatstream_asgi.engines._sampling import (
     RowSampler,
     _filtered,
     _penalise,
+    check_params,
     choose_tokens,
     pick_tokens,
     seen_tokens,
 )
 from chatstream_asgi.engines.base import SamplingParams
+from chatstream_asgi.errors import ConfigurationError
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -47,6 +49,21 @@ def our_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 def test_greedy_rows_take_the_argmax_of_their_row() -> None:
     logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0))
     assert choose_tokens(logits, [RowSampler(GREEDY, []) for _ in range(5)]) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-30, 1e-40, 5e-324])
+def test_a_temperature_too_small_for_float32_decodes_greedily(temperature: float) -> None:
+    # logits / 1e-40 in float32 are inf, and softmax of inf is NaN: sampled, every row would read token 0
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(2)) * 3
+    rows = [RowSampler(SamplingParams(temperature=temperature, seed=row), []) for row in range(3)]
+    assert choose_tokens(logits, rows) == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.009, 1e-300, -1.0])
+def test_a_repetition_penalty_that_would_overflow_the_logits_is_refused(penalty: float) -> None:
+    with pytest.raises(ConfigurationError, match="repetition_penalty must be >= 0.01"):
+        check_params(SamplingParams(repetition_penalty=penalty))
+    check_params(SamplingParams(repetition_penalty=0.01))
 
 
 def test_top_k_keeps_exactly_k_tokens_per_row() -> None:

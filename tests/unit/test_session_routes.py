@@ -60,7 +60,7 @@ async def test_generation_params_are_per_session_defaults(make_chat: Callable[..
     [
         ({"temperature": 3}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"top_k_value": -1}, "top_k"),
+        ({"top_k_value": -2}, "top_k"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
         ({"temperature": "hot"}, "temperature"),
         ({"bogus": 1}, "bogus"),
