@@ -8,6 +8,8 @@ closes it on shutdown, whether or not the wrapped app speaks the lifespan protoc
   server would give up on the lifespan (or, with ``--lifespan on``, refuse to start) and the engine would never
   be started, drained or closed: ``/readyz`` would say 503 until the first chat, and a shutdown would cut every
   stream.
+- A startup of ours that fails is reported to the server by us, and the app never hears of a startup; a shutdown of
+  ours that fails still lets the app shut down, and the app's answer is turned into ``lifespan.shutdown.failed``.
 """
 
 from __future__ import annotations
@@ -37,16 +39,34 @@ class Lifespan:
 
     async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         heard = False  # whether the app read a lifespan message: then the lifespan is the app's to answer
+        shutdown_failure: str | None = None
 
         async def wrapped() -> Message:
-            nonlocal heard
+            nonlocal heard, shutdown_failure
             message = await receive()
             heard = True
-            await self.act_on(message)
+            try:
+                await self.act_on(message)
+            except Exception as exc:
+                logger.exception("lifespan %s failed", message["type"])
+                failure = f"{type(exc).__name__}: {exc}"
+                if message["type"] != "lifespan.startup":
+                    shutdown_failure = failure  # the app still shuts down; the server hears of it in the answer
+                    return message
+                # Told by us, the server exits. Raised into the app alone, the failure would escape it (Starlette's
+                # first receive is outside its try) and uvicorn's default `--lifespan auto` would take that for an app
+                # without lifespan and serve on, with the app's startup skipped and no engine.
+                await send({"type": "lifespan.startup.failed", "message": failure})
+                raise
             return message
 
+        async def answering(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete" and shutdown_failure is not None:
+                message = {"type": "lifespan.shutdown.failed", "message": shutdown_failure}
+            await send(message)
+
         try:
-            await app(scope, wrapped, send)
+            await app(scope, wrapped, answering)
         except Exception as exc:
             if heard:
                 raise

@@ -11,11 +11,15 @@ chat routes must stream through the wrapped app, under a ``root_path`` too; webs
 import asyncio
 import contextlib
 import importlib.util
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 
 from .servers import RecordingEngine, UvicornThread, chat, chat_app, wait_until, words
 
@@ -217,6 +221,39 @@ async def test_lifespan_starts_and_closes_the_engine_and_reaches_the_app(serve: 
         assert (await client.get("/items")).json()["started"] is True
     server.stop()
     assert not engine.ready, "lifespan shutdown did not close the engine"
+
+
+class EngineWithoutModel(RecordingEngine):
+    async def start(self) -> None:
+        raise RuntimeError("no model at /models/missing")
+
+
+def served_on(app: Any, **config: Any) -> bool:
+    """Whether uvicorn serves ``app`` after its lifespan startup (it is stopped again at once), in a thread."""
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="critical", **config))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+
+    def run() -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn >= 0.30 exits with 3 on a failed startup, older ones return
+            asyncio.run(server.serve(sockets=[sock]))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while thread.is_alive() and not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = server.started
+    server.should_exit = True
+    thread.join(20)
+    sock.close()
+    return started
+
+
+def test_an_engine_that_cannot_start_stops_the_server_on_uvicorns_default_lifespan(app_factory: AppFactory) -> None:
+    # `--lifespan auto` took a failure raised into the app for an app without lifespan, and served on without an engine
+    assert served_on(chat_app(app_factory(), RecordingEngine()), lifespan="auto")  # the check can tell
+    assert not served_on(chat_app(app_factory(), EngineWithoutModel()), lifespan="auto")
 
 
 @pytest.mark.asyncio

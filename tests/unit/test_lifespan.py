@@ -19,9 +19,10 @@ STARTUP, SHUTDOWN = {"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}
 class Recorder:
     """The middleware's hooks and the server's side of the exchange, in one ordered log."""
 
-    def __init__(self, fail_startup: bool = False) -> None:
+    def __init__(self, fail_startup: bool = False, fail_shutdown: bool = False) -> None:
         self.log: list[str] = []
         self.fail_startup = fail_startup
+        self.fail_shutdown = fail_shutdown
 
     async def startup(self) -> None:
         self.log.append("hook startup")
@@ -30,6 +31,8 @@ class Recorder:
 
     async def shutdown(self) -> None:
         self.log.append("hook shutdown")
+        if self.fail_shutdown:
+            raise RuntimeError("drain failed")
 
     async def send(self, message: dict[str, Any]) -> None:
         self.log.append(f"server got {message['type']}")
@@ -59,6 +62,45 @@ async def test_an_app_that_speaks_lifespan_answers_it_after_the_middleware_acted
         "hook shutdown",
         "app saw lifespan.shutdown",
         "server got lifespan.shutdown.complete",
+    ]
+
+
+async def starlette_like(recorder: Recorder) -> Any:
+    """Reads the startup outside its try, as Starlette's router does: what that read raises escapes the app."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        message = await receive()
+        recorder.log.append(f"app saw {message['type']}")
+        try:
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            recorder.log.append(f"app saw {message['type']}")
+        except BaseException:
+            await send({"type": "lifespan.startup.failed", "message": "app"})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+    return app
+
+
+async def test_a_failing_startup_is_reported_to_the_server_and_the_app_never_starts() -> None:
+    recorder = Recorder(fail_startup=True)
+    with pytest.raises(RuntimeError, match="no model"):
+        await run(await starlette_like(recorder), recorder)
+    # the server hears of it from us: raised out of the app alone, uvicorn's `--lifespan auto` served on
+    assert recorder.log == ["hook startup", "server got lifespan.startup.failed"]
+
+
+async def test_a_failing_shutdown_still_shuts_the_app_down_and_is_reported() -> None:
+    recorder = Recorder(fail_shutdown=True)
+    await run(await starlette_like(recorder), recorder)
+    assert recorder.log == [
+        "hook startup",
+        "app saw lifespan.startup",
+        "server got lifespan.startup.complete",
+        "hook shutdown",
+        "app saw lifespan.shutdown",  # the app closes what it holds although the engine's drain failed
+        "server got lifespan.shutdown.failed",
     ]
 
 
