@@ -23,11 +23,12 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction, sync_to_async
 
-from ..engines.base import ChatMessage, SamplingParams
+from ..engines.base import SamplingParams
 from ..errors import HTTPError
 from ..sessions.state import SessionStateStore
 from .encoders import WIRES, Wire
 from .requests import parse_json_object
+from .turns import TurnMessages
 from .types import HTTPReceive, HTTPReceiveEvent, HTTPSend, HTTPSendEvent, Scope, response_body
 
 logger = logging.getLogger("chatstream_asgi")
@@ -119,18 +120,19 @@ class ChatHooks:
         return json.dumps(dict(result)).encode()
 
     def turn_ended(
-        self, session_id: str, messages: list[ChatMessage], reply: str, reply_id: str, stats: dict[str, Any]
+        self, session_id: str, messages: TurnMessages, reply: str, reply_id: str, stats: dict[str, Any], *, saved: bool
     ) -> None:
-        """Remember the reply's id (when it was kept) and tell ``on_finish``, never raising."""
+        """Remember the reply's id (when it was saved) and tell ``on_finish``, never raising."""
         try:
-            if reply:
-                index = sum(1 for m in messages if m["role"] == "assistant")
-                self.extras.record_reply(session_id, reply_id, index)
+            if saved:
+                first = self.extras.first_reply_number(session_id, messages.stored_replies)
+                before = sum(1 for m in messages.history if m["role"] == "assistant")
+                self.extras.record_reply(session_id, reply_id, first + before)
         except Exception:
             logger.exception("could not record the reply id")
         if self.on_finish is None:
             return
-        user_input = messages[-1]["content"] if messages else ""
+        user_input = messages.history[-1]["content"] if messages.history else ""
         stats = {**stats, "reply_id": reply_id}
         task = asyncio.ensure_future(self.call_on_finish(session_id, user_input, reply, stats))
         self.tasks.add(task)

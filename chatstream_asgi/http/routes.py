@@ -22,7 +22,7 @@ from .requests import ChatTurn, parse_chat_turn, previous_turns, require_json, u
 from .security import check_input_tokens, token_counter
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, stream_reply
-from .turns import SessionTurns
+from .turns import SessionTurns, TurnMessages
 from .types import Handler, HTTPReceive, HTTPSend, Scope
 
 DEFAULT_PATHS = {
@@ -111,9 +111,14 @@ class ChatRoutes:
             await check_input_tokens(token_counter(self.engine), turn.user_input, s.max_input_tokens)
         with self.turns.exclusive(session_id) as end_turn:
             async with self.hooks.stoppable(session_id, receive, send) as (receive, send):
-                base, user_input = previous_turns(await self.turns.load(session_id), turn)
-                base = trim_turns(base, s.max_history_turns)
-                messages = [*base, user_message(user_input)]
+                loaded = await self.turns.load(session_id)
+                base, user_input = previous_turns(loaded, turn)
+                asked = user_message(user_input)
+                messages = TurnMessages(
+                    history=[*base, asked],
+                    prompt=[*trim_turns(base, s.max_history_turns), asked],
+                    stored_replies=sum(1 for m in loaded if m["role"] == "assistant"),
+                )
                 await self.generate(scope, receive, send, session_id, messages, turn, headers, end_turn)
 
     async def generate(
@@ -122,7 +127,7 @@ class ChatRoutes:
         receive: HTTPReceive,
         send: HTTPSend,
         session_id: str,
-        messages: list[ChatMessage],
+        messages: TurnMessages,
         turn: ChatTurn,
         headers: list[tuple[bytes, bytes]],
         end_turn: Callable[[], None],
@@ -131,23 +136,24 @@ class ChatRoutes:
         ticket = self.admission.try_enter()
         request_id = uuid.uuid4().hex  # also the reply's id (ChatStream's X-ChatStream-Last-Generated-Message-Id)
 
-        def ended(reply: str, outcome: str) -> None:
+        def ended(reply: str, outcome: str, saved: bool) -> None:
             stats = {"outcome": outcome, "request_id": request_id, "queue_wait_s": ticket.queue_wait}
-            self.hooks.turn_ended(session_id, messages, reply, request_id, stats)
+            self.hooks.turn_ended(session_id, messages, reply, request_id, stats, saved=saved)
 
         async def finish(reply: str) -> None:
+            saved = False
             try:
-                await self.turns.save_reply(session_id, messages, reply)
+                saved = await self.turns.save_reply(session_id, messages.history, reply)
             finally:
                 end_turn()
                 ticket.release()
-                ended(reply, "completed")
+                ended(reply, "completed", saved)
 
         async def cut(reply: str) -> None:
-            await self.turns.save_cut_reply(session_id, messages, reply)
+            saved = await self.turns.save_cut_reply(session_id, messages.history, reply)
             end_turn()
             ticket.release()
-            ended(reply, "drained" if self.observer.cancelling else "cut")  # cancelling: a drain ended it
+            ended(reply, "drained" if self.observer.cancelling else "cut", saved)  # cancelling: a drain ended it
 
         try:
             if not await wait_for_slot(ticket, receive):
@@ -157,7 +163,7 @@ class ChatRoutes:
             probe = self.observer.start("chat_stream", request_id, ticket.queue_wait)
             message_id = (b"x-chatstream-last-generated-message-id", request_id.encode())
             headers = [*headers, (b"x-request-id", request_id.encode()), message_id, *queue_headers(ticket.position)]
-            chunks = self.engine.stream(self.with_system_prompt(messages), turn.params)
+            chunks = self.engine.stream(self.with_system_prompt(messages.prompt), turn.params)
             chunks = finish_before_last_byte(chunks, finish, cut)
             encoder = choose_encoder(scope, self.settings.ping_interval, self.hooks.wire)
             options = self.stream_options(headers, {"request_id": request_id, "queue_wait_s": ticket.queue_wait})
@@ -199,10 +205,12 @@ class ChatRoutes:
         await send_json(send, 200, {"prompt_tokens": tokens, "context_len": context, "messages": len(history)})
 
     async def session_prompt(self, scope: Scope) -> tuple[list[ChatMessage], str]:
-        """This session's history and the prompt the engine renders from it (as truncated to the context)."""
+        """This session's history and the prompt the engine renders from it (cut to ``max_history_turns`` pairs, as a
+        new turn's is, and truncated to the context)."""
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
         history = [] if session_id is None else await self.turns.load(session_id)
-        messages, params = self.with_system_prompt(history), self.settings.default_params
+        shown = trim_turns(history, self.settings.max_history_turns)
+        messages, params = self.with_system_prompt(shown), self.settings.default_params
         # nothing to render yet (chat templates refuse an empty conversation): a new session's prompt is empty
         prompt = await asyncio.to_thread(self.engine.render_prompt, messages, params) if messages else ""
         return history, prompt

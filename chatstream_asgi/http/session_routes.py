@@ -129,8 +129,10 @@ class SessionRoutes:
         if session_id is None:
             raise HTTPError(404, "unknown_reply", "this client has no session yet, so no reply to give feedback on")
         history = await self.chat.turns.load(session_id)
-        index = self.reply_index(session_id, data, sum(1 for m in history if m["role"] == "assistant"))
-        reply_at = [i for i, m in enumerate(history) if m["role"] == "assistant"][index]
+        replies = [i for i, m in enumerate(history) if m["role"] == "assistant"]
+        first = self.chat.hooks.extras.first_reply_number(session_id, len(replies))
+        index = self.reply_index(session_id, data, len(replies), first)
+        reply_at = replies[index]
         user = next((m["content"] for m in reversed(history[:reply_at]) if m["role"] == "user"), "")
         feedback = {
             "rating": rating,
@@ -141,7 +143,7 @@ class SessionRoutes:
             "user_input": user,
             "generation_params": params_json(self.chat.hooks.defaults_for(session_id, defaults)),
         }
-        self.chat.hooks.extras.set_feedback(session_id, index, feedback)
+        self.chat.hooks.extras.set_feedback(session_id, first + index, feedback)
         await self.notify(session_id, feedback)
         await send_json(send, 200, {"success": True, "reply_index": index, "message_id": data.get("message_id")})
 
@@ -151,21 +153,28 @@ class SessionRoutes:
         feedback: list[dict[str, Any] | None] = []
         if session_id is not None:
             history = await self.chat.turns.load(session_id)
+            replies = sum(1 for m in history if m["role"] == "assistant")
+            first = self.chat.hooks.extras.first_reply_number(session_id, replies)
             given = self.chat.hooks.extras.feedback(session_id)
-            for index in range(sum(1 for m in history if m["role"] == "assistant")):
-                kept = given.get(index)
+            for index in range(replies):
+                kept = given.get(first + index)
                 feedback.append(None if kept is None else {k: kept[k] for k in FEEDBACK_FIELDS})
         await send_json(send, 200, {"success": True, "feedback": feedback})
 
-    def reply_index(self, session_id: str, data: dict[str, Any], replies: int) -> int:
+    def reply_index(self, session_id: str, data: dict[str, Any], replies: int, first: int) -> int:
+        """The index among the history's ``replies`` of the one ``data`` names; ``first``: the first one's number."""
         message_id, turn = data.get("message_id"), data.get("turn")
         if (message_id is None) == (turn is None):
             raise invalid("give exactly one of 'message_id' (from X-ChatStream-Last-Generated-Message-Id) or 'turn'")
         if message_id is not None:
-            index = self.chat.hooks.extras.reply_index(session_id, message_id) if isinstance(message_id, str) else None
-            if index is None or index >= replies:
+            extras = self.chat.hooks.extras
+            number = extras.reply_number(session_id, message_id) if isinstance(message_id, str) else None
+            if number is not None and number < first:
+                message = f"the reply with message_id {message_id!r} is no longer in this session's history (trimmed)"
+                raise HTTPError(404, "unknown_reply", message)
+            if number is None or number - first >= replies:
                 raise HTTPError(404, "unknown_reply", f"no reply with message_id {message_id!r} in this session")
-            return index
+            return number - first
         if isinstance(turn, bool) or not isinstance(turn, int) or not -replies <= turn < replies:
             raise invalid(f"'turn' must be an integer index of one of this session's {replies} replies (-1: the last)")
         return turn % replies

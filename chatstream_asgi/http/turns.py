@@ -4,6 +4,7 @@ the reply saved after it, and a history store's failure turned into a 503 the cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
@@ -14,6 +15,21 @@ from ..sessions.history import HistoryStore
 
 logger = logging.getLogger("chatstream_asgi")
 T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class TurnMessages:
+    """One chat turn's conversation: what is saved with its reply, and what the model is sent.
+
+    Args:
+        history: the whole conversation the turn builds on, and its user message: saved with the reply.
+        prompt: the same cut to ``max_history_turns`` pairs: what the model is sent (the store keeps the rest).
+        stored_replies: replies in the history as it was loaded (a regenerate replaces the last of them).
+    """
+
+    history: list[ChatMessage]
+    prompt: list[ChatMessage]
+    stored_replies: int
 
 
 class SessionTurns:
@@ -45,19 +61,23 @@ class SessionTurns:
     async def load(self, session_id: str) -> list[ChatMessage]:
         return await store_call(self.store.load(session_id))
 
-    async def save_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> None:
+    async def save_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> bool:
+        """Save ``messages`` and the reply; whether anything was saved (an empty reply is not)."""
         # A failed generation saves nothing (the caller never gets here), nor does an empty reply.
-        if reply:
-            assistant: ChatMessage = {"role": "assistant", "content": reply}
-            await store_call(self.store.save(session_id, [*messages, assistant]))
+        if not reply:
+            return False
+        assistant: ChatMessage = {"role": "assistant", "content": reply}
+        await store_call(self.store.save(session_id, [*messages, assistant]))
+        return True
 
-    async def save_cut_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> None:
+    async def save_cut_reply(self, session_id: str, messages: list[ChatMessage], reply: str) -> bool:
         """Keep a reply cut by a disconnect or the deadline as far as it was sent. The reply is over, so a store
         failure is only logged: it must not replace the error the client is about to get (or send a second one)."""
         try:
-            await self.save_reply(session_id, messages, reply)
+            return await self.save_reply(session_id, messages, reply)
         except HTTPError as error:
             logger.warning("could not save a cut reply: %s", error.message)
+            return False
 
     async def clear(self, session_id: str) -> None:
         await store_call(self.store.clear(session_id))

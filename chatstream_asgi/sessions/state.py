@@ -16,22 +16,28 @@ from typing import Any
 
 from .history import DEFAULT_MAX_SESSIONS, DEFAULT_TTL, _check_args
 
-MAX_REPLY_IDS = 256  # reply ids remembered per session (the oldest go first)
+MAX_REPLY_IDS = 256  # reply ids and ratings remembered per session (the oldest go first)
 
 
 @dataclass
 class SessionExtras:
     """One session's extras.
 
+    Replies are numbered from the session's first, so that a history store that trims old turns (``max_turns``)
+    moves no id or rating onto another reply: the history's first reply is number ``replies`` minus the replies
+    it holds (``first_reply_number``).
+
     Args:
         params: validated sampling overrides (field name -> value) that this session's turns start from.
-        reply_ids: reply (message) id -> index of that reply among the session's assistant messages.
-        feedback: reply index -> the feedback last given on it.
+        reply_ids: reply (message) id -> that reply's number.
+        feedback: reply number -> the feedback last given on it.
+        replies: the replies this session has saved, the trimmed ones too (a regenerated one counts once).
     """
 
     params: dict[str, Any] = field(default_factory=dict)
     reply_ids: dict[str, int] = field(default_factory=dict)
     feedback: dict[int, dict[str, Any]] = field(default_factory=dict)
+    replies: int = 0
     touched: float = 0.0
 
 
@@ -73,28 +79,37 @@ class SessionStateStore:
             assert entry is not None
             entry.params = dict(params)
 
-    def record_reply(self, session_id: str, reply_id: str, index: int) -> None:
-        """Remember that reply ``reply_id`` is assistant message number ``index``; later ones are gone."""
+    def first_reply_number(self, session_id: str, stored_replies: int) -> int:
+        """The number of the first reply of a history that holds ``stored_replies`` replies now."""
+        extras = self.get(session_id)
+        return (0 if extras is None else extras.replies) - stored_replies
+
+    def record_reply(self, session_id: str, reply_id: str, number: int) -> None:
+        """Remember that reply ``reply_id`` is the session's reply ``number``; later ones are gone (regenerated)."""
         with self._lock:
             entry = self._touch(session_id, create=True)
             assert entry is not None
-            entry.reply_ids = {k: v for k, v in entry.reply_ids.items() if v < index}
-            entry.feedback = {k: v for k, v in entry.feedback.items() if k < index}
-            entry.reply_ids[reply_id] = index
+            entry.reply_ids = {k: v for k, v in entry.reply_ids.items() if v < number}
+            entry.feedback = {k: v for k, v in entry.feedback.items() if k < number}
+            entry.reply_ids[reply_id] = number
+            entry.replies = number + 1
             while len(entry.reply_ids) > MAX_REPLY_IDS:
                 del entry.reply_ids[next(iter(entry.reply_ids))]
+            for old in sorted(entry.feedback)[:-MAX_REPLY_IDS]:  # ratings of replies long trimmed away
+                del entry.feedback[old]
 
-    def reply_index(self, session_id: str, reply_id: str) -> int | None:
+    def reply_number(self, session_id: str, reply_id: str) -> int | None:
         extras = self.get(session_id)
         return None if extras is None else extras.reply_ids.get(reply_id)
 
-    def set_feedback(self, session_id: str, index: int, feedback: dict[str, Any]) -> None:
+    def set_feedback(self, session_id: str, number: int, feedback: dict[str, Any]) -> None:
         with self._lock:
             entry = self._touch(session_id, create=True)
             assert entry is not None
-            entry.feedback[index] = dict(feedback)
+            entry.feedback[number] = dict(feedback)
 
     def feedback(self, session_id: str) -> dict[int, dict[str, Any]]:
+        """Reply number -> the feedback given on it."""
         extras = self.get(session_id)
         return {k: dict(v) for k, v in extras.feedback.items()} if extras is not None else {}
 

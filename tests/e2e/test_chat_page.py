@@ -248,7 +248,7 @@ def test_feedback_rates_the_reply_by_its_id_changes_and_after_a_reload_by_its_tu
     session_id, feedback = received[0]
     assert (feedback["rating"], feedback["message_id"], feedback["reply_index"]) == ("up", reply_id, 0)
     assert (feedback["reply"], feedback["user_input"]) == (REPLY, "Show me a Python example")
-    assert extras.reply_index(session_id, reply_id) == 0
+    assert extras.reply_number(session_id, reply_id) == 0
     assert pressed(up, down) == ("true", "false")
     down.click()  # a change of mind replaces the rating
     wait_for_feedback(page, received, 2)

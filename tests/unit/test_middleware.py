@@ -86,9 +86,10 @@ async def test_lifespan_goes_to_the_app_and_starts_then_closes_the_engine(chat: 
     receive, send = ScriptedReceive(lifespan_script()), RecordingSend()
     await with_hang_guard(chat.middleware(scope, receive, send))
 
-    seen_scope, _, seen_send = app.calls[0]
-    assert seen_scope is scope and seen_send is send  # receive is wrapped to run the engine's lifecycle
+    seen_scope, _, _ = app.calls[0]
+    assert seen_scope is scope  # receive is wrapped to run the engine's lifecycle, send to report a failed shutdown
     assert [m["type"] for m in app.lifespan_messages] == ["lifespan.startup", "lifespan.shutdown"]
+    assert [m["type"] for m in send.messages] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     # the engine starts before the app hears of startup and closes before it hears of shutdown
     assert seen_by_app_at == {"start": 0, "close": 1}
     assert not engine.ready and chat.middleware.admission.draining

@@ -191,6 +191,10 @@ async def test_input_limits_are_configurable_and_enforced() -> None:
     for _ in range(3):
         assert (await call(app, "POST", "/chat_stream", cookie=cookie)).status == 200
     assert seen == [1, 3, 3, 3]  # one earlier pair at most, plus the new question
+    # the limit is on what the model is sent: the stored history keeps every turn, and the next prompt is cut the same
+    kept = (await call(app, "GET", "/get_prompt", cookie=cookie)).json()
+    assert [m["content"] for m in kept["messages"]] == ["hi", "ok"] * 4
+    assert kept["prompt"].count("hi") == 1
     send = await chat(app, "x" * 6)
     assert send.status == 400 and "limit is 5" in send.json()["error"]["message"]
     with pytest.raises(ConfigurationError):

@@ -13,6 +13,7 @@ import pytest
 
 from chatstream_asgi.errors import ConfigurationError, HTTPError
 from chatstream_asgi.http.hooks import call_hook
+from chatstream_asgi.sessions.history import MemoryHistoryStore
 from chatstream_asgi.sessions.state import SessionStateStore
 
 from .apps import REPLY, Chat, CountingEngine, assert_json_error, build_middleware, session_cookie
@@ -139,6 +140,29 @@ async def test_get_feedback_lists_one_entry_per_reply_and_forgets_a_regenerated_
     assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"][1:] == [None, None]
     await chat.request("POST", "/clear_context", cookie=cookie)
     assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"] == []
+
+
+@pytest.mark.asyncio
+async def test_feedback_stays_on_its_reply_when_the_store_trims_old_turns(make_chat: Callable[..., Chat]) -> None:
+    chat = make_chat(store=MemoryHistoryStore(max_turns=2))
+    cookie, ids = None, []
+    for number in range(5):
+        send = await chat.turn(f"question {number}", cookie=cookie)
+        cookie = cookie or session_cookie(send)
+        ids.append(send.header("x-chatstream-last-generated-message-id"))
+        rated = await chat.request("POST", "/set_feedback", {"message_id": ids[-1], "rating": "up"}, cookie=cookie)
+        assert rated.status == 200, rated.json()  # was 404 from the third turn on: the index ran past the history
+    kept = [m["content"] for m in (await chat.request("GET", "/get_prompt", cookie=cookie)).json()["messages"]]
+    assert kept[::2] == ["question 3", "question 4"]  # the store keeps 2 pairs (its window moves in steps)
+    await chat.request("POST", "/set_feedback", {"turn": 0, "rating": "down"}, cookie=cookie)
+    feedback = (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"]
+    assert [(f["rating"], f["message_id"]) for f in feedback] == [("down", None), ("up", ids[4])]
+    gone = await chat.request("POST", "/set_feedback", {"message_id": ids[0], "rating": "up"}, cookie=cookie)
+    assert_json_error(gone, 404, "unknown_reply")
+    assert "no longer in this session's history" in gone.json()["error"]["message"]
+    await chat.turn(cookie=cookie, regenerate=True)  # replaces reply 4: its rating goes, reply 3's stays
+    feedback = (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"]
+    assert [f and f["rating"] for f in feedback] == ["down", None]
 
 
 @pytest.mark.asyncio
