@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from .requests import ChatTurn, parse_chat_turn, previous_turns, require_json, u
 from .security import check_input_tokens, token_counter
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, stream_reply
-from .turns import SessionTurns, TurnMessages
+from .turns import EndTurn, SessionTurns, TurnMessages
 from .types import Handler, HTTPReceive, HTTPSend, Scope
 
 DEFAULT_PATHS = {
@@ -109,7 +109,7 @@ class ChatRoutes:
         )
         if s.max_input_tokens is not None:  # the tokenizer is looked up now: an engine process's comes when it answers
             await check_input_tokens(token_counter(self.engine), turn.user_input, s.max_input_tokens)
-        with self.turns.exclusive(session_id) as end_turn:
+        async with self.turns.exclusive(session_id) as end_turn:
             async with self.hooks.stoppable(session_id, receive, send) as (receive, send):
                 loaded = await self.turns.load(session_id)
                 base, user_input = previous_turns(loaded, turn)
@@ -130,7 +130,7 @@ class ChatRoutes:
         messages: TurnMessages,
         turn: ChatTurn,
         headers: list[tuple[bytes, bytes]],
-        end_turn: Callable[[], None],
+        end_turn: EndTurn,
     ) -> None:
         """Admit, then stream (nothing if the client leaves while queued)."""
         ticket = self.admission.try_enter()
@@ -145,13 +145,13 @@ class ChatRoutes:
             try:
                 saved = await self.turns.save_reply(session_id, messages.history, reply)
             finally:
-                end_turn()
+                await end_turn()
                 ticket.release()
                 ended(reply, "completed", saved)
 
         async def cut(reply: str) -> None:
             saved = await self.turns.save_cut_reply(session_id, messages.history, reply)
-            end_turn()
+            await end_turn()
             ticket.release()
             ended(reply, "drained" if self.observer.cancelling else "cut", saved)  # cancelling: a drain ended it
 
@@ -182,7 +182,7 @@ class ChatRoutes:
     async def clear_context(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
         if session_id is not None:
-            with self.turns.exclusive(session_id):
+            async with self.turns.exclusive(session_id):
                 await self.turns.clear(session_id)
             # a fresh id after a clear: whoever saw the old cookie (a shared machine, a log) cannot follow the next chat
             new_id = self.sessions.new_session_id()

@@ -3,18 +3,22 @@ the reply saved after it, and a history store's failure turned into a 503 the cl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from ..engines.base import ChatMessage
 from ..errors import HistoryStoreError, HTTPError
-from ..sessions.history import HistoryStore
+from ..sessions.history import HistoryStore, TurnLock
 
 logger = logging.getLogger("chatstream_asgi")
 T = TypeVar("T")
+TURN_LOCK_SECONDS = 30.0  # a shared store's turn lock, renewed every third of it while the turn streams
+EndTurn = Callable[[], Awaitable[None]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,23 +44,41 @@ class SessionTurns:
         # session id -> the running turn's token: a second concurrent turn would corrupt the history
         self.active: dict[str, object] = {}
 
-    @contextlib.contextmanager
-    def exclusive(self, session_id: str) -> Iterator[Callable[[], None]]:
-        """Hold the session for one turn; yields ``end_turn`` to let it go early (it is let go at exit anyway)."""
-        if session_id in self.active:
-            # Retry-After: a client that sent its next turn before the server saw it leave the last one may just retry
-            message = "a reply is still streaming for this session; wait or stop it"
-            raise HTTPError(409, "turn_in_progress", message, {"Retry-After": "1"})
-        token = self.active[session_id] = object()
+    @contextlib.asynccontextmanager
+    async def exclusive(self, session_id: str) -> AsyncIterator[EndTurn]:
+        """Hold the session for one turn; yields ``end_turn`` to let it go early (it is let go at exit anyway).
 
-        def end_turn() -> None:
-            if self.active.get(session_id) is token:  # never end the next turn's claim
-                del self.active[session_id]
+        A store shared by replicas (``TurnLock``) is asked too, so that a second turn is refused on every replica.
+        """
+        if session_id in self.active:
+            raise turn_in_progress()
+        token = self.active[session_id] = object()
+        lock = self.store if isinstance(self.store, TurnLock) else None
+        holder, renewing = uuid.uuid4().hex, None
+        try:
+            if lock is not None:
+                if not await store_call(lock.claim_turn(session_id, holder, TURN_LOCK_SECONDS)):
+                    raise turn_in_progress()  # streaming on another replica
+                renewing = asyncio.create_task(renew_while_streaming(lock, session_id, holder))
+        except BaseException:
+            del self.active[session_id]
+            raise
+
+        async def end_turn() -> None:
+            if self.active.get(session_id) is not token:  # ended already: never end the next turn's claim
+                return
+            del self.active[session_id]
+            if renewing is not None and lock is not None:
+                renewing.cancel()
+                try:
+                    await store_call(lock.release_turn(session_id, holder))
+                except HTTPError as error:  # the reply is over: the lock expires by itself
+                    logger.warning("could not release a session's turn lock: %s", error.message)
 
         try:
             yield end_turn
         finally:
-            end_turn()
+            await end_turn()
 
     async def load(self, session_id: str) -> list[ChatMessage]:
         return await store_call(self.store.load(session_id))
@@ -81,6 +103,24 @@ class SessionTurns:
 
     async def clear(self, session_id: str) -> None:
         await store_call(self.store.clear(session_id))
+
+
+def turn_in_progress() -> HTTPError:
+    # Retry-After: a client that sent its next turn before the server saw it leave the last one may just retry
+    message = "a reply is still streaming for this session; wait or stop it"
+    return HTTPError(409, "turn_in_progress", message, {"Retry-After": "1"})
+
+
+async def renew_while_streaming(lock: TurnLock, session_id: str, holder: str) -> None:
+    """Keep a shared store's turn lock while the turn streams (a reply may outlast ``TURN_LOCK_SECONDS``)."""
+    while True:
+        await asyncio.sleep(TURN_LOCK_SECONDS / 3)
+        try:
+            if not await lock.renew_turn(session_id, holder, TURN_LOCK_SECONDS):
+                logger.warning("a session's turn lock expired while its reply streamed; another turn may start")
+                return
+        except Exception as exc:  # the store is down for a moment: try again at the next renewal
+            logger.warning("could not renew a session's turn lock: %s", exc)
 
 
 async def store_call(call: Awaitable[T]) -> T:

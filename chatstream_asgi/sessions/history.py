@@ -43,6 +43,25 @@ class HistoryStore(Protocol):
         ...
 
 
+@runtime_checkable
+class TurnLock(Protocol):
+    """What a history store shared by several replicas adds, so that one session streams one turn at a time across
+    all of them (each replica already refuses a second turn of a session it is streaming). ``holder`` is a random
+    token of the turn; a lock that was not released (a replica died) frees itself after ``seconds``."""
+
+    async def claim_turn(self, session_id: str, holder: str, seconds: float) -> bool:
+        """Take the session's turn for ``seconds``; False when another turn holds it."""
+        ...
+
+    async def renew_turn(self, session_id: str, holder: str, seconds: float) -> bool:
+        """Hold it ``seconds`` more; False when it is no longer ``holder``'s."""
+        ...
+
+    async def release_turn(self, session_id: str, holder: str) -> None:
+        """Let it go, if ``holder`` still holds it."""
+        ...
+
+
 def copy_messages(messages: Iterable[Mapping[str, str]]) -> list[Message]:
     """A fresh list of fresh dicts, so neither side can change the other's history."""
     copied = []

@@ -4,8 +4,9 @@ redis-py's asyncio client is an optional dependency (``pip install 'chatstream-a
 when a store is built. Each session is one string key holding the messages as JSON, written with
 ``SET ... EX ttl`` and read with ``GETEX ... EX ttl``, so the TTL counts from the last load or save as in
 ``MemoryHistoryStore`` and Redis does the eviction. A save replaces the whole list, which keeps a session
-coherent across replicas: the middleware already refuses a second concurrent turn of one session per
-replica, and a turn is saved once, after its reply.
+coherent across replicas: a turn is saved once, after its reply, and a second concurrent turn of one session
+is refused on every replica (``409``), through a lock key per streaming session (``TurnLock``: ``SET NX`` with
+an expiry the streaming replica renews, so a replica that dies frees its sessions within ``TURN_LOCK_SECONDS``).
 
 Failures are bounded and explicit: short socket timeouts and one immediate retry (a pooled connection
 that died with a Redis restart gets one fresh try), then ``HistoryStoreError``, which the routes answer
@@ -24,6 +25,12 @@ from .history import DEFAULT_TTL, Message, copy_messages, trim_turns
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "chatstream:history:"
+LOCK_INFIX = "turn:"  # the turn lock of a session: <prefix>turn:<id>, beside its history <prefix><id>
+# compare-and-set on the lock's holder, atomic in Redis: a turn never extends or frees another turn's lock
+RENEW_SCRIPT = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+RELEASE_SCRIPT = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 DEFAULT_TIMEOUT = 2.0
 INSTALL_HINT = "pip install 'chatstream-asgi[redis]'"
 
@@ -74,6 +81,18 @@ class RedisHistoryStore:
 
     async def clear(self, session_id: str) -> None:
         await self._call(self._client.delete(self.key_prefix + session_id))
+
+    async def claim_turn(self, session_id: str, holder: str, seconds: float) -> bool:
+        """The session's turn lock (``TurnLock``): ``SET ... NX PX``, so replicas refuse a second concurrent turn."""
+        key = self.key_prefix + LOCK_INFIX + session_id
+        return bool(await self._call(self._client.set(key, holder, nx=True, px=max(1, int(seconds * 1000)))))
+
+    async def renew_turn(self, session_id: str, holder: str, seconds: float) -> bool:
+        key, ms = self.key_prefix + LOCK_INFIX + session_id, max(1, int(seconds * 1000))
+        return bool(await self._call(self._client.eval(RENEW_SCRIPT, 1, key, holder, ms)))
+
+    async def release_turn(self, session_id: str, holder: str) -> None:
+        await self._call(self._client.eval(RELEASE_SCRIPT, 1, self.key_prefix + LOCK_INFIX + session_id, holder))
 
     async def ping(self) -> bool:
         """True when Redis answers (for readiness checks of your own)."""
