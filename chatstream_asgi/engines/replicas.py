@@ -3,8 +3,9 @@
 Batching stays inside each engine (one worker thread or engine process per device); this layer only chooses
 where a new sequence runs. A chat's next turn goes to the replica that served its previous one while that
 replica has room (``_affinity``: its prefix cache holds the conversation's KV); anything else goes to the
-least loaded. Load is the number of streams a replica is serving right now, counted here, so it is exact
-and costs nothing per token; ties rotate, so an idle pool still spreads its first requests. Set the
+least loaded. Only ready replicas are chosen: one whose engine process died gets no chats until it is back.
+Load is the number of streams a replica is serving right now, counted here, so it is exact and costs nothing
+per token; ties rotate, so an idle pool still spreads its first requests. Set the
 middleware's ``max_concurrency`` to the sum of the replicas' batch sizes (``max_batch_size``).
 """
 
@@ -61,7 +62,13 @@ class EngineReplicas:
 
     @property
     def ready(self) -> bool:
-        return all(engine.ready for engine in self.engines)
+        """Ready while any replica is: one engine process restarting (or a lost device) leaves the others serving."""
+        return any(engine.ready for engine in self.engines)
+
+    @property
+    def replicas_ready(self) -> tuple[int, int]:
+        """(replicas ready, replicas), for ``/readyz``."""
+        return sum(engine.ready for engine in self.engines), len(self.engines)
 
     async def start(self) -> None:
         await asyncio.gather(*(engine.start() for engine in self.engines))
@@ -81,7 +88,7 @@ class EngineReplicas:
         """The replica for a new stream: the one that served the conversation's last turn while it has room
         (its prefix cache holds the history), else the least loaded."""
         index = self.affinity.replica_of(messages)
-        if index is not None and self.loads[index] < self.engines[index].max_batch_size:
+        if index is not None and self.engines[index].ready and self.loads[index] < self.engines[index].max_batch_size:
             self.affine += 1
         else:
             index = self.least_loaded()
@@ -89,10 +96,12 @@ class EngineReplicas:
         return index
 
     def least_loaded(self) -> int:
-        """The index of the replica serving the fewest streams; ties go round-robin."""
+        """The index of the ready replica serving the fewest streams; ties go round-robin. With none ready, any:
+        its engine answers (an engine process that is restarting: 503 with ``Retry-After``)."""
         count = len(self.engines)
         order = [(self._next + step) % count for step in range(count)]
-        chosen = min(order, key=lambda index: self.loads[index])
+        ready = [index for index in order if self.engines[index].ready] or order
+        chosen = min(ready, key=lambda index: self.loads[index])
         self._next = (chosen + 1) % count
         return chosen
 

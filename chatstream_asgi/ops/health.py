@@ -30,7 +30,11 @@ def readiness(engine: Engine, admission: Admission) -> tuple[bool, dict[str, Any
         return False, {"status": "draining"}
     if not engine.ready:
         return False, {"status": "loading"}
-    return True, {"status": "ready", "model": engine.model_name}
+    body: dict[str, Any] = {"status": "ready", "model": engine.model_name}
+    replicas = getattr(engine, "replicas_ready", None)  # EngineReplicas: ready while any one is, says how many
+    if replicas is not None:
+        body["replicas_ready"] = f"{replicas[0]}/{replicas[1]}"
+    return True, body
 
 
 async def drain(admission: Admission, observer: Observer, grace: float) -> bool:

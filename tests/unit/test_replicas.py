@@ -12,7 +12,7 @@ from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.replicas import EngineReplicas
 from chatstream_asgi.errors import ConfigurationError
 
-from .apps import build_middleware, chat
+from .apps import build_middleware, call, chat
 from .asgi_fakes import wait_until, with_hang_guard
 
 pytestmark = pytest.mark.asyncio
@@ -27,6 +27,7 @@ async def drain_stream(replicas: EngineReplicas) -> str:
 async def test_new_streams_go_to_the_least_loaded_replica() -> None:
     slow, fast = MockEngine("a b c d e f g", token_delay=0.05), MockEngine("a b c d e f g", token_delay=0.05)
     replicas = EngineReplicas([slow, fast])
+    await replicas.start()  # as the lifespan does: only ready replicas are chosen
     first = asyncio.ensure_future(drain_stream(replicas))
     await wait_until(lambda: replicas.loads == [1, 0])
     second = asyncio.ensure_future(drain_stream(replicas))
@@ -40,6 +41,7 @@ async def test_new_streams_go_to_the_least_loaded_replica() -> None:
 
 async def test_ties_rotate_so_sequential_chats_alternate() -> None:
     replicas = EngineReplicas([MockEngine("x"), MockEngine("x"), MockEngine("x")])
+    await replicas.start()  # as the lifespan does: only ready replicas are chosen
     for _ in range(6):
         await drain_stream(replicas)
     assert replicas.served == [2, 2, 2]
@@ -63,6 +65,27 @@ async def test_lifecycle_and_sizes_cover_every_replica() -> None:
     assert replicas.ready
     await replicas.close()
     assert not any(engine.ready for engine in engines)
+
+
+async def test_a_replica_that_is_down_gets_no_chats_and_the_pool_stays_ready() -> None:
+    # an engine process that died is not ready until it is back: chats went to it half the time and got 503
+    engines = [MockEngine("x"), MockEngine("x")]
+    replicas = EngineReplicas(engines)
+    await replicas.start()
+    app = build_middleware(replicas)
+    assert (await chat(app, "hi")).status == 200  # the conversation's affinity: replica 0
+    await engines[0].close()  # down
+    assert replicas.ready and replicas.replicas_ready == (1, 2)
+    for _ in range(4):
+        assert await drain_stream(replicas) == "x"
+    assert replicas.served == [1, 4]
+    ready = await call(app, "GET", "/readyz")
+    assert ready.status == 200 and ready.json()["replicas_ready"] == "1/2"
+    await engines[1].close()
+    assert not replicas.ready
+    await engines[0].start()  # back: it takes chats again
+    assert await drain_stream(replicas) == "x" and replicas.served == [2, 4]
+    await replicas.close()
 
 
 async def test_bad_replica_sets_are_refused() -> None:
@@ -100,6 +123,7 @@ async def drain(replicas: EngineReplicas, messages: list[dict[str, str]]) -> Non
 
 async def test_a_chats_next_turn_goes_to_the_replica_that_served_its_last_turn() -> None:
     replicas = EngineReplicas([MockEngine("x"), MockEngine("x")])
+    await replicas.start()  # as the lifespan does: only ready replicas are chosen
     await drain(replicas, conversation("alice"))  # first turns: least loaded, ties rotate
     await drain(replicas, conversation("bob"))
     assert replicas.served == [1, 1]
@@ -112,6 +136,7 @@ async def test_a_chats_next_turn_goes_to_the_replica_that_served_its_last_turn()
 async def test_first_turns_alike_still_spread_and_a_full_replica_sends_the_turn_elsewhere() -> None:
     engines = [MockEngine(" ".join(["w"] * 200), token_delay=0.01, max_batch_size=1) for _ in range(2)]
     replicas = EngineReplicas(engines)
+    await replicas.start()  # as the lifespan does: only ready replicas are chosen
     await drain(replicas, conversation("hello"))
     await drain(replicas, conversation("hello"))  # the same opening line: a first turn, so no affinity
     assert replicas.served == [1, 1]
