@@ -23,7 +23,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigurationError, EngineNotReady, EngineUnavailable
+from ..errors import ConfigurationError, EngineError, EngineNotReady, EngineUnavailable
 from ._launcher import Launcher
 from ._link import EngineLink
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
@@ -32,6 +32,9 @@ from .torch_threads import engine_threads
 
 logger = logging.getLogger("chatstream_asgi")
 RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection attempts, seconds
+# after a failed restart (the model folder gone, the GPU lost): 1 s, doubling to a minute, so a process that cannot
+# start does not spend a core on a new interpreter and torch import every second
+FAILED_RESTART_BACKOFF = (1.0, 60.0)
 
 
 class ProcessEngine:
@@ -172,9 +175,17 @@ class ProcessEngine:
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered
         rid, replies = link.submit(prompt.token_ids, params)
+        sent = False
         try:
             async for chunk in replies.chunks():
+                sent = True
                 yield chunk
+        except EngineError as exc:
+            if sent or not link.closed or isinstance(exc, EngineUnavailable):
+                raise
+            # the engine died before this reply had any text: a 503 to retry, as for a chat that came a moment later
+            retry = round(self.launcher.load_seconds) + 1
+            raise EngineUnavailable("The engine process is restarting; retry shortly.", retry_after=retry) from exc
         finally:
             link.cancel(rid)
 
@@ -216,14 +227,16 @@ class ProcessEngine:
         self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
 
     async def _reconnect(self) -> None:
+        wait = FAILED_RESTART_BACKOFF[0]
         try:
             while not self._closed:
                 try:
                     await self._connect(deadline=asyncio.get_running_loop().time() + self.launcher.start_timeout)
                     return
                 except Exception as exc:  # a failed start (e.g. the GPU still busy): keep answering 503, try again
-                    logger.error("restarting the engine process failed: %s", exc)
-                    await asyncio.sleep(RESTART_BACKOFF[1])
+                    logger.error("restarting the engine process failed (next try in %.0f s): %s", wait, exc)
+                    await asyncio.sleep(wait)
+                    wait = min(wait * 2, FAILED_RESTART_BACKOFF[1])
         finally:
             self._reconnecting = None
 

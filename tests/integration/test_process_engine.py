@@ -147,6 +147,18 @@ async def test_a_killed_engine_fails_running_replies_answers_503_then_restarts(
 
 
 @pytest.mark.asyncio
+async def test_a_reply_sent_to_an_engine_that_just_died_is_a_503_too(process_engine: ProcessEngine) -> None:
+    assert await reply(process_engine)
+    os.kill(engine_pid(process_engine), signal.SIGKILL)
+    # at once: the request goes out before this loop's reader has seen the connection end (it was a 500 then)
+    with pytest.raises(EngineUnavailable) as unavailable:
+        await reply(process_engine)
+    assert int(unavailable.value.headers["Retry-After"]) >= 1
+    await wait_until(lambda: process_engine.ready, timeout=60)
+    assert await reply(process_engine) and process_engine.restarts == 1
+
+
+@pytest.mark.asyncio
 async def test_over_http_a_killed_engine_ends_the_stream_in_band_and_new_chats_get_503(
     tiny_model_dir: Path, serve: Any
 ) -> None:
