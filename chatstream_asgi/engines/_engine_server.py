@@ -10,6 +10,7 @@ for ``linger`` seconds; every web worker that names the same address shares it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -43,6 +44,7 @@ class EngineServer:
         self.idle_since = time.monotonic()
         self.stopping = threading.Event()
         self.scheduler = engine.start_scheduler()
+        self.socket_inode = -1
 
     def listen(self) -> socket.socket:
         staging = f"{self.address}.{os.getpid()}.tmp"
@@ -51,6 +53,7 @@ class EngineServer:
         os.chmod(staging, 0o600)
         listener.listen(128)
         os.replace(staging, self.address)  # atomic: whoever can connect finds the model loaded
+        self.socket_inode = os.stat(self.address).st_ino  # the path's, not the socket's: which path to remove at exit
         listener.settimeout(ACCEPT_POLL)
         return listener
 
@@ -88,11 +91,9 @@ class EngineServer:
 
     def shutdown(self, listener: socket.socket) -> None:
         listener.close()
-        try:
-            if os.path.exists(self.address) and os.stat(self.address).st_ino == os.fstat(listener.fileno()).st_ino:
+        with contextlib.suppress(OSError):  # gone already, or replaced by a newer engine's socket: not ours to remove
+            if os.stat(self.address).st_ino == self.socket_inode:
                 os.unlink(self.address)
-        except (OSError, ValueError):
-            pass
         self.scheduler.stop()
         self.scheduler.join(30)  # its last flush queues the in-band errors of whatever was running
         for client in list(self.clients):

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
 from pathlib import Path
@@ -69,7 +70,11 @@ class ProcessEngine:
         system_prompt: str | None = None,
     ) -> None:
         self.private = address is None
-        address = address or os.path.join(tempfile.mkdtemp(prefix="chatstream-engine-"), "engine.sock")
+        if address is None:
+            folder = tempfile.mkdtemp(prefix="chatstream-engine-")
+            address = os.path.join(folder, "engine.sock")
+            # close() removes it; so does dropping an engine never closed (a script, a test), or the interpreter's exit
+            weakref.finalize(self, shutil.rmtree, folder, ignore_errors=True)
         if len(os.fsencode(address)) > 100:
             raise ConfigurationError(f"address {address!r} is too long for a Unix socket; use a path under ~100 bytes")
         self.address = str(address)

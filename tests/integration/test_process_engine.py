@@ -5,6 +5,7 @@ restarts, and comes back by itself."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import pickle
 import signal
@@ -104,6 +105,7 @@ async def test_engines_naming_one_address_share_one_engine_process(tiny_model_di
     starters = [engine.launcher.process for engine in engines if engine.launcher.process is not None]
     assert len(starters) == 1  # one of them started it, under the lock; the others connected
     await wait_until(lambda: starters[0].poll() is not None, timeout=10)  # idle for `linger` s, it exits by itself
+    assert not address.exists()  # and takes its socket file along: a stale one looked like a dead engine
 
 
 @pytest.mark.asyncio
@@ -144,6 +146,15 @@ async def test_a_killed_engine_fails_running_replies_answers_503_then_restarts(
     await wait_until(lambda: process_engine.ready, timeout=60)
     assert await reply(process_engine)
     assert process_engine.restarts == 1
+
+
+def test_an_engine_never_started_or_closed_leaves_no_private_folder(tiny_model_dir: Path) -> None:
+    engine = ProcessEngine.from_pretrained(tiny_model_dir)
+    folder = Path(engine.address).parent
+    assert folder.is_dir()
+    del engine
+    gc.collect()
+    assert not folder.exists()  # 439 of them were left in /tmp by scripts and tests that never closed theirs
 
 
 @pytest.mark.asyncio
