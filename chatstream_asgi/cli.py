@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve a demo app with the chat routes")
     server = serve.add_argument_group("server", "where uvicorn listens")
     server.add_argument("--host", default="127.0.0.1")
-    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--port", type=port_number, default=8000, help="0-65535 (0: any free port)")
     add_engine_options(serve.add_argument_group("engine", "the model that generates replies"))
     limits = serve.add_argument_group("limits", "Limits: slots and queue")
     limits.add_argument("--max-concurrency", type=int, default=4, help="generations at once per device (batch size)")
@@ -172,6 +172,14 @@ def serve(args: argparse.Namespace) -> None:
     # uvicorn re-raises SIGTERM once it has shut down gracefully; under SIG_DFL that kills the process (-15)
     signal.signal(signal.SIGTERM, exit_quietly)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def port_number(text: str) -> int:
+    """A TCP port; uvicorn takes 99999 and binds 99999 % 65536 while it logs 99999."""
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
+    return port
 
 
 def exit_quietly(sig: int, frame: object) -> None:

@@ -75,6 +75,15 @@ def test_an_empty_entry_in_the_device_list_is_refused(tiny_model_dir: Path, devi
     assert "comma-separated list" in str(refused.value)
 
 
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_a_port_out_of_range_is_refused(port: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # uvicorn bound 99999 % 65536 while it logged 99999
+    with pytest.raises(SystemExit) as refused:
+        serve_args("--mock", "--port", port)
+    assert refused.value.code == 2 and "a port is 0-65535" in capsys.readouterr().err
+    assert serve_args("--mock", "--port", "65535").port == 65535
+
+
 def test_the_mock_takes_the_concurrency_as_its_batch_size() -> None:
     engine = load_engine(serve_args("--mock", "--max-concurrency", "5", "--mock-token-delay", "0"))
     assert isinstance(engine, MockEngine) and engine.max_batch_size == 5 and engine.token_delay == 0
