@@ -31,9 +31,10 @@ WRITER_EXIT_S = 5.0  # the writer thread's last sendall fails at once on a shut-
 class ClientConnection:
     """One web process: its requests in, its events out (the ``Channel`` of its sequences)."""
 
-    def __init__(self, sock: socket.socket, engine: TransformersEngine, scheduler: Scheduler) -> None:
+    def __init__(self, sock: socket.socket, engine: TransformersEngine, scheduler: Scheduler, serves: str = "") -> None:
         self.sock = sock
         self.engine = engine
+        self.serves = serves  # spec_identity of the spec it was built from: a web process asking for another refuses
         self.scheduler = scheduler
         self.closed = False
         self._sequences: dict[int, Sequence] = {}
@@ -107,6 +108,7 @@ class ClientConnection:
             "pid": os.getpid(),
             "torch_threads": torch.get_num_threads(),
             "wire": WIRE_VERSION,
+            "serves": self.serves,
         }
         self._send(encode(("hello", info)))
 

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import EngineNotReady
 from ._engine_connection import ClientConnection
+from ._wire import spec_identity
 from .gc_heap import freeze_startup_heap
 from .transformers import TransformersEngine
 
@@ -36,8 +37,9 @@ ACCEPT_POLL = 0.25
 class EngineServer:
     """Accepts web processes on ``address`` and serves them from one scheduler until idle for ``linger`` s."""
 
-    def __init__(self, engine: TransformersEngine, address: str, linger: float) -> None:
+    def __init__(self, engine: TransformersEngine, address: str, linger: float, serves: str = "") -> None:
         self.engine = engine
+        self.serves = serves
         self.address = address
         self.linger = linger
         self.clients: set[ClientConnection] = set()
@@ -80,7 +82,7 @@ class EngineServer:
             sock.close()
             return
         sock.settimeout(None)
-        client = ClientConnection(sock, self.engine, self.scheduler)
+        client = ClientConnection(sock, self.engine, self.scheduler, self.serves)
         self.clients.add(client)
         client.serve(self.client_left)
 
@@ -130,12 +132,13 @@ def main() -> None:
     # the web process's import path after this one's own: a factory's module is found where it found it
     sys.path.extend(folder for folder in spec.pop("sys_path", []) if folder not in sys.path)
     threads = spec.pop("torch_threads", None)
+    serves = spec_identity(spec)
     if threads is not None:  # before the model loads: OpenMP sizes its pool at the first parallel region
         torch.set_num_threads(threads)
     engine = build_engine(spec)
     if threads is not None:  # the engine's worker thread too, whatever its own default (a factory built it)
         engine.torch_threads = threads
-    server = EngineServer(engine, address, linger)
+    server = EngineServer(engine, address, linger, serves)
     freeze_startup_heap("engine process")  # the model is loaded: a full GC would stall every step for ~0.1 s
     # SIGTERM / SIGINT end the serving loop; running replies end with an in-band error, the socket goes away.
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,9 @@ since the last frame, else None.
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
+import re
 import socket
 import struct
 from dataclasses import astuple
@@ -28,6 +30,17 @@ from ._delivery import FirstToken
 from .base import GenerationChunk
 
 HEADER = struct.Struct("!I")
+
+
+def spec_identity(spec: dict[str, Any]) -> str:
+    """What an engine process serves, comparable between the web processes that share its address: the model and
+    its arguments (not ``torch_threads`` or the import path, which do not change what it answers)."""
+    path = spec.get("path")
+    if isinstance(path, str) and os.path.exists(path):
+        path = os.path.realpath(path)  # "./model" from one worker's folder, "/srv/model" from another's
+    kwargs = spec.get("kwargs") or {}
+    described = repr((spec.get("factory"), path, spec.get("gguf_file"), sorted(kwargs.items(), key=lambda kv: kv[0])))
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", described)  # an object's address differs from process to process
 #: bumped whenever a message changes shape: a web process never talks to an engine of another version
 WIRE_VERSION = 4
 MAX_FRAME = 1 << 30

@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import ConfigurationError, EngineError, EngineNotReady, EngineUnavailable
 from ._launcher import Launcher
 from ._link import EngineLink
+from ._wire import spec_identity
 from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
 from .prompts import Prompt, fit_prompt, render_off_loop_if_long, with_system_prompt
 from .torch_threads import engine_threads
@@ -218,6 +219,14 @@ class ProcessEngine:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RESTART_BACKOFF[1])
         info = link.info
+        ours = spec_identity(self.launcher.spec)
+        if info.get("serves") not in (None, ours):  # None: an engine too old to say (same wire version)
+            await link.close()
+            raise ConfigurationError(
+                f"the engine process on {self.address} (pid {info.get('pid')}) serves {info['serves']}, and this "
+                f"web process asks for {ours}: give each model (or model setting) an address of its own, or stop "
+                "that engine (it exits once its last web process has gone)"
+            )
         self.tokenizer, self.context_len = info["tokenizer"], info["context_len"]
         self.model_name, self.max_batch_size = info["model_name"], info["max_batch_size"]
         self.system_prompt = info["system_prompt"]

@@ -109,6 +109,32 @@ async def test_engines_naming_one_address_share_one_engine_process(tiny_model_di
 
 
 @pytest.mark.asyncio
+async def test_a_web_process_asking_for_another_model_on_a_shared_address_is_refused(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # a rolling deploy to a new model (or batch size) silently attached to the old engine that still lingered
+    address = tmp_path / "engine.sock"
+    serving = ProcessEngine.from_pretrained(tiny_model_dir, address=address, linger=1.0, max_batch_size=2)
+    relative = os.path.relpath(tiny_model_dir)  # the same model named another way is the same model
+    same = ProcessEngine.from_pretrained(relative, address=address, linger=1.0, max_batch_size=2)
+    other = ProcessEngine.from_pretrained(tiny_model_dir, address=address, linger=1.0, max_batch_size=4)
+    try:
+        await serving.start()
+        await same.start()
+        assert engine_pid(same) == engine_pid(serving)
+        with pytest.raises(ConfigurationError, match="give each model .* an address of its own") as refused:
+            await other.start()
+        assert "('max_batch_size', 4)" in str(refused.value) and "('max_batch_size', 2)" in str(refused.value)
+        assert not other.ready and await reply(serving)
+    finally:
+        for engine in (serving, same, other):
+            await engine.close()
+    started = serving.launcher.process
+    assert started is not None
+    await wait_until(lambda: started.poll() is not None, timeout=10)  # idle for `linger` s, it exits by itself
+
+
+@pytest.mark.asyncio
 async def test_the_engine_process_leaves_a_core_to_the_web_process_unless_told_its_threads(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
