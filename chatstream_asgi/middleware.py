@@ -24,7 +24,7 @@ from .engines.fair_wakes import fair_wakes
 from .engines.gc_heap import freeze_startup_heap
 from .engines.replicas import as_engine
 from .errors import ClientDisconnected, HTTPError
-from .http.asgi import route_path, send_error
+from .http.asgi import route_path, send_error, without_body
 from .http.hooks import ChatHooks
 from .http.ops_routes import OperationsRoutes
 from .http.routes import ChatRoutes, ChatSettings
@@ -124,6 +124,8 @@ class ChatStreamMiddleware:
         session_routes = SessionRoutes(self.routes, config.hooks.on_feedback, config.routes.chat_paths)
         ui_path = config.routes.ui_path
         self.table.update(session_routes.table(config.routes.extra_paths or {}, ui_path, self.table))
+        # the page shares its path with the app's own other methods (a POST / of the app's with the page at "/")
+        self.page_paths = frozenset({ui_path} if ui_path else ())
         # API keys and the CSRF check cover the session routes; the OpenAI routes check their own keys, and health,
         # metrics and the page stay open
         self.guarded = set(self.table) - set(openai_table) - set(ops_table) - {ui_path}
@@ -146,16 +148,20 @@ class ChatStreamMiddleware:
             await self.lifespan(self.app, scope, receive, send)
             return
         route = self.table.get(route_path(scope)) if scope["type"] == "http" else None
-        if route is None:
+        head = route is not None and route[0] == "GET" and scope["method"] == "HEAD"  # a GET without its body
+        if route is None or (route_path(scope) in self.page_paths and scope["method"] != route[0] and not head):
             await self.app(scope, receive, send)
             return
         method, handler = route
+        if head:
+            send = without_body(send)
         http_receive, http_send = http_channels(scope, receive, self.observer.counting_send(route_path(scope), send))
         # OpenAI clients expect OpenAI's error shape, also for what fails before the handler (405)
         send_failure = send_openai_error if route_path(scope) in self.openai_paths else send_error
         try:
-            if scope["method"] != method:
-                raise HTTPError(405, "method_not_allowed", f"use {method} for this route", {"Allow": method})
+            if scope["method"] != method and not head:
+                allowed = "GET, HEAD" if method == "GET" else method
+                raise HTTPError(405, "method_not_allowed", f"use {method} for this route", {"Allow": allowed})
             if route_path(scope) in self.guarded:
                 self.guard.check(scope)
             # A burst of chats (clients that all finished together and all ask again) starts a few per loop

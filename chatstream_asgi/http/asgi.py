@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ..errors import ClientDisconnected, HTTPError
-from .types import HTTPReceive, HTTPSend, Scope, response_body, response_start
+from .types import HTTPReceive, HTTPSend, Message, Scope, Send, response_body, response_start
 
 JSON_CONTENT_TYPE = b"application/json"
 MAX_LENGTH_DIGITS = 18  # any Content-Length with more digits is over every cap
@@ -98,3 +98,14 @@ async def send_json(
 async def send_error(send: HTTPSend, error: HTTPError, headers: list[tuple[bytes, bytes]] | None = None) -> None:
     extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items()]
     await send_json(send, error.status, error_body(error.error_type, error.message), [*extra, *(headers or [])])
+
+
+def without_body(send: Send) -> Send:
+    """``send`` for a ``HEAD`` request: the GET response's status and headers (``Content-Length`` too), no body."""
+
+    async def headers_only(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headers_only

@@ -135,8 +135,8 @@ async def test_custom_paths_are_served_and_defaults_pass_through(make_chat: Any)
     [
         ("GET", "/chat_stream", "POST"),
         ("PUT", "/clear_context", "POST"),
-        ("POST", "/get_load", "GET"),
-        ("HEAD", "/get_prompt", "GET"),
+        ("POST", "/get_load", "GET, HEAD"),
+        ("PUT", "/healthz", "GET, HEAD"),
     ],
 )
 async def test_wrong_method_is_405_with_allow(chat: Chat, method: str, path: str, allow: str) -> None:
@@ -144,6 +144,29 @@ async def test_wrong_method_is_405_with_allow(chat: Chat, method: str, path: str
     assert_json_error(send, 405, "method_not_allowed")
     assert send.header("allow") == allow
     assert chat.app.calls == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/get_load", "/"])
+async def test_head_on_a_get_route_answers_its_headers_without_the_body(make_chat: Any, path: str) -> None:
+    # uptime monitors probe with HEAD; it was a 405, which they read as the service being down
+    chat = make_chat(ui_path="/")
+    await chat.middleware.startup()
+    got, head = await chat.request("GET", path), await chat.request("HEAD", path)
+    assert head.status == got.status and head.body == b"" and got.body
+    assert head.header("content-type") == got.header("content-type")
+    assert head.header("content-length") == got.header("content-length")
+    assert chat.app.calls == []
+    await chat.middleware.shutdown()
+
+
+@pytest.mark.asyncio
+async def test_the_chat_page_at_the_root_leaves_the_apps_other_methods_on_it_alone(make_chat: Any) -> None:
+    chat = make_chat(ui_path="/")
+    assert (await chat.request("POST", "/", {"form": 1})).status == 200  # the app's own POST /
+    assert len(chat.app.calls) == 1
+    assert b"<html" in (await chat.request("GET", "/")).body.lower()
+    assert len(chat.app.calls) == 1
 
 
 @pytest.mark.asyncio

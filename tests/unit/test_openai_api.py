@@ -140,7 +140,7 @@ async def test_request_errors_use_openai_shape() -> None:
     wrong_type = await call(app, headers=[(b"content-type", b"text/plain")])
     assert_openai_error(wrong_type, 415, None, "unsupported_media_type")
     assert_openai_error(await call(app, body={**CHAT, "user": "x" * 300}), 413, None, "request_too_large")
-    for path, method, allow in [("/v1/chat/completions", "GET", "POST"), ("/v1/models", "POST", "GET")]:
+    for path, method, allow in [("/v1/chat/completions", "GET", "POST"), ("/v1/models", "POST", "GET, HEAD")]:
         wrong_method = await call(app, path, method=method)  # refused before the handler runs
         assert_openai_error(wrong_method, 405, None, "method_not_allowed")
         assert wrong_method.header("allow") == allow
