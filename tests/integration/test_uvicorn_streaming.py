@@ -29,6 +29,7 @@ from .servers import (
     chat_app,
     chat_request,
     get_load,
+    not_found_app,
     read_stream,
     sse_events,
     wait_for_load,
@@ -509,3 +510,33 @@ async def test_a_prompt_that_cannot_fit_the_context_is_a_client_error(
         response = await client.post("/chat_stream", json={"user_input": "hi", "max_new_tokens": 4000})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["type"] == "prompt_too_long"
+
+
+@pytest.mark.asyncio
+async def test_a_cors_middleware_around_the_chat_lets_another_origins_page_stream(serve: Any) -> None:
+    # as docs/security.md shows: the CORS middleware wraps the chat middleware, the same origins in allowed_origins
+    from starlette.middleware.cors import CORSMiddleware
+
+    site = "https://app.example.com"
+    chat = chat_app(not_found_app, RecordingEngine(reply=words(5), token_delay=0.01), allowed_origins=[site])
+    server = serve(CORSMiddleware(chat, allow_origins=[site], allow_credentials=True, allow_methods=["GET", "POST"]))
+    async with client_for(server) as client:
+        preflight = await client.options(
+            "/chat_stream",
+            headers={
+                "Origin": site,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == site
+        headers = {"Origin": site, "Sec-Fetch-Site": "cross-site"}
+        async with client.stream("POST", "/chat_stream", json={"user_input": "hi"}, headers=headers) as response:
+            body = (await response.aread()).decode()
+        assert response.status_code == 200 and body == words(5)
+        assert response.headers["access-control-allow-origin"] == site
+        assert response.headers["access-control-allow-credentials"] == "true"
+        other = await client.post(
+            "/chat_stream", json={"user_input": "hi"}, headers={**headers, "Origin": "https://x.example"}
+        )
+        assert other.status_code == 403  # CORS lets the browser read; the CSRF check still decides who may post
