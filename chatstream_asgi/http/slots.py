@@ -64,6 +64,8 @@ async def wait_for_slot(ticket: Any, receive: HTTPReceive) -> bool:
                 task.cancel()
         await asyncio.wait({waiter, listener})
     if not listener.cancelled():
+        if not waiter.cancelled():
+            waiter.exception()  # a rejection in the same step as the disconnect: read, so asyncio does not log it
         return False
     waiter.result()  # raises QueueTimeout / Draining
     return True

@@ -350,3 +350,29 @@ def test_bad_arguments_raise_configuration_error(kwargs: dict[str, object], mess
     with pytest.raises(ConfigurationError, match=message) as caught:
         Admission(**args)  # type: ignore[arg-type]
     assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.asyncio
+async def test_a_rejection_in_the_same_step_as_a_disconnect_is_not_logged_as_never_retrieved() -> None:
+    from chatstream_asgi.http.slots import wait_for_slot
+
+    class RejectedAtOnce:
+        granted = False
+
+        async def wait(self) -> None:
+            raise Draining("draining", retry_after=1)
+
+    async def disconnected() -> dict[str, str]:
+        return {"type": "http.disconnect"}
+
+    loop, logged = asyncio.get_running_loop(), []
+    loop.set_exception_handler(lambda _, context: logged.append(context["message"]))
+    try:
+        assert await wait_for_slot(RejectedAtOnce(), disconnected) is False  # type: ignore[arg-type]
+        import gc
+
+        gc.collect()  # an exception never retrieved is reported when its task is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(None)
+    assert logged == []
