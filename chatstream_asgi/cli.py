@@ -16,7 +16,7 @@ from .config import GenerationConfig, Limits, RoutesConfig, Timeouts
 from .engines.base import Engine, SamplingParams
 from .engines.mock import MockEngine
 from .engines.replicas import EngineReplicas
-from .errors import ChatStreamError
+from .errors import ChatStreamError, ConfigurationError
 from .middleware import ChatStreamMiddleware
 
 logger = logging.getLogger("chatstream_asgi.cli")
@@ -167,7 +167,12 @@ def serve(args: argparse.Namespace) -> None:
 
     from .demo import demo_app
 
-    engine = load_engine(args)
+    try:
+        engine = load_engine(args)
+    except (OSError, ValueError, RuntimeError) as exc:  # a folder that holds no model, a device torch does not know
+        if isinstance(exc, ChatStreamError):
+            raise
+        raise ConfigurationError(f"cannot load the model: {type(exc).__name__}: {exc}") from exc
     app = ChatStreamMiddleware(demo_app(), engine=engine, secret_key=secret_key(args), **configs(args, engine))
     # uvicorn re-raises SIGTERM once it has shut down gracefully; under SIG_DFL that kills the process (-15)
     signal.signal(signal.SIGTERM, exit_quietly)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from chatstream_asgi import EngineReplicas, GenerationConfig, Limits, MockEngine, RoutesConfig, SamplingParams, Timeouts
-from chatstream_asgi.cli import build_parser, configs, default_params, load_engine
+from chatstream_asgi.cli import build_parser, configs, default_params, load_engine, main
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -73,6 +73,17 @@ def test_an_empty_entry_in_the_device_list_is_refused(tiny_model_dir: Path, devi
     with pytest.raises(SystemExit) as refused:
         load_engine(serve_args("--model", str(tiny_model_dir), "--device", device))
     assert "comma-separated list" in str(refused.value)
+
+
+@pytest.mark.parametrize("bad", [["--model", "/nonexistent/model"], ["--model", "TINY", "--device", "bogus"]])
+def test_a_model_that_cannot_load_is_one_line_and_exit_2(
+    bad: list[str], capsys: pytest.CaptureFixture[str], tiny_model_dir: Path
+) -> None:
+    # a folder without a model, a device torch does not know: was a long traceback
+    argv = [str(tiny_model_dir) if part == "TINY" else part for part in bad]
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the model" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("port", ["99999", "-1", "65536"])
