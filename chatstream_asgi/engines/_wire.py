@@ -30,6 +30,9 @@ from ._delivery import FirstToken
 from .base import GenerationChunk
 
 HEADER = struct.Struct("!I")
+#: bumped whenever a message changes shape: a web process never talks to an engine of another version
+WIRE_VERSION = 4
+MAX_FRAME = 1 << 30
 
 
 def spec_identity(spec: dict[str, Any]) -> str:
@@ -41,9 +44,6 @@ def spec_identity(spec: dict[str, Any]) -> str:
     kwargs = spec.get("kwargs") or {}
     described = repr((spec.get("factory"), path, spec.get("gguf_file"), sorted(kwargs.items(), key=lambda kv: kv[0])))
     return re.sub(r" at 0x[0-9a-fA-F]+", "", described)  # an object's address differs from process to process
-#: bumped whenever a message changes shape: a web process never talks to an engine of another version
-WIRE_VERSION = 4
-MAX_FRAME = 1 << 30
 
 
 def encode(message: Any) -> bytes:
