@@ -107,7 +107,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
 
 def devices_of(args: argparse.Namespace) -> list[str | None]:
     if args.device is None:
-        return [None]
+        return ["auto"]  # resolved where the model loads (an engine process's web side never imports torch)
     devices = [device.strip() for device in str(args.device).split(",")]
     if not all(devices):
         raise SystemExit(f"--device takes a device or a comma-separated list (cuda:0,cuda:1), got {args.device!r}")

@@ -31,6 +31,8 @@ def placed(model: Any, device: str | torch.device | None, dtype: torch.dtype | N
     With no ``dtype``, a float32 model on a CUDA device that has bf16 runs in bfloat16: half the weight bytes
     to read per decode step, which is what bounds it, and what every serving engine does there.
     """
+    if device == "auto":  # the command line's default: the GPU when there is one
+        device = "cuda" if torch.cuda.is_available() else None
     if device is not None and torch.device(device) != model.device:
         model = model.to(device)
     on_cuda = model.device.type == "cuda"

@@ -53,7 +53,8 @@ class TransformersEngine:
     Args:
         model: a loaded ``AutoModelForCausalLM`` with a full-attention KV cache.
         tokenizer: its tokenizer; its chat template renders the prompts.
-        device: move the model there (``"cpu"``, ``"cuda:0"``); default: where it already is.
+        device: move the model there (``"cpu"``, ``"cuda:0"``; ``"auto"``: CUDA when available); default: where it
+            already is.
         dtype: cast the model (``torch.bfloat16`` or ``"bfloat16"``); default: keep its dtype, except that a
             float32 model on a CUDA device with bf16 support runs in bfloat16 (pass ``"float32"`` to keep it).
         max_batch_size: sequences decoded together; more wait inside the engine, first come first served.

@@ -255,3 +255,10 @@ async def test_float32_prefix_cache_replies_equal_the_uncached_ones_on_the_devic
     assert cached[0::2] == plain[0::2]
     ends = [end for end in cached[1::2] if isinstance(end, GenerationChunk)]
     assert ends[0].cached_tokens == 0 and all(end.cached_tokens > 0 for end in ends[1:])
+
+
+def test_the_command_lines_default_device_is_the_gpu_when_there_is_one(tiny_model_dir: Any, device: Any) -> None:
+    from chatstream_asgi.cli import build_parser, load_engine
+
+    engine = load_engine(build_parser().parse_args(["serve", "--model", str(tiny_model_dir)]))
+    assert engine.model.device.type == device.type  # type: ignore[attr-defined]  # cuda here; its CPU run: cpu

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from chatstream_asgi import EngineReplicas, GenerationConfig, Limits, MockEngine, RoutesConfig, SamplingParams, Timeouts
-from chatstream_asgi.cli import build_parser, configs, default_params, load_engine, main
+from chatstream_asgi.cli import build_parser, configs, default_params, devices_of, load_engine, main
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -93,6 +94,12 @@ def test_a_port_out_of_range_is_refused(port: str, capsys: pytest.CaptureFixture
         serve_args("--mock", "--port", port)
     assert refused.value.code == 2 and "a port is 0-65535" in capsys.readouterr().err
     assert serve_args("--mock", "--port", "65535").port == 65535
+
+
+def test_without_device_the_model_goes_where_torch_finds_a_gpu(tiny_model_dir: Path) -> None:
+    engine = load_engine(serve_args("--model", str(tiny_model_dir)))  # "auto": cuda when available (tests/cuda)
+    assert engine.model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # type: ignore[attr-defined]
+    assert serve_args("--mock").device is None and devices_of(serve_args("--mock")) == ["auto"]
 
 
 def test_the_mock_takes_the_concurrency_as_its_batch_size() -> None:
