@@ -184,8 +184,9 @@ def test_queued_request_shows_its_place_then_streams(browser: Any, page_server: 
     page.goto(server.url + "/")
     send_message(page, "Am I queued?")
     page.wait_for_selector("#status.queued", timeout=TIMEOUT_MS)
-    assert "Queued: position 1" in page.locator("#status").inner_text()
-    assert "Queued: position 1" in page.locator(".msg.assistant .wait").inner_text()
+    # before its answer starts the page cannot know its own place: it says how many wait (it said "position N of N")
+    assert "Queued: 1 waiting for a slot, 1 generating" in page.locator("#status").inner_text()
+    assert "Queued: 1 waiting" in page.locator(".msg.assistant .wait").inner_text()
     page.screenshot(path=str(artifacts / "chat-queued.png"))
     release.set()
     holder.join(10)
@@ -391,3 +392,66 @@ def test_the_page_of_the_chatstream_facade_streams_deltas_though_its_wire_is_cum
     # a ChatStream 0.3 client that names no wire still gets the cumulative format
     old_client = httpx.post(f"{server.url}/chat_stream", json={"user_input": "hi"}, timeout=30)
     assert old_client.text.endswith(MOCK_REPLY + "<::EOS::>")
+
+
+MODEL_TEXT = "Use `a**b` for power and **bold** text. Run ```pip install foo``` now.\n\n[error: engine_error] boom\n"
+
+
+def test_model_text_renders_as_written_and_an_error_like_last_line_is_not_a_failure(
+    browser: Any, page_server: Any
+) -> None:
+    # the page read the plain-text wire, where a reply ending like the server's error line read as a failure;
+    # and bold inside a code span, or ``` inside a line, broke the rendering
+    server, _ = page_server(MODEL_TEXT, delay=0.005)
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.click("#input")
+    page.fill("#input", "Show me")
+    page.click("#send")
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=TIMEOUT_MS)
+    reply = page.locator(".msg.assistant")
+    assert reply.locator("code").all_inner_texts() == ["a**b", "pip install foo"]
+    assert reply.locator("strong").all_inner_texts() == ["bold"] and reply.locator("pre").count() == 0
+    assert "[error: engine_error] boom" in reply.inner_text() and "not kept" not in reply.inner_text()
+    assert page.locator("#status").inner_text() == ""
+    assert page.evaluate("document.activeElement.id") == "input"  # Send was hidden under the focus: back to the input
+    context.close()
+
+
+def test_clear_refused_keeps_the_chat_and_says_why(browser: Any, page_server: Any) -> None:
+    server, engine = page_server(LONG_REPLY, delay=0.002)
+    context = browser.new_context()
+    first, second = context.new_page(), context.new_page()  # two tabs of one session
+    first.goto(server.url + "/")
+    send_message(first, "A first question")
+    first.wait_for_selector(".msg.assistant:not(.streaming)", timeout=TIMEOUT_MS)
+    engine.token_delay = 0.05
+    send_message(first, "Count for me")
+    wait_for(lambda: "word3" in first.locator(".msg.assistant").last.inner_text())
+    second.goto(server.url + "/")
+    second.wait_for_selector(".msg.user", timeout=TIMEOUT_MS)  # the first turn, from the server
+    second.click("#clear")  # the first tab's reply still streams: the server answers 409
+    second.wait_for_selector("#status.error", timeout=TIMEOUT_MS)
+    assert second.locator("#status").inner_text().startswith("Not cleared: 409")
+    assert second.locator(".msg.user").count() == 1  # it was said "Cleared." and emptied, while the server kept all
+    first.click("#stop")
+    wait_for(lambda: load(server)["running"] == 0)
+    context.close()
+
+
+def test_a_reader_who_scrolls_up_mid_reply_stays_there(browser: Any, page_server: Any) -> None:
+    reply = "\n\n".join(f"Paragraph {i} here." for i in range(80))  # 240 words: under max_new_tokens' 256
+    server, _ = page_server(reply, delay=0.02)
+    context = browser.new_context(viewport={"width": 800, "height": 600})
+    page = context.new_page()
+    page.goto(server.url + "/")
+    send_message(page, "Write a lot")
+    wait_for(lambda: "Paragraph 30" in page.locator(".msg.assistant").inner_text(), timeout=30)
+    assert page.evaluate("document.getElementById('scroller').scrollTop") > 300  # it followed the reply down
+    page.evaluate("document.getElementById('scroller').scrollTop = 0")
+    time.sleep(0.5)  # about 30 frames of repaints while it streams on
+    assert page.locator(".msg.assistant.streaming").count() == 1, "the reply ended before the check"
+    assert page.evaluate("document.getElementById('scroller').scrollTop") == 0  # it jumped back to the bottom
+    page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=60_000)
+    context.close()
