@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from ..errors import ConfigurationError
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -51,6 +53,22 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW
+
+
+def check_params(params: SamplingParams) -> None:
+    """Raise ``ConfigurationError`` for parameters no sampler can honour."""
+    if params.max_new_tokens < 1:
+        raise ConfigurationError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
+    if params.temperature < 0:
+        raise ConfigurationError(f"temperature must be >= 0 (0 = greedy), got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ConfigurationError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ConfigurationError(f"top_k must be >= 0 (0 disables it), got {params.top_k}")
+    if not MIN_REPETITION_PENALTY <= params.repetition_penalty:
+        raise ConfigurationError(
+            f"repetition_penalty must be >= {MIN_REPETITION_PENALTY} (1 disables it), got {params.repetition_penalty}"
+        )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from ..errors import ConfigurationError, EngineError, EngineNotReady, EngineUnav
 from ._launcher import Launcher
 from ._link import EngineLink
 from ._wire import spec_identity
-from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams
+from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, check_params
 from .prompts import Prompt, fit_prompt, render_off_loop_if_long, with_system_prompt
 from .torch_threads import engine_threads
 
@@ -177,6 +177,7 @@ class ProcessEngine:
 
     async def stream(self, messages: Seq[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
         """Generate a reply in the engine process; closing the iterator cancels it there at its next step."""
+        check_params(params)  # here, as the in-thread engine does: a ConfigurationError, not the process's EngineError
         await self._usable_link()  # started and connected: the tokenizer is known
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered

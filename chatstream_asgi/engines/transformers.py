@@ -21,10 +21,9 @@ from ._batch import ModelRunner
 from ._delivery import Channel, LoopChannel, ReplyBuffer
 from ._model_setup import as_dtype, default_name, eos_token_ids, placed, positive
 from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
-from ._sampling import check_params
 from ._scheduler import Scheduler
 from ._sequence import Sequence
-from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats
+from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats, check_params
 from .detokenizer import DecoderSpec
 from .prompts import Prompt, fit_prompt, model_context_len, render_off_loop_if_long, with_system_prompt
 from .torch_threads import engine_threads
@@ -121,7 +120,9 @@ class TransformersEngine:
         self._pad_id = int(pad if pad is not None else next(iter(self._eos_ids), 0))
         self._scheduler: Scheduler | None = None
         self._closed = False
-        self._channel: LoopChannel | None = None
+        # one channel per event loop: the web server's, and any other loop a caller streams from (tests do); the
+        # entries of closed loops go when a new loop comes (the worker's flush drops their channels on its side)
+        self._channels: dict[asyncio.AbstractEventLoop, LoopChannel] = {}
 
     @classmethod
     def from_pretrained(
@@ -230,10 +231,11 @@ class TransformersEngine:
     def _loop_channel(self) -> LoopChannel:
         """The channel of the running loop: every stream of one loop shares one hand-over per step."""
         loop = asyncio.get_running_loop()
-        channel = self._channel
-        if channel is None or channel.loop is not loop or channel.closed:
-            # one engine used from another loop (tests do) gets that loop's own channel; old streams keep theirs
-            channel = self._channel = LoopChannel(loop, self.stream_interval)
+        channel = self._channels.get(loop)
+        if channel is None or channel.closed:
+            for closed in [known for known in self._channels if known.is_closed()]:
+                del self._channels[closed]
+            channel = self._channels[loop] = LoopChannel(loop, self.stream_interval)
         return channel
 
     async def _running_scheduler(self) -> Scheduler:

@@ -174,6 +174,19 @@ async def test_a_killed_engine_fails_running_replies_answers_503_then_restarts(
     assert process_engine.restarts == 1
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", [{"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": 0}])
+async def test_bad_sampling_parameters_are_a_configuration_error_as_in_the_thread(
+    tiny_model_dir: Path, bad: dict[str, Any]
+) -> None:
+    # they went to the engine process and came back as an EngineError: a 500 instead of a caller's error
+    engine = ProcessEngine.from_pretrained(tiny_model_dir)
+    with pytest.raises(ConfigurationError):
+        await anext(aiter(engine.stream(MESSAGES, SamplingParams(**bad))))
+    assert engine.launcher.process is None  # refused before anything started
+    await engine.close()
+
+
 def test_an_engine_never_started_or_closed_leaves_no_private_folder(tiny_model_dir: Path) -> None:
     engine = ProcessEngine.from_pretrained(tiny_model_dir)
     folder = Path(engine.address).parent

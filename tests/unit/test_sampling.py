@@ -15,12 +15,11 @@ from chatstream_asgi.engines._sampling import (
     RowSampler,
     _filtered,
     _penalise,
-    check_params,
     choose_tokens,
     pick_tokens,
     seen_tokens,
 )
-from chatstream_asgi.engines.base import SamplingParams
+from chatstream_asgi.engines.base import SamplingParams, check_params
 from chatstream_asgi.errors import ConfigurationError
 
 GREEDY = SamplingParams(temperature=0.0)

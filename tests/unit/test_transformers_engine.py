@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -504,3 +505,29 @@ def test_growing_cache_survives_any_mix_of_steps_leaves_and_joins() -> None:
             assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
         buffers.add(cache.layers[0]._key_buffer.shape)
     assert len(buffers) > 50  # the mix grew and shrank the buffers many times
+
+
+def test_streams_from_two_live_loops_in_turn_use_one_channel_each(tiny_engine_parts: Parts) -> None:
+    # every switch of loop made a new channel and forgot the old one, whose loop still ran: the worker flushed
+    # one more channel at every step, without end
+    engine = TransformersEngine(*tiny_engine_parts, max_batch_size=2, stream_interval=0)
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    loops = [asyncio.new_event_loop() for _ in range(2)]
+    threads = [threading.Thread(target=loop.run_forever, daemon=True) for loop in loops]
+    for thread in threads:
+        thread.start()
+    try:
+        for turn in range(12):
+            asyncio.run_coroutine_threadsafe(collect(engine, f"hi {turn}", params), loops[turn % 2]).result(30)
+        assert engine._scheduler is not None
+        assert len(engine._scheduler._intake._channels) == 2 and len(engine._channels) == 2
+        for _ in range(3):  # a loop per request (asyncio.run), each closed after: nothing piles up either
+            asyncio.run(collect(engine, "once", params))
+        assert len(engine._channels) == 3  # the two live loops and the last one; the closed ones went
+    finally:
+        for loop in loops:
+            loop.call_soon_threadsafe(loop.stop)
+        for thread, loop in zip(threads, loops, strict=True):
+            thread.join(5)
+            loop.close()
+        asyncio.run(engine.close())
