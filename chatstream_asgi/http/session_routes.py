@@ -138,14 +138,15 @@ class SessionRoutes:
             "rating": rating,
             "text": text,
             "reply_index": index,
-            "message_id": data.get("message_id"),
+            # the reply's own id, also when it was named by its turn
+            "message_id": data.get("message_id") or self.chat.hooks.extras.reply_id(session_id, first + index),
             "reply": history[reply_at]["content"],
             "user_input": user,
             "generation_params": params_json(self.chat.hooks.defaults_for(session_id, defaults)),
         }
         self.chat.hooks.extras.set_feedback(session_id, first + index, feedback)
         await self.notify(session_id, feedback)
-        await send_json(send, 200, {"success": True, "reply_index": index, "message_id": data.get("message_id")})
+        await send_json(send, 200, {"success": True, "reply_index": index, "message_id": feedback["message_id"]})
 
     async def get_feedback(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:
         """The feedback on each of this session's replies, in history order (None where none was given)."""

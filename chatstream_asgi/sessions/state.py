@@ -102,6 +102,11 @@ class SessionStateStore:
         extras = self.get(session_id)
         return None if extras is None else extras.reply_ids.get(reply_id)
 
+    def reply_id(self, session_id: str, number: int) -> str | None:
+        """The id of the session's reply ``number``, if this process recorded it."""
+        extras = self.get(session_id)
+        return None if extras is None else next((k for k, v in extras.reply_ids.items() if v == number), None)
+
     def set_feedback(self, session_id: str, number: int, feedback: dict[str, Any]) -> None:
         with self._lock:
             entry = self._touch(session_id, create=True)

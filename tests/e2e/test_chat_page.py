@@ -267,7 +267,7 @@ def test_feedback_rates_the_reply_by_its_id_changes_and_after_a_reload_by_its_tu
     assert posted.value.post_data_json == {"turn": 0, "rating": "up"}
     wait_for_feedback(page, received, 3)
     assert (received[2][0], received[2][1]["rating"], received[2][1]["reply_index"]) == (session_id, "up", 0)
-    assert received[2][1]["message_id"] is None and pressed(up, down) == ("true", "false")
+    assert received[2][1]["message_id"] == reply_id and pressed(up, down) == ("true", "false")  # by turn, its id
     page.evaluate(QUICK_DOWN_THEN_UP)  # the second click comes while the first is sent: it waits its turn
     wait_for_feedback(page, received, 5)
     assert [f["rating"] for _, f in received[3:]] == ["down", "up"] and pressed(up, down) == ("true", "false")

@@ -125,7 +125,7 @@ async def test_get_feedback_lists_one_entry_per_reply_and_forgets_a_regenerated_
     cookie = session_cookie(first)
     message_id = first.header("x-chatstream-last-generated-message-id")
     await chat.turn("second question", cookie=cookie)
-    await chat.turn("third question", cookie=cookie)
+    third_id = (await chat.turn("third question", cookie=cookie)).header("x-chatstream-last-generated-message-id")
     await chat.request("POST", "/set_feedback", {"message_id": message_id, "rating": "up"}, cookie=cookie)
     await chat.request("POST", "/set_feedback", {"turn": 2, "rating": "up", "text": "nice"}, cookie=cookie)
     await chat.request("POST", "/set_feedback", {"turn": 2, "rating": "down"}, cookie=cookie)  # a change of mind
@@ -134,7 +134,7 @@ async def test_get_feedback_lists_one_entry_per_reply_and_forgets_a_regenerated_
     assert send.json()["feedback"] == [
         {"rating": "up", "text": "", "message_id": message_id},
         None,
-        {"rating": "down", "text": "", "message_id": None},
+        {"rating": "down", "text": "", "message_id": third_id},  # named by its turn, it is still that reply's id
     ]
     await chat.turn(cookie=cookie, regenerate=True)  # a new third reply: the feedback on the old one is gone
     assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"][1:] == [None, None]
@@ -156,7 +156,7 @@ async def test_feedback_stays_on_its_reply_when_the_store_trims_old_turns(make_c
     assert kept[::2] == ["question 3", "question 4"]  # the store keeps 2 pairs (its window moves in steps)
     await chat.request("POST", "/set_feedback", {"turn": 0, "rating": "down"}, cookie=cookie)
     feedback = (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"]
-    assert [(f["rating"], f["message_id"]) for f in feedback] == [("down", None), ("up", ids[4])]
+    assert [(f["rating"], f["message_id"]) for f in feedback] == [("down", ids[3]), ("up", ids[4])]
     gone = await chat.request("POST", "/set_feedback", {"message_id": ids[0], "rating": "up"}, cookie=cookie)
     assert_json_error(gone, 404, "unknown_reply")
     assert "no longer in this session's history" in gone.json()["error"]["message"]
