@@ -178,6 +178,10 @@ class ChatStreamMiddleware:
             return
 
     async def startup(self) -> None:
+        # an app object can be started again after a shutdown (a TestClient per test, two servers in turn): what the
+        # last shutdown's drain left (no admission, streams ending at their next token) goes; signals.install too
+        self.admission.reopen()
+        self.observer.cancelling = False
         await self.engine.start()
         self.signals.install()
         if self.freeze_gc:  # the model (or the tokenizer and torch) is loaded: freeze what the host app holds now

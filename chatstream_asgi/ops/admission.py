@@ -163,6 +163,10 @@ class Admission:
         finally:
             ticket.release()
 
+    def reopen(self) -> None:
+        """Admit again after a drain: a server (or a test client) that starts the same app once more."""
+        self._draining = False
+
     def drain(self) -> None:
         """Stop admitting: new requests get ``Draining``, and so does everyone still queued."""
         self._draining = True

@@ -63,6 +63,13 @@ class Lifespan:
         async def answering(message: Message) -> None:
             if message["type"] == "lifespan.shutdown.complete" and shutdown_failure is not None:
                 message = {"type": "lifespan.shutdown.failed", "message": shutdown_failure}
+            elif message["type"] == "lifespan.startup.failed":
+                # the app's own startup failed after ours: the server exits without a shutdown, so undo ours now
+                # (an engine process or an upstream client would be left running)
+                try:
+                    await self.on_shutdown()
+                except Exception:
+                    logger.exception("undoing the startup after the app's own startup failed")
             await send(message)
 
         try:

@@ -58,6 +58,8 @@ class DrainOnSignals:
 
     def install(self) -> bool:
         """Chain onto the current handlers (call it on the server's loop); True if any signal is now watched."""
+        if not self.installed:  # a new start of the same app: the last run's signal and drain are over
+            self.fired, self.held, self.task = False, None, None
         if not self.enabled or self.installed or threading.current_thread() is not threading.main_thread():
             return False
         self.loop = asyncio.get_running_loop()

@@ -7,6 +7,8 @@ cancel count) is checked beside what the page shows.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -455,3 +457,81 @@ def test_a_reader_who_scrolls_up_mid_reply_stays_there(browser: Any, page_server
     assert page.evaluate("document.getElementById('scroller').scrollTop") == 0  # it jumped back to the bottom
     page.wait_for_selector(".msg.assistant:not(.streaming)", timeout=60_000)
     context.close()
+
+
+class CuttingProxy:
+    """A TCP relay in front of the server; ``cut()`` drops every open connection (a network failure), new ones
+    still go through."""
+
+    def __init__(self, port: int) -> None:
+        self.target = ("127.0.0.1", port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: list[socket.socket] = []  # the connections a cut() drops
+        self.every: list[socket.socket] = []  # every socket it made, closed at the end
+        self.accepting = threading.Thread(target=self.accept, daemon=True)
+        self.accepting.start()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.open += [client, upstream]
+            self.every += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self.relay, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def relay(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        for sock in self.open:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the relay blocked on it; mid-body, the browser sees it fail
+                sock.close()
+        self.open = []
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it (a close alone does not)
+        self.listener.close()
+        self.accepting.join(5)
+        self.open = self.every
+        self.cut()
+
+
+def test_a_connection_lost_mid_reply_keeps_what_the_server_kept(browser: Any, page_server: Any) -> None:
+    # the page dimmed the reply as "not kept" and put the question back, though the server keeps a reply as far as
+    # it sent it: resending doubled the turn
+    server, _ = page_server(LONG_REPLY, delay=0.05)
+    proxy = CuttingProxy(server.port)
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        page.goto(f"http://127.0.0.1:{proxy.port}/")
+        send_message(page, "Count for me")
+        wait_for(lambda: "word5" in page.locator(".msg.assistant").inner_text())
+        proxy.cut()
+        page.wait_for_selector("text=(connection lost)", timeout=TIMEOUT_MS)
+        assert page.locator("#input").input_value() == ""  # not put back to be sent twice
+        wait_for(lambda: load(server)["running"] == 0)
+        kept = httpx.get(f"{server.url}/get_prompt", cookies=dict(c for c in cookie_pairs(context))).json()["messages"]
+        assert [m["role"] for m in kept] == ["user", "assistant"] and kept[1]["content"].startswith("word0 word1")
+        # a second later the page shows what the server kept, as after a reload
+        wait_for(lambda: page.locator(".msg.assistant").inner_text().strip() == kept[1]["content"].strip())
+        assert page.locator(".unkept").count() == 0
+    finally:
+        context.close()
+        proxy.close()
+
+
+def cookie_pairs(context: Any) -> list[tuple[str, str]]:
+    return [(cookie["name"], cookie["value"]) for cookie in context.cookies()]

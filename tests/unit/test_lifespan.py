@@ -140,3 +140,15 @@ async def test_an_app_that_fails_after_reading_a_message_fails_the_lifespan() ->
     with pytest.raises(RuntimeError, match="the app's own startup failed"):
         await run(broken, recorder)
     assert recorder.log == ["hook startup"]  # the server hears of the failure from the exception, as without us
+
+
+async def test_the_apps_own_failed_startup_undoes_ours() -> None:
+    # the engine stayed started (and the signal handlers chained): uvicorn exits with no shutdown after a failed one
+    recorder = Recorder()
+
+    async def app_whose_database_is_down(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "db down"})
+
+    await run(app_whose_database_is_down, recorder)
+    assert recorder.log == ["hook startup", "hook shutdown", "server got lifespan.startup.failed"]

@@ -494,3 +494,15 @@ class FailingStore(MemoryHistoryStore):
         if self.fail_save:
             raise HistoryStoreError("store down")
         await super().save(session_id, messages)
+
+
+@pytest.mark.asyncio
+async def test_an_app_started_again_after_a_shutdown_admits_chats_again(make_chat: Any) -> None:
+    # a TestClient per test on one module-level app: every chat after the first shutdown was 503 draining
+    chat = make_chat()
+    for _ in range(2):
+        await chat.middleware.startup()
+        assert (await chat.request("GET", "/readyz")).status == 200
+        assert (await chat.turn("hi")).status == 200
+        await chat.middleware.shutdown()
+        assert (await chat.request("GET", "/readyz")).status == 503
