@@ -491,6 +491,7 @@ class CuttingProxy:
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+        source.close()  # read to its end: each socket is one relay's source, so each is closed once its peer is done
 
     def cut(self) -> None:
         for sock in self.open:
