@@ -22,6 +22,8 @@ Nothing here imports torch: the helpers take a tokenizer and a model duck-typed.
 from __future__ import annotations
 
 import asyncio
+import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -97,9 +99,46 @@ def with_system_prompt(messages: Sequence[ChatMessage], system_prompt: str | Non
 
 
 def render_chat(tokenizer: Any, messages: Sequence[ChatMessage]) -> str:
-    """The chat template applied to ``messages``, ending with the assistant's generation prompt."""
+    """The chat template applied to ``messages``, ending with the assistant's generation prompt.
+
+    The rendered text is tokenized whole, so a special token's text inside a message (``<|im_end|>``) would become
+    that control token: a user could close their turn and open a system one. Outside system messages (the server's,
+    or an API client's own) such text is broken by a zero-width space and stays text for the model; the history
+    stored and shown keeps it as sent.
+    """
+    pattern = special_token_text(tokenizer)
+    if pattern is not None:
+        messages = [m if m.get("role") == "system" else defused(m, pattern) for m in messages]
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return str(text)
+
+
+_SPECIAL_TEXT: weakref.WeakKeyDictionary[Any, re.Pattern[str] | None] = weakref.WeakKeyDictionary()
+
+
+def special_token_text(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern of the tokenizer's special tokens' texts (longest first), or None when it has none; cached."""
+    try:
+        return _SPECIAL_TEXT[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    texts = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts |= {str(added.content) for added in decoder.values() if getattr(added, "special", False)}
+    texts = {t for t in texts if len(t) > 1}  # a one-character control token cannot be broken (nor is one in use)
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True))) if texts else None
+    try:
+        _SPECIAL_TEXT[tokenizer] = pattern
+    except TypeError:  # a tokenizer that takes no weak reference: computed each time
+        pass
+    return pattern
+
+
+def defused(message: ChatMessage, pattern: re.Pattern[str]) -> ChatMessage:
+    content = message.get("content")
+    if not isinstance(content, str) or not pattern.search(content):
+        return message
+    return {**message, "content": pattern.sub(lambda m: m.group(0)[0] + "\u200b" + m.group(0)[1:], content)}
 
 
 def _encode(tokenizer: Any, messages: Sequence[ChatMessage]) -> tuple[str, list[int]]:
