@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from itsdangerous import BadSignature, TimestampSigner
 
@@ -88,11 +88,19 @@ class SessionCookie:
         return secrets.token_urlsafe(SESSION_ID_BYTES)
 
     def session_id_from_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-        """The verified session id from raw ASGI headers, or None for a missing or bad cookie (never raises)."""
+        """The verified session id from raw ASGI headers, or None for a missing or bad cookie (never raises).
+
+        At most ``MAX_CANDIDATES`` values are verified (an HMAC per key each): a header of 100,000 copies held the
+        event loop for seconds. A browser sends two or three cookies of one name at most (parent paths).
+        """
+        tried = 0
         for name, value in headers:
             if name.lower() != b"cookie":
                 continue
             for candidate in _cookie_values(value, self.cookie_name):
+                if tried == MAX_CANDIDATES:
+                    return None
+                tried += 1
                 session_id = self._verify(candidate)
                 if session_id is not None:
                     return session_id
@@ -125,7 +133,10 @@ class SessionCookie:
         return session_id if _SESSION_ID.fullmatch(session_id) else None
 
 
-def _cookie_values(header: bytes, cookie_name: str) -> list[str]:
+MAX_CANDIDATES = 8  # session-cookie values verified per request
+
+
+def _cookie_values(header: bytes, cookie_name: str) -> Iterator[str]:
     """Every value of ``cookie_name`` in one ``cookie`` header, tolerant of junk around it.
 
     Not Starlette's ``cookie_parser``: it keeps one value per name (the last), while a browser sends two cookies
@@ -134,15 +145,13 @@ def _cookie_values(header: bytes, cookie_name: str) -> list[str]:
     """
     # latin-1 maps every byte, so decoding cannot fail; non-ASCII then fails the shape checks instead
     text = header.decode("latin-1")
-    values = []
     for part in text.split(";"):
         name, sep, value = part.partition("=")
         if sep and name.strip() == cookie_name:
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
-            values.append(value)
-    return values
+            yield value
 
 
 def _check_keys(secret_key: SecretKey | Sequence[SecretKey]) -> list[bytes]:

@@ -16,12 +16,15 @@ with ``503`` + ``Retry-After``. Nothing hangs, nothing crashes.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..errors import ConfigurationError, HistoryStoreError
 from .history import DEFAULT_TTL, Message, copy_messages, trim_turns
+
+logger = logging.getLogger("chatstream_asgi")
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_PREFIX = "chatstream:history:"
@@ -71,8 +74,12 @@ class RedisHistoryStore:
             return []
         try:
             return copy_messages(json.loads(raw))
-        except (ValueError, TypeError) as exc:
-            raise HistoryStoreError(f"the history of a session in Redis is not valid JSON messages: {exc}") from exc
+        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: JSON nested past Python's stack
+            # A 503 as for any store failure, but the value goes: kept, every retry failed the same way (each load
+            # renewed its TTL) until the user cleared the chat. The retry starts the session afresh.
+            logger.error("a session's history in Redis was not valid JSON messages (%s); removed", type(exc).__name__)
+            await self._call(self._client.delete(key))
+            raise HistoryStoreError(f"this session's history in Redis was unreadable ({type(exc).__name__})") from exc
 
     async def save(self, session_id: str, messages: Iterable[Mapping[str, str]]) -> None:
         stored = trim_turns(copy_messages(messages), self.max_turns)

@@ -203,3 +203,17 @@ def test_random_cookie_bytes_never_raise(raw: bytes) -> None:
 def test_random_header_lists_never_raise(headers: list[tuple[bytes, bytes]]) -> None:
     result = SessionCookie(KEY).session_id_from_headers(headers)
     assert result is None or isinstance(result, str)
+
+
+def test_a_flood_of_session_cookies_is_verified_a_few_at_most(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a header of 100,000 copies held the event loop for seconds (an HMAC per key per copy)
+    cookie = SessionCookie([KEY, OLD_KEY])
+    verified: list[str] = []
+    real_verify = cookie._verify
+    monkeypatch.setattr(cookie, "_verify", lambda value: verified.append(value) or real_verify(value))
+    forged = b"chatstream_session=" + signed_value(SessionCookie("x" * 32), cookie.new_session_id())
+    flood = [(b"cookie", b"; ".join([forged] * 100_000))]
+    assert cookie.session_id_from_headers(flood) is None and len(verified) == 8
+    session_id = cookie.new_session_id()
+    genuine = cookie_headers(signed_value(cookie, session_id))
+    assert cookie.session_id_from_headers([(b"cookie", forged), *genuine]) == session_id  # a stale one, then ours
