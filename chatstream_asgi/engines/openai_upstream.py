@@ -141,6 +141,8 @@ class OpenAIUpstreamEngine:
         except httpx.TransportError as exc:
             message = f"the connection to the upstream at {self.base_url} failed: {type(exc).__name__}: {exc}"
             raise UpstreamError(message, error_type="upstream_disconnected") from exc
+        except httpx.DecodingError as exc:  # a body its Content-Encoding does not describe (not a TransportError)
+            raise protocol_error(f"the answer does not decode: {exc}") from exc
 
 
 async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk]:
@@ -148,10 +150,7 @@ async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk
     finish_reason: FinishReason | None = None
     counts: dict[str, int] = {}
     sent = 0
-    async for line in sse_lines(response.aiter_bytes()):
-        if not line.startswith("data:"):
-            continue  # blank lines, ": ping" comments, "event:" and "id:" fields
-        payload = line[len("data:") :].strip()
+    async for payload in sse_data(sse_lines(response.aiter_bytes())):
         if payload == "[DONE]":
             break
         text, reason, usage = parse_chunk(payload)
@@ -180,6 +179,24 @@ async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
             yield line.rstrip(b"\r\n").decode("utf-8", errors="replace")
     if pending:
         yield pending.decode("utf-8", errors="replace")
+
+
+async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """Each event's data, its ``data:`` lines joined with newlines (as the SSE spec says); comments, ``event:`` and
+    ``id:`` fields skipped. A stream may start with a byte order mark, which is not part of its first field."""
+    data: list[str] = []
+    first = True
+    async for line in lines:
+        if first:
+            line, first = line.removeprefix("\ufeff"), False
+        if not line:  # an event ends at a blank line
+            if data:
+                yield "\n".join(data)
+                data = []
+        elif line.startswith("data:"):
+            data.append(line[len("data:") :].removeprefix(" "))
+    if data:  # the last event, if the stream ended without its blank line
+        yield "\n".join(data)
 
 
 def parse_chunk(payload: str) -> tuple[str, FinishReason | None, dict[str, int] | None]:

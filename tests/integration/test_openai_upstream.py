@@ -175,14 +175,17 @@ async def test_upstream_failure_mid_reply_is_in_band_and_frees_the_slot(serve: S
         await wait_for_load(client, running=0)
 
 
-def scripted_upstream(status: int, content_type: bytes, body: bytes) -> Any:
+def scripted_upstream(
+    status: int, content_type: bytes, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> Any:
     """A fake OpenAI server that answers every request with ``body``."""
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             await not_found_app(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type)]})
+        all_headers = [(b"content-type", content_type), *headers]
+        await send({"type": "http.response.start", "status": status, "headers": all_headers})
         await send({"type": "http.response.body", "body": body})
 
     return app
@@ -218,6 +221,31 @@ async def test_broken_upstream_answers_become_clear_errors(
         else:  # text was sent, then the stream ended without a finish: an in-band error
             assert response.status_code == 200 and response.text.startswith("cut") and says in response.text
         await wait_for_load(client, running=0)
+
+
+FINISH = 'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+
+
+@pytest.mark.asyncio
+async def test_standard_event_framing_is_read_and_a_body_that_does_not_decode_is_a_502(serve: Serve) -> None:
+    # a byte order mark before the first field, one event's data on several lines (joined with "\n", as the SSE
+    # spec says): both were 502s; a body its gzip Content-Encoding does not describe was a 500
+    split = 'data: {"choices": [{"index": 0,\ndata: "delta": {"content": "two lines"}, "finish_reason": null}]}\n\n'
+    framed = ("\ufeff" + delta_event("bom ") + "\n\n" + split + FINISH).encode()
+    async with client_for(serve(chat_app(not_found_app, engine_on(serve, framed)))) as client:
+        response = await client.post("/chat_stream", json={"user_input": "hi"})
+        assert response.status_code == 200 and response.text == "bom two lines"
+    gzip = [(b"content-encoding", b"gzip")]
+    broken = engine_on(serve, b"not gzip at all", gzip)
+    async with client_for(serve(chat_app(not_found_app, broken))) as client:
+        response = await client.post("/chat_stream", json={"user_input": "hi"})
+        assert "does not decode" in assert_json_error(response, 502, "upstream_protocol_error")["message"]
+        await wait_for_load(client, running=0)
+
+
+def engine_on(serve: Serve, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> OpenAIUpstreamEngine:
+    upstream = serve(scripted_upstream(200, b"text/event-stream", body, headers))
+    return OpenAIUpstreamEngine(f"{upstream.url}/v1", model="m", timeout=2.0)
 
 
 @pytest.mark.asyncio
