@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import ConfigurationError
 from ..http.hooks import Interceptor, OnFinish
@@ -77,7 +77,7 @@ class SecurityConfig:
         csrf: set False to turn the ``Origin`` / ``Sec-Fetch-Site`` check off (e.g. behind a gateway doing it).
     """
 
-    api_keys: str | Sequence[str] | None = None
+    api_keys: str | Sequence[str] | None = field(default=None, repr=False)  # a logged config shows no key
     require_api_key: bool = False
     allowed_origins: Sequence[str] = ()
     csrf: bool = True

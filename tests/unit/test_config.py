@@ -254,3 +254,9 @@ def test_the_chatstream_facade_maps_its_arguments_onto_the_config_objects() -> N
     assert config.limits == Limits(max_concurrency=3, max_queue=7, queue_timeout=5.0)
     assert config.generation.wire == "chatstream-0.3" and config.routes.ui_path == "/"
     assert config.openai == OpenAIConfig(prefix="/v1") and config.observability.metrics_path is None
+
+
+def test_a_printed_config_shows_no_api_key() -> None:
+    from chatstream_asgi.config.access import SecurityConfig
+
+    assert "sk-secret" not in repr(SecurityConfig(api_keys=["sk-secret"]))
