@@ -97,10 +97,11 @@ class ChatRoutes:
         require_json(scope)
         s = self.settings
         body = await read_body(scope, receive, s.max_body_bytes)
-        session_id = self.sessions.session_id_from_headers(scope.get("headers", []))
+        session_id, refresh = self.sessions.session_from_headers(scope.get("headers", []))
         headers = []
         if session_id is None:
-            session_id = self.sessions.new_session_id()
+            session_id, refresh = self.sessions.new_session_id(), True
+        if refresh:  # a new session, or a cookie past half its lifetime: signed again now, so use keeps it alive
             headers.append(self.sessions.set_cookie_header(session_id))
         body = await self.hooks.intercept(scope, session_id, body)
         defaults = self.hooks.defaults_for(session_id, s.default_params)

@@ -88,7 +88,12 @@ class SessionCookie:
         return secrets.token_urlsafe(SESSION_ID_BYTES)
 
     def session_id_from_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> str | None:
-        """The verified session id from raw ASGI headers, or None for a missing or bad cookie (never raises).
+        """The verified session id from raw ASGI headers, or None for a missing or bad cookie (never raises)."""
+        return self.session_from_headers(headers)[0]
+
+    def session_from_headers(self, headers: Sequence[tuple[bytes, bytes]]) -> tuple[str | None, bool]:
+        """The verified session id (or None), and whether its cookie is past half its ``max_age``: then a response
+        sends it again, signed now, so that a session in use does not end ``max_age`` after its first visit.
 
         At most ``MAX_CANDIDATES`` values are verified (an HMAC per key each): a header of 100,000 copies held the
         event loop for seconds. A browser sends two or three cookies of one name at most (parent paths).
@@ -99,12 +104,13 @@ class SessionCookie:
                 continue
             for candidate in _cookie_values(value, self.cookie_name):
                 if tried == MAX_CANDIDATES:
-                    return None
+                    return None, False
                 tried += 1
-                session_id = self._verify(candidate)
-                if session_id is not None:
-                    return session_id
-        return None
+                verified = self._verify(candidate)
+                if verified is not None:
+                    session_id, signed_at = verified
+                    return session_id, self._signer.get_timestamp() - signed_at > self.max_age / 2
+        return None, False
 
     def set_cookie_header(self, session_id: str) -> tuple[bytes, bytes]:
         if not _SESSION_ID.fullmatch(session_id):
@@ -123,14 +129,16 @@ class SessionCookie:
             f"https_only={self.https_only}, same_site={self.same_site!r}, domain={self.domain!r})"
         )
 
-    def _verify(self, signed: str) -> str | None:
+    def _verify(self, signed: str) -> tuple[str, float] | None:
+        """The session id a cookie value carries and when it was signed (seconds), or None."""
         if len(signed) > MAX_COOKIE_VALUE_LENGTH or not _SIGNED_VALUE.fullmatch(signed):
             return None
         try:
-            session_id = self._signer.unsign(signed, max_age=self.max_age).decode("ascii")
+            value, signed_at = self._signer.unsign(signed, max_age=self.max_age, return_timestamp=True)
+            session_id = value.decode("ascii")
         except (BadSignature, ValueError):  # SignatureExpired is a BadSignature; UnicodeError a ValueError
             return None
-        return session_id if _SESSION_ID.fullmatch(session_id) else None
+        return (session_id, signed_at.timestamp()) if _SESSION_ID.fullmatch(session_id) else None
 
 
 MAX_CANDIDATES = 8  # session-cookie values verified per request

@@ -215,3 +215,26 @@ async def test_max_input_tokens_counts_with_the_engine_tokenizer(tiny_model_dir:
     short = await chat(app, "Hello", max_new_tokens=4, hang_guard=30)
     assert short.status == 200 and short.complete
     await engine.close()
+
+
+async def test_a_session_in_use_gets_its_cookie_signed_again_past_half_its_lifetime() -> None:
+    # signed once, a session in daily use ended cookie_max_age (14 days) after its first visit
+    import time
+
+    from chatstream_asgi.sessions.cookie import SessionCookie
+
+    app, _ = build()
+    sessions = app.routes.sessions
+
+    def session_of(cookie: str) -> str | None:  # cookie: "name=value", as the Cookie header carries it
+        return sessions.session_id_from_headers([(b"cookie", cookie.encode())])
+
+    fresh = cookie_of(await call(app, "POST", "/chat_stream"))
+    assert (await call(app, "POST", "/chat_stream", cookie=fresh)).header("set-cookie") is None
+    session_id = session_of(fresh)
+    assert session_id is not None
+    ten_days_ago = SessionCookie(apps.SECRET, clock=lambda: time.time() - 10 * 24 * 3600)
+    old = ten_days_ago.set_cookie_header(session_id)[1].decode().split(";")[0]
+    assert session_of(old) == session_id
+    renewed = await call(app, "POST", "/chat_stream", cookie=old)
+    assert renewed.status == 200 and session_of(cookie_of(renewed)) == session_id  # the same session, signed now

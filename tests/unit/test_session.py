@@ -217,3 +217,19 @@ def test_a_flood_of_session_cookies_is_verified_a_few_at_most(monkeypatch: pytes
     session_id = cookie.new_session_id()
     genuine = cookie_headers(signed_value(cookie, session_id))
     assert cookie.session_id_from_headers([(b"cookie", forged), *genuine]) == session_id  # a stale one, then ours
+
+
+def test_a_cookie_past_half_its_lifetime_is_to_be_signed_again() -> None:
+    # signed once, a session in daily use ended max_age after its first visit
+    clock = FrozenClock()
+    cookie = SessionCookie(KEY, max_age=1000, clock=clock)
+    session_id = cookie.new_session_id()
+    headers = cookie_headers(signed_value(cookie, session_id))
+    clock.now += 400
+    assert cookie.session_from_headers(headers) == (session_id, False)
+    clock.now += 200  # 600 s old: past half of 1000
+    assert cookie.session_from_headers(headers) == (session_id, True)
+    renewed = cookie_headers(signed_value(cookie, session_id))
+    clock.now += 450  # the first cookie (1,050 s) is over, the one signed again (450 s) is not
+    assert cookie.session_from_headers(headers) == (None, False)
+    assert cookie.session_from_headers(renewed) == (session_id, False)
