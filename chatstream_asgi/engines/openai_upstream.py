@@ -10,6 +10,7 @@ before the first token the client gets that status and a JSON error, after it an
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     import httpx
 
 DEFAULT_TIMEOUT = 60.0
+AFTER_FINISH_WAIT = 2.0  # seconds the usage chunk and [DONE] may take once a reply has its finish_reason
 
 __all__ = ["OpenAIUpstreamEngine", "UpstreamError"]
 
@@ -146,11 +148,21 @@ class OpenAIUpstreamEngine:
 
 
 async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk]:
-    """Text deltas from the upstream's ``chat.completion.chunk`` events, then one chunk with the finish and usage."""
+    """Text deltas from the upstream's ``chat.completion.chunk`` events, then one chunk with the finish and usage.
+
+    Once the finish has come, the usage chunk and ``[DONE]`` get ``AFTER_FINISH_WAIT`` seconds: an upstream that
+    holds the connection open after them left a complete reply waiting for the whole timeout, then failing.
+    """
     finish_reason: FinishReason | None = None
     counts: dict[str, int] = {}
     sent = 0
-    async for payload in sse_data(sse_lines(response.aiter_bytes())):
+    events = aiter(sse_data(sse_lines(response.aiter_bytes())))
+    while True:
+        try:
+            async with asyncio.timeout(None if finish_reason is None else AFTER_FINISH_WAIT):
+                payload = await anext(events)
+        except (StopAsyncIteration, TimeoutError):  # the end, or a finished reply whose stream stays open
+            break
         if payload == "[DONE]":
             break
         text, reason, usage = parse_chunk(payload)
@@ -210,6 +222,8 @@ def parse_chunk(payload: str) -> tuple[str, FinishReason | None, dict[str, int] 
     if data.get("error"):
         raise UpstreamError(f"the upstream failed mid-reply: {json_error_message(payload) or payload[:MAX_ERROR_BODY]}")
     choices = data.get("choices")
+    if choices is None and isinstance(data.get("usage"), dict):
+        choices = []  # a usage-only chunk that says "choices": null rather than []
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         raise protocol_error(f"an event has no 'choices' list: {payload[:200]!r}")
     raw_usage = data.get("usage")

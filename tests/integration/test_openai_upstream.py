@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,35 @@ async def test_standard_event_framing_is_read_and_a_body_that_does_not_decode_is
     async with client_for(serve(chat_app(not_found_app, broken))) as client:
         response = await client.post("/chat_stream", json={"user_input": "hi"})
         assert "does not decode" in assert_json_error(response, 502, "upstream_protocol_error")["message"]
+        await wait_for_load(client, running=0)
+
+
+@pytest.mark.asyncio
+async def test_a_finished_reply_is_not_held_by_an_upstream_that_keeps_its_stream_open(serve: Serve) -> None:
+    # it waited the whole timeout for [DONE], then failed a complete reply with upstream_timeout; and a usage chunk
+    # with "choices": null was a protocol error
+    usage = 'data: {"choices": null, "usage": {"prompt_tokens": 5, "completion_tokens": 2}}\n\n'
+    finished = delta_event("all done") + "\n\n" + FINISH.split("data: [DONE]")[0] + usage
+
+    async def holding_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await not_found_app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": finished.encode(), "more_body": True})
+        while (await receive())["type"] != "http.disconnect":  # no [DONE], no end: until the front hangs up
+            pass
+
+    upstream = serve(holding_app)
+    engine = OpenAIUpstreamEngine(f"{upstream.url}/v1", model="m", timeout=20.0)
+    async with client_for(serve(chat_app(not_found_app, engine))) as client:
+        started = time.monotonic()
+        response = await client.post("/chat_stream", json={"user_input": "hi"}, headers={"accept": "text/event-stream"})
+        assert time.monotonic() - started < 10
+        events = sse_events(response.content)
+        assert "".join(data["text"] for name, data in events if name == "delta") == "all done"
+        done = [data for name, data in events if name == "done"][0]
+        assert (done["finish_reason"], done["prompt_tokens"], done["completion_tokens"]) == ("stop", 5, 2)
         await wait_for_load(client, running=0)
 
 
