@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 
 MAX_ERROR_BODY = 2000  # characters of an upstream error body quoted in our message
 RETRY_STATUSES = {429: 503, 503: 503, 408: 504, 504: 504}  # upstream status -> ours
+# The upstream refused the request itself (vLLM's 400 for a prompt over its context, a 422 for a parameter it does
+# not take): our client's 400, so that it is fixed rather than retried. As a 502 the openai SDK sent it three times.
+# 401/403/404 stay 502s: they say this server is configured wrong (key, base_url, model), not the request.
+REQUEST_STATUSES = {400, 413, 422}
 STATUS_HINTS = {
     401: "check api_key",
     403: "check api_key",
@@ -29,7 +33,7 @@ class UpstreamError(EngineError):
 
     Args:
         message: what went wrong upstream and what to check.
-        status: the HTTP status for our client: 502, 503 or 504.
+        status: the HTTP status for our client: 400 (the upstream refused the request itself), 502, 503 or 504.
         error_type: a stable name such as ``upstream_unreachable`` or ``upstream_timeout``.
         retry_after: seconds for a ``Retry-After`` header (an overloaded upstream).
     """
@@ -59,6 +63,8 @@ async def check_response(response: httpx.Response) -> None:
         raise UpstreamError(
             message, status=ours, error_type=kind, retry_after=retry_after(response) if ours == 503 else 0
         )
+    if status in REQUEST_STATUSES:
+        raise UpstreamError(message, status=400, error_type="upstream_bad_request")
     raise UpstreamError(message, error_type="upstream_rejected" if status < 500 else "upstream_error")
 
 

@@ -110,6 +110,29 @@ def test_openai_client_at_the_front_of_a_chain(serve: Serve) -> None:
     assert completion.choices[0].message.content == "w0 w1 " and completion.choices[0].finish_reason == "length"
 
 
+def test_a_request_the_upstream_refuses_is_a_400_that_the_openai_client_does_not_retry(serve: Serve) -> None:
+    # the upstream takes at most 8 new tokens: asked for 50, it answers 400; the front passes that on as a 400, so
+    # the SDK raises BadRequestError at once (it retries 5xx: as a 502 the upstream was asked three times)
+    posts: list[str] = []
+    upstream = chat_app(not_found_app, RecordingEngine(reply=words(5)), max_new_tokens_limit=8)
+
+    async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            posts.append(scope["path"])
+        await upstream(scope, receive, send)
+
+    counted = serve(counting)
+    front = serve(chat_app(not_found_app, OpenAIUpstreamEngine(f"{counted.url}/v1", model="mock", timeout=5.0)))
+    with openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", timeout=10.0) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=50)
+        reply = client.chat.completions.create(model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert refused.value.status_code == 400 and "max_tokens" in refused.value.message
+    assert refused.value.code == "upstream_bad_request"
+    assert posts == ["/v1/chat/completions"] * 2, posts  # the refused request once, then the one that fits
+    assert reply.choices[0].message.content == "w0 w1 "
+
+
 @pytest.mark.asyncio
 async def test_disconnect_at_the_front_cancels_the_upstream_generation(serve: Serve) -> None:
     upstream, mock, front, _ = upstream_pair(serve, {"reply": words(300)})
@@ -196,9 +219,13 @@ def delta_event(text: str) -> str:
     return "data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
 
 
+VLLM_CONTEXT_ERROR = b'{"error": {"message": "maximum context length is 2048 tokens", "code": 400}}'
 BROKEN_UPSTREAMS = [
     (500, b"application/json", b'{"error": {"message": "CUDA out of memory"}}', 502, "upstream_error", "CUDA out"),
     (404, b"application/json", b'{"detail": "Not Found"}', 502, "upstream_rejected", "check base_url"),
+    # vLLM's answer to a prompt over its context: the request's fault, so our 400 (a 502 was retried by SDKs)
+    (400, b"application/json", VLLM_CONTEXT_ERROR, 400, "upstream_bad_request", "maximum context length is 2048"),
+    (422, b"application/json", b'{"detail": [{"msg": "field required"}]}', 400, "upstream_bad_request", "422"),
     (503, b"text/plain", b"loading model", 503, "upstream_overloaded", "loading model"),
     (200, b"text/event-stream", b"data: {not json\n\n", 502, "upstream_protocol_error", "not JSON"),
     (200, b"text/event-stream", b'data: {"object": "x"}\n\n', 502, "upstream_protocol_error", "choices"),
