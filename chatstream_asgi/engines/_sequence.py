@@ -54,6 +54,10 @@ class Sequence:
         self._cancelled = threading.Event()
 
     @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
 

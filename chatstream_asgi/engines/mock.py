@@ -87,10 +87,10 @@ class MockEngine:
                 cut = first_stop(candidate, params.stop)
                 if cut is not None:
                     if cut > len(sent):
-                        yield GenerationChunk(candidate[len(sent) : cut])
+                        yield GenerationChunk(candidate[len(sent) : cut], None, prompt_tokens, count)
                     break
                 sent = candidate
-                yield GenerationChunk(token)
+                yield GenerationChunk(token, None, prompt_tokens, count)  # the counts so far, as the real engines
             yield GenerationChunk("", finish_reason, prompt_tokens, count)  # type: ignore[arg-type]
         except (GeneratorExit, asyncio.CancelledError):
             self.cancelled += 1

@@ -221,6 +221,7 @@ class TransformersEngine:
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         replies = ReplyBuffer()
         seq = self.new_sequence(prompt.token_ids, params, self._loop_channel(), replies)
+        replies.counts = seq
         scheduler.submit(seq)
         try:
             async for chunk in replies.chunks():

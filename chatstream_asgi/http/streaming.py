@@ -157,6 +157,11 @@ class ReplySender:
             raise TimeoutError
 
     async def on_chunk(self, chunk: GenerationChunk) -> None:
+        # the counts so far ride on every chunk of engines that count: a reply cut before its last keeps them
+        if chunk.finish_reason is not None or chunk.completion_tokens:
+            self.result.prompt_tokens = chunk.prompt_tokens
+            self.result.completion_tokens = chunk.completion_tokens
+            self.result.cached_tokens = chunk.cached_tokens
         if chunk.text:
             if self.options.on_token is not None:
                 self.options.on_token()
@@ -167,9 +172,6 @@ class ReplySender:
             self.result.parts.append(chunk.text)
         if chunk.finish_reason is not None:
             self.result.finish_reason = chunk.finish_reason
-            self.result.prompt_tokens = chunk.prompt_tokens
-            self.result.completion_tokens = chunk.completion_tokens
-            self.result.cached_tokens = chunk.cached_tokens
 
     async def finish(self) -> None:
         await self.start()

@@ -220,7 +220,7 @@ class GenerationProbe:
             if result.time_to_first_token is not None:
                 metrics.ttft.observe(result.time_to_first_token)
             metrics.prompt_tokens.inc(result.prompt_tokens)
-            # a cut stream never got the final chunk's count: its text chunks are the best figure
+            # a cut stream of an engine that counts only at the end (an upstream): its text chunks are the best figure
             metrics.generation_tokens.inc(result.completion_tokens or len(result.parts))
             metrics.e2e.observe(self.queue_wait + duration)
             metrics.outcomes.labels(outcome_of(result)).inc()

@@ -426,3 +426,30 @@ async def test_the_engine_process_prefix_cache_reports_cached_tokens_and_its_fig
     await wait_until(lambda: process_engine.prefix_cache_stats().hit_tokens == ends[1].cached_tokens)
     stats = process_engine.prefix_cache_stats()
     assert stats.queries_tokens == ends[0].prompt_tokens + ends[1].prompt_tokens and stats.entries >= 1
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+@pytest.mark.asyncio
+async def test_a_reply_cut_by_its_client_is_logged_and_counted_with_its_token_counts(
+    kind: str, tiny_model_dir: Path, tiny_engine_parts: tuple[Any, Any], serve: Any, caplog: Any
+) -> None:
+    # the counts came only with a reply's last chunk: a reply its client left was logged with prompt_tokens 0 and
+    # counted in chatstream_generation_tokens_total as its number of text chunks, not its tokens
+    options = {"max_batch_size": 4, "stream_interval": 0.05}
+    engine: Any = TransformersEngine(*tiny_engine_parts, **options)
+    if kind == "process":  # started and closed by the server's lifespan, on the server's own loop
+        engine = ProcessEngine.from_pretrained(tiny_model_dir, dtype="float32", **options)
+    server = serve(chat_app(not_found_app, engine, max_concurrency=4), start_timeout=90)
+    fields = {"user_input": "count me", "max_new_tokens": 400, "temperature": 0, "ignore_eos": True}
+    with caplog.at_level("INFO", logger="chatstream_asgi.requests"):
+        async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as client:
+            async with client.stream("POST", "/chat_stream", json=fields) as response:
+                async for _ in response.aiter_raw():
+                    break  # leave after the first chunk
+            await wait_for_load(client, running=0)
+            metrics = (await client.get("/metrics")).text
+    logged = next(r.chatstream for r in caplog.records if getattr(r, "chatstream", {}).get("outcome"))
+    assert logged["outcome"] == "disconnected"
+    assert logged["prompt_tokens"] > 3 and 1 <= logged["completion_tokens"] < 400
+    counted = next(line for line in metrics.splitlines() if line.startswith("chatstream_generation_tokens_total"))
+    assert float(counted.split()[-1]) == logged["completion_tokens"]
