@@ -5,7 +5,8 @@ resource usage, and the built-in chat page.
   ``top_k_value`` / ``top_p_value`` too) become this session's defaults; ``{"reset": true}`` drops them.
 - ``GET /get_generation_params``: the parameters this session's turns start from, and its overrides.
 - ``POST /set_feedback``: ``{"message_id" | "turn", "rating": "up" | "down" (or "is_like": bool), "text"?}``
-  on one reply; kept beside the history and handed to the host's ``on_feedback(session_id, feedback)``.
+  on one reply; kept beside the history and handed to the host's ``on_feedback(session_id, feedback)``. A rating
+  sent without ``text`` keeps the text given before (``"text": ""`` clears it).
 - ``GET /get_feedback``: one entry per reply in this session's history, ``{"rating", "text", "message_id"}`` or
   null where none was given (the chat page shows the ratings again after a reload).
 - ``GET /get_resource_usage``: memory and CPU of this process and host, GPU memory when there is one.
@@ -134,6 +135,8 @@ class SessionRoutes:
         index = self.reply_index(session_id, data, len(replies), first)
         reply_at = replies[index]
         user = next((m["content"] for m in reversed(history[:reply_at]) if m["role"] == "user"), "")
+        if "text" not in data and "form_data" not in data:  # a new rating alone (the chat page's) keeps the text given
+            text = self.chat.hooks.extras.feedback(session_id).get(first + index, {}).get("text", text)
         feedback = {
             "rating": rating,
             "text": text,

@@ -134,8 +134,11 @@ async def test_get_feedback_lists_one_entry_per_reply_and_forgets_a_regenerated_
     assert send.json()["feedback"] == [
         {"rating": "up", "text": "", "message_id": message_id},
         None,
-        {"rating": "down", "text": "", "message_id": third_id},  # named by its turn, it is still that reply's id
+        # named by its turn, it is still that reply's id; the rating alone (as the chat page sends it) kept the text
+        {"rating": "down", "text": "nice", "message_id": third_id},
     ]
+    await chat.request("POST", "/set_feedback", {"turn": 2, "rating": "down", "text": ""}, cookie=cookie)
+    assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"][2]["text"] == ""
     await chat.turn(cookie=cookie, regenerate=True)  # a new third reply: the feedback on the old one is gone
     assert (await chat.request("GET", "/get_feedback", cookie=cookie)).json()["feedback"][1:] == [None, None]
     await chat.request("POST", "/clear_context", cookie=cookie)
