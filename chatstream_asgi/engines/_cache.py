@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from ..errors import ConfigurationError
 
@@ -136,18 +136,33 @@ def compaction(count: int, kept: list[int]) -> tuple[list[int], list[tuple[int, 
 
 
 def new_cache(config: Any) -> DynamicCache:
-    """A ``DynamicCache`` for ``config`` made of ``GrowingLayer``s; full attention only."""
+    """A ``DynamicCache`` for ``config`` made of ``GrowingLayer``s.
+
+    Sliding-window layers (Mistral, Gemma 2/3, Phi-3) keep every column too: the engine caps such a model's
+    context at its window (``attention_window``), where a window changes nothing, so one full-attention layout
+    serves every layer. Other layer kinds (chunked attention, recurrent state) are refused.
+    """
     cache = DynamicCache(config=config)
     kinds = {type(layer) for layer in cache.layers}
-    if kinds - {DynamicLayer}:
+    if kinds - {DynamicLayer, DynamicSlidingWindowLayer}:
         names = sorted(k.__name__ for k in kinds)
         raise ConfigurationError(
-            f"TransformersEngine batches full-attention KV caches only; this model uses {names}. "
+            f"TransformersEngine batches full-attention and sliding-window KV caches only; this model uses {names}. "
             "Serve it with a dedicated engine (vLLM, TGI) through the OpenAI upstream engine."
         )
     cache.layers = [GrowingLayer() for _ in cache.layers]
     cache.layer_class_to_replicate = GrowingLayer if not cache.layers else None
     return cache
+
+
+def attention_window(config: Any) -> int | None:
+    """The smallest sliding window among the model's attention layers, None when every layer attends to all."""
+    windows = [
+        int(layer.sliding_window)
+        for layer in DynamicCache(config=config).layers
+        if isinstance(layer, DynamicSlidingWindowLayer)
+    ]
+    return min(windows) if windows else None
 
 
 def _layers(cache: DynamicCache) -> list[GrowingLayer]:
