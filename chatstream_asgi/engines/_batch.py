@@ -17,7 +17,17 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache
 
-from ._cache import HEADROOM, LayerKV, append_rows, compaction, keep_rows, new_cache, row_kv, seed_cache
+from ._cache import (
+    HEADROOM,
+    LayerKV,
+    append_rows,
+    attention_windows,
+    compaction,
+    keep_rows,
+    new_cache,
+    row_kv,
+    seed_cache,
+)
 from ._sampling import upload
 from ._sequence import Sequence
 
@@ -32,10 +42,15 @@ class ModelRunner:
         # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either generation.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_last = "logits_to_keep" in params
-        # With SDPA the decode mask is built here, ready to use: transformers' own mask building from a 2-D
-        # mask cost a tenth of a fast model's step. Other attention kernels get the usual 2-D mask.
-        self.sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
         new_cache(model.config)  # raises ConfigurationError for caches it cannot batch
+        # With SDPA the decode mask is built here, ready to use: transformers' own mask building from a 2-D
+        # mask cost a tenth of a fast model's step. One 4-D mask serves every layer when they share one window
+        # (none: most models; all the same: Mistral), and it hides the columns past that window; a model that
+        # mixes them (Gemma 2/3) and other attention kernels get the 2-D mask, from which transformers builds
+        # each layer kind's own (the sliding ones over the same column layout: a row's tokens are contiguous).
+        windows = attention_windows(model.config)
+        self.sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa" and len(windows) == 1
+        self.window = next(iter(windows)) if len(windows) == 1 else None
 
     def new_cache(self) -> DynamicCache:
         return new_cache(self.model.config)
@@ -120,8 +135,13 @@ class KVBatch:
         tokens = upload(self.next_tokens, torch.long, dev).unsqueeze(1)
         columns = torch.arange(width + 1, device=dev)
         attend = columns.unsqueeze(0) >= (width - lengths).unsqueeze(1)  # [rows, width + 1]: the row's real columns
-        # SDPA takes a boolean [rows, 1, query, key] mask as it is (True = attend), exactly what it would build.
-        mask = attend[:, None, None, :] if runner.sdpa else attend.long()
+        if runner.sdpa:
+            if runner.window is not None:  # transformers' sliding window: a query sees the keys less than it behind
+                attend &= columns > width - runner.window
+            # SDPA takes a boolean [rows, 1, query, key] mask as it is (True = attend), exactly what it would build.
+            mask = attend[:, None, None, :]
+        else:
+            mask = attend.long()
         logits = runner.forward(tokens, mask, lengths.unsqueeze(1), self.cache)
         self.lengths = [n + 1 for n in self.lengths]
         self.width = width + 1

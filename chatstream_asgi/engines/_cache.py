@@ -138,9 +138,9 @@ def compaction(count: int, kept: list[int]) -> tuple[list[int], list[tuple[int, 
 def new_cache(config: Any) -> DynamicCache:
     """A ``DynamicCache`` for ``config`` made of ``GrowingLayer``s.
 
-    Sliding-window layers (Mistral, Gemma 2/3, Phi-3) keep every column too: the engine caps such a model's
-    context at its window (``attention_window``), where a window changes nothing, so one full-attention layout
-    serves every layer. Other layer kinds (chunked attention, recurrent state) are refused.
+    Sliding-window layers (Mistral, Gemma 2/3, Phi-3) keep every column too, and the attention masks hide the
+    columns past their window (see ``ModelRunner``): one batch layout serves every layer, at the price of keeping
+    KV that a window layer no longer reads. Other layer kinds (chunked attention, recurrent state) are refused.
     """
     cache = DynamicCache(config=config)
     kinds = {type(layer) for layer in cache.layers}
@@ -155,14 +155,12 @@ def new_cache(config: Any) -> DynamicCache:
     return cache
 
 
-def attention_window(config: Any) -> int | None:
-    """The smallest sliding window among the model's attention layers, None when every layer attends to all."""
-    windows = [
-        int(layer.sliding_window)
+def attention_windows(config: Any) -> set[int | None]:
+    """The sliding windows of the model's attention layers; None stands for full attention."""
+    return {
+        int(layer.sliding_window) if isinstance(layer, DynamicSlidingWindowLayer) else None
         for layer in DynamicCache(config=config).layers
-        if isinstance(layer, DynamicSlidingWindowLayer)
-    ]
-    return min(windows) if windows else None
+    }
 
 
 def _layers(cache: DynamicCache) -> list[GrowingLayer]:

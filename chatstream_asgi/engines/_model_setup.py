@@ -8,31 +8,12 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
-from ._cache import attention_window
 
 
 def positive(name: str, value: int) -> int:
     if not isinstance(value, int) or value < 1:
         raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
     return value
-
-
-def context_within_window(model: Any, context_len: int, asked: bool) -> int:
-    """``context_len``, capped at the model's sliding attention window if it has one.
-
-    Within its window a sliding-window model attends to every earlier token, exactly as full attention does, so
-    the engine's one batch layout (every column kept, one causal mask) computes what the model would; past it,
-    the oldest columns would have to leave the window's layers only. ``asked``: the caller set ``context_len``.
-    """
-    window = attention_window(model.config)
-    if window is None or context_len <= window:
-        return context_len
-    if asked:
-        raise ConfigurationError(
-            f"context_len={context_len} is over this model's sliding attention window of {window} tokens; "
-            f"TransformersEngine serves such models within their window (context_len <= {window})"
-        )
-    return window
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

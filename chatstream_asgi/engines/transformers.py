@@ -19,7 +19,7 @@ import torch
 from ..errors import ConfigurationError, EngineNotReady
 from ._batch import ModelRunner
 from ._delivery import Channel, LoopChannel, ReplyBuffer
-from ._model_setup import as_dtype, context_within_window, default_name, eos_token_ids, placed, positive
+from ._model_setup import as_dtype, default_name, eos_token_ids, placed, positive
 from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
 from ._scheduler import Scheduler
 from ._sequence import Sequence
@@ -57,8 +57,7 @@ class TransformersEngine:
         dtype: cast the model (``torch.bfloat16`` or ``"bfloat16"``); default: keep its dtype, except that a
             float32 model on a CUDA device with bf16 support runs in bfloat16 (pass ``"float32"`` to keep it).
         max_batch_size: sequences decoded together; more wait inside the engine, first come first served.
-        context_len: token budget of prompt plus reply; default ``model.config.max_position_embeddings``, or the
-            sliding attention window of a model that has one (Mistral, Gemma 2/3, Phi-3), if smaller.
+        context_len: token budget of prompt plus reply; default ``model.config.max_position_embeddings``.
         prefill_chunk_tokens: padded prompt tokens per prefill forward; longer prompts are prefilled
             in chunks between decode steps so running streams keep flowing.
         model_name: the name served to clients; default the basename of ``model.config.name_or_path``.
@@ -93,7 +92,6 @@ class TransformersEngine:
         self.max_batch_size = positive("max_batch_size", max_batch_size)
         self.prefill_chunk_tokens = positive("prefill_chunk_tokens", prefill_chunk_tokens)
         self.context_len = positive("context_len", model_context_len(model, context_len))
-        self.context_len = context_within_window(model, self.context_len, asked=context_len is not None)
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigurationError(
                 "The tokenizer has no chat template; set tokenizer.chat_template to a Jinja template "

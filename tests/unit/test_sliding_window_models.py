@@ -1,7 +1,8 @@
-"""Models with sliding-window attention layers (Mistral: every layer; Gemma 2 and 3: one layer of two here) are
-served within their window, where the window changes nothing: the engine's context is capped there, and greedy
-replies in a mixed batch equal ``model.generate`` token for token, with SDPA (the engine's own decode mask) and eager
-attention (transformers' masks; Gemma 2 has no SDPA)."""
+"""Models with sliding-window attention layers (Mistral: every layer; Gemma 2 and 3: one layer of two here): the
+engine keeps every column and masks the ones past the window, so prompts and replies far longer than the window
+(8 tokens here) give greedy replies equal to ``model.generate`` (whose cache drops those columns) token for token,
+in a mixed batch and from the prefix cache, with SDPA (the engine's own decode mask for Mistral, transformers' masks
+for the mixed Gemma 3) and eager attention (transformers' masks; Gemma 2 has no SDPA)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,13 @@ import pytest
 import torch
 
 from chatstream_asgi.engines.base import SamplingParams
-from chatstream_asgi.engines.prompts import PromptTooLong
 from chatstream_asgi.engines.transformers import TransformersEngine
-from chatstream_asgi.errors import ConfigurationError
 from tests.engine_helpers import TokenLog, tokens_of
 from tests.tiny_model import train_tokenizer
 
-WINDOW = 96
-GREEDY = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True)
+WINDOW = 8
+# a repetition penalty keeps the random models from repeating one token, which no mask change would alter
+GREEDY = SamplingParams(temperature=0.0, max_new_tokens=30, ignore_eos=True, repetition_penalty=1.5)
 TEXTS = ["hi", "What is the capital of France? Tell me now.", "東京は日本の首都です。😀 and the quick brown fox"]
 
 
@@ -70,6 +70,7 @@ def reference_greedy(model: Any, tokenizer: Any, prompt: list[int], params: Samp
         attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
         do_sample=False,
         max_new_tokens=params.max_new_tokens,
+        repetition_penalty=params.repetition_penalty,
         eos_token_id=None,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -80,32 +81,29 @@ def reference_greedy(model: Any, tokenizer: Any, prompt: list[int], params: Samp
     ("kind", "attention"), [("mistral", "sdpa"), ("mistral", "eager"), ("gemma2", "eager"), ("gemma3", "sdpa")]
 )
 @pytest.mark.asyncio
-async def test_a_sliding_window_model_is_served_within_its_window_equal_to_generate(
+async def test_replies_past_the_window_equal_generate_in_a_batch_and_from_the_prefix_cache(
     kind: str, attention: str, tokenizer: Any, token_log: TokenLog
 ) -> None:
     model = windowed_model(kind, tokenizer, attention)
-    engine = TransformersEngine(model, tokenizer, max_batch_size=4, prefix_cache_bytes=0)
-    assert engine.context_len == WINDOW  # not the 512 positions: past the window the layers would differ
-    messages = [[{"role": "user", "content": text}] for text in TEXTS]
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4)
+    assert engine.context_len == 512  # the model's positions, not its window
+    conversations = [[{"role": "user", "content": text}] for text in TEXTS]
     try:
-        replies = await asyncio.gather(*(_reply(engine, m) for m in messages))
-        with pytest.raises(PromptTooLong):  # a prompt past the window is refused, never computed wrongly
-            await _reply(engine, [{"role": "user", "content": "the quick brown fox " * 40}])
+        replies = await asyncio.gather(*(_reply(engine, c) for c in conversations))  # rows of different lengths
+        # a second turn: its prompt starts with the first turn's, read back from the prefix cache
+        answer, question = {"role": "assistant", "content": replies[1]}, {"role": "user", "content": "Why?"}
+        follow_up = [*conversations[1], answer, question]
+        conversations.append(follow_up)
+        await _reply(engine, follow_up)
+        reused = engine.prefix_cache_stats().hit_tokens
     finally:
         await engine.close()
-    assert all(replies)
-    for conversation in messages:
-        prompt = engine.fit_prompt(conversation, GREEDY).token_ids
-        assert len(prompt) + GREEDY.max_new_tokens <= WINDOW
+    assert reused > WINDOW, "the second turn did not reuse the first one's KV"
+    prompts = [engine.fit_prompt(conversation, GREEDY).token_ids for conversation in conversations]
+    assert min(len(p) for p in prompts) + GREEDY.max_new_tokens > WINDOW and max(len(p) for p in prompts) > 2 * WINDOW
+    for prompt in prompts:
         assert tokens_of(token_log, prompt) == reference_greedy(model, tokenizer, prompt, GREEDY)
 
 
 async def _reply(engine: TransformersEngine, messages: list[dict[str, str]]) -> str:
     return "".join([chunk.text async for chunk in engine.stream(messages, GREEDY)])
-
-
-def test_a_context_over_the_window_is_refused_and_one_within_it_kept(tokenizer: Any) -> None:
-    model = windowed_model("mistral", tokenizer, "sdpa")
-    with pytest.raises(ConfigurationError, match=f"sliding attention window of {WINDOW} tokens"):
-        TransformersEngine(model, tokenizer, context_len=WINDOW + 1)
-    assert TransformersEngine(model, tokenizer, context_len=64).context_len == 64
