@@ -262,3 +262,17 @@ def test_the_command_lines_default_device_is_the_gpu_when_there_is_one(tiny_mode
 
     engine = load_engine(build_parser().parse_args(["serve", "--model", str(tiny_model_dir)]))
     assert engine.model.device.type == device.type  # type: ignore[attr-defined]  # cuda here; its CPU run: cpu
+
+
+@pytest.mark.parametrize("kind", ["mistral", "gemma3"])
+@pytest.mark.asyncio
+async def test_sliding_window_models_past_their_window_equal_generate_on_the_device(
+    kind: str, device: torch.device, token_log: TokenLog
+) -> None:
+    # Mistral: the engine's own SDPA decode mask with the window; Gemma 3 (window and full layers): transformers'
+    from tests.tiny_model import train_tokenizer
+    from tests.unit.test_sliding_window_models import check_replies_past_the_window, windowed_model
+
+    tokenizer = train_tokenizer()
+    model = windowed_model(kind, tokenizer, "sdpa").to(device)
+    await check_replies_past_the_window(model, tokenizer, token_log)

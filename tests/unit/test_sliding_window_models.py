@@ -66,8 +66,8 @@ def windowed_model(kind: str, tokenizer: Any, attention: str) -> Any:
 
 def reference_greedy(model: Any, tokenizer: Any, prompt: list[int], params: SamplingParams) -> list[int]:
     out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+        torch.tensor([prompt], device=model.device),
+        attention_mask=torch.ones((1, len(prompt)), dtype=torch.long, device=model.device),
         do_sample=False,
         max_new_tokens=params.max_new_tokens,
         repetition_penalty=params.repetition_penalty,
@@ -84,8 +84,12 @@ def reference_greedy(model: Any, tokenizer: Any, prompt: list[int], params: Samp
 async def test_replies_past_the_window_equal_generate_in_a_batch_and_from_the_prefix_cache(
     kind: str, attention: str, tokenizer: Any, token_log: TokenLog
 ) -> None:
-    model = windowed_model(kind, tokenizer, attention)
-    engine = TransformersEngine(model, tokenizer, max_batch_size=4)
+    await check_replies_past_the_window(windowed_model(kind, tokenizer, attention), tokenizer, token_log)
+
+
+async def check_replies_past_the_window(model: Any, tokenizer: Any, token_log: TokenLog) -> None:
+    """Also run on the GPU by ``tests/cuda`` (float32: greedy picks there equal generate's too)."""
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4, dtype="float32")  # a GPU would cast to bf16
     assert engine.context_len == 512  # the model's positions, not its window
     conversations = [[{"role": "user", "content": text}] for text in TEXTS]
     try:
