@@ -1,8 +1,8 @@
-"""Models with sliding-window attention layers (Mistral: every layer; Gemma 2 and 3: one layer of two here): the
+"""Models with sliding-window attention layers (Mistral, Phi-3: every layer; Gemma 2/3, Qwen2: one of two here): the
 engine keeps every column and masks the ones past the window, so prompts and replies far longer than the window
 (8 tokens here) give greedy replies equal to ``model.generate`` (whose cache drops those columns) token for token,
-in a mixed batch and from the prefix cache, with SDPA (the engine's own decode mask for Mistral, transformers' masks
-for the mixed Gemma 3) and eager attention (transformers' masks; Gemma 2 has no SDPA)."""
+in a mixed batch and from the prefix cache, with SDPA (the engine's own decode mask where every layer has the window,
+transformers' masks for the mixed ones) and eager attention (transformers' masks; Gemma 2 has no SDPA)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def windowed_model(kind: str, tokenizer: Any, attention: str) -> Any:
         Gemma3TextConfig,
         MistralConfig,
         MistralForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
     )
 
     shape = {
@@ -56,6 +60,11 @@ def windowed_model(kind: str, tokenizer: Any, attention: str) -> Any:
     layers = ["sliding_attention", "full_attention"]
     if kind == "mistral":
         model = MistralForCausalLM(MistralConfig(**shape, attn_implementation=attention))
+    elif kind == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**shape, attn_implementation=attention))
+    elif kind == "qwen2":  # its window on, from layer 1 on: one full layer, one sliding
+        config = Qwen2Config(**shape, use_sliding_window=True, max_window_layers=1, attn_implementation=attention)
+        model = Qwen2ForCausalLM(config)
     elif kind == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=16, layer_types=layers, attn_implementation=attention))
     else:
@@ -77,9 +86,10 @@ def reference_greedy(model: Any, tokenizer: Any, prompt: list[int], params: Samp
     return list(out[0, len(prompt) :].tolist())
 
 
-@pytest.mark.parametrize(
-    ("kind", "attention"), [("mistral", "sdpa"), ("mistral", "eager"), ("gemma2", "eager"), ("gemma3", "sdpa")]
-)
+KINDS = [("mistral", "sdpa"), ("mistral", "eager"), ("phi3", "sdpa"), ("gemma2", "eager"), ("gemma3", "sdpa")]
+
+
+@pytest.mark.parametrize(("kind", "attention"), [*KINDS, ("qwen2", "sdpa")])
 @pytest.mark.asyncio
 async def test_replies_past_the_window_equal_generate_in_a_batch_and_from_the_prefix_cache(
     kind: str, attention: str, tokenizer: Any, token_log: TokenLog
