@@ -121,3 +121,25 @@ async def check_replies_past_the_window(model: Any, tokenizer: Any, token_log: T
 
 async def _reply(engine: TransformersEngine, messages: list[dict[str, str]]) -> str:
     return "".join([chunk.text async for chunk in engine.stream(messages, GREEDY)])
+
+
+@pytest.mark.parametrize(("kind", "attention"), [("mistral", "sdpa"), ("gemma3", "sdpa"), ("gemma2", "eager")])
+@pytest.mark.asyncio
+async def test_a_prompt_prefilled_in_chunks_past_the_window_equals_generate(
+    kind: str, attention: str, tokenizer: Any, token_log: TokenLog
+) -> None:
+    # chunks of 16 tokens: each chunk's queries see the window over the chunks before it, from the cache
+    model = windowed_model(kind, tokenizer, attention)
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4, prefill_chunk_tokens=16, prefix_cache_bytes=0)
+    long_text = "The quick brown fox jumps over the lazy dog. 東京は日本の首都です。" * 3
+    conversations = [[{"role": "user", "content": text}] for text in ("hi", long_text)]
+    try:
+        running = asyncio.create_task(_reply(engine, conversations[0]))
+        await asyncio.sleep(0.01)  # the long prompt joins while the short one decodes
+        await asyncio.gather(running, _reply(engine, conversations[1]))
+    finally:
+        await engine.close()
+    prompts = [engine.fit_prompt(conversation, GREEDY).token_ids for conversation in conversations]
+    assert len(prompts[1]) > 3 * 16
+    for prompt in prompts:
+        assert tokens_of(token_log, prompt) == reference_greedy(model, tokenizer, prompt, GREEDY)
