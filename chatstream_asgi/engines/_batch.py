@@ -17,6 +17,7 @@ from typing import Any, cast
 import torch
 from transformers import DynamicCache
 
+from ..errors import ConfigurationError
 from ._cache import (
     HEADROOM,
     LayerKV,
@@ -39,17 +40,19 @@ class ModelRunner:
         self.model = model
         self.device: torch.device = model.device
         params = inspect.signature(type(model).forward).parameters
+        check_batchable(model, params)
         # transformers 5.x renamed ``past_key_values`` to ``cache``; accept either generation.
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_last = "logits_to_keep" in params
-        new_cache(model.config)  # raises ConfigurationError for caches it cannot batch
         # With SDPA the decode mask is built here, ready to use: transformers' own mask building from a 2-D
         # mask cost a tenth of a fast model's step. One 4-D mask serves every layer when they share one window
         # (none: most models; all the same: Mistral), and it hides the columns past that window; a model that
         # mixes them (Gemma 2/3) and other attention kernels get the 2-D mask, from which transformers builds
         # each layer kind's own (the sliding ones over the same column layout: a row's tokens are contiguous).
+        # ALiBi models (Falcon with alibi=True) build their position bias from the 2-D mask itself.
         windows = attention_windows(model.config)
-        self.sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa" and len(windows) == 1
+        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        self.sdpa = sdpa and len(windows) == 1 and not getattr(model.config, "alibi", False)
         self.window = next(iter(windows)) if len(windows) == 1 else None
 
     def new_cache(self) -> DynamicCache:
@@ -64,6 +67,29 @@ class ModelRunner:
             kwargs["logits_to_keep"] = 1
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs)
         return cast(torch.Tensor, out.logits[:, -1, :].float())
+
+
+#: ALiBi models: no positions at all (the bias follows the mask), so left padding moves nothing
+ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
+
+
+def check_batchable(model: Any, forward_params: Any) -> None:
+    """Raise ``ConfigurationError`` for a model the engine's batch layout cannot serve exactly.
+
+    The layout needs a KV cache the forward takes, and per-row ``position_ids``: rows are left-padded, and a
+    model that derives positions from the cache length (BART/Marian-style decoders) would shift every padded
+    row's positions by its padding.
+    """
+    config = model.config
+    if "cache" not in forward_params and "past_key_values" not in forward_params:
+        raise ConfigurationError(f"{type(model).__name__} keeps no KV cache (its forward takes none); it cannot stream")
+    alibi = getattr(config, "alibi", False) or getattr(config, "model_type", None) in ALIBI_MODEL_TYPES
+    if "position_ids" not in forward_params and not alibi:
+        raise ConfigurationError(
+            f"{type(model).__name__} takes no position_ids, and the engine batches left-padded rows, whose "
+            "positions it must set; serve this model with a dedicated engine through the OpenAI upstream engine"
+        )
+    new_cache(config)  # raises ConfigurationError for caches it cannot batch
 
 
 def prefill(

@@ -142,17 +142,26 @@ def new_cache(config: Any) -> DynamicCache:
     columns past their window (see ``ModelRunner``): one batch layout serves every layer, at the price of keeping
     KV that a window layer no longer reads. Other layer kinds (chunked attention, recurrent state) are refused.
     """
-    cache = DynamicCache(config=config)
+    try:
+        cache = DynamicCache(config=config)
+    except (KeyError, ValueError, TypeError) as exc:  # a layer type this transformers has no cache layer for
+        raise unserved(f"layers transformers cannot cache ({exc})") from exc
     kinds = {type(layer) for layer in cache.layers}
     if kinds - {DynamicLayer, DynamicSlidingWindowLayer}:
-        names = sorted(k.__name__ for k in kinds)
-        raise ConfigurationError(
-            f"TransformersEngine batches full-attention and sliding-window KV caches only; this model uses {names}. "
-            "Serve it with a dedicated engine (vLLM, TGI) through the OpenAI upstream engine."
-        )
+        raise unserved(str(sorted(k.__name__ for k in kinds)))
+    # Llama 4's chunked attention gets the sliding-window cache layer in transformers 5, but its mask is another
+    if "chunked_attention" in (getattr(config.get_text_config(decoder=True), "layer_types", None) or ()):
+        raise unserved("chunked attention layers")
     cache.layers = [GrowingLayer() for _ in cache.layers]
     cache.layer_class_to_replicate = GrowingLayer if not cache.layers else None
     return cache
+
+
+def unserved(what: str) -> ConfigurationError:
+    return ConfigurationError(
+        f"TransformersEngine batches full-attention and sliding-window KV caches only; this model uses {what}. "
+        "Serve it with a dedicated engine (vLLM, TGI) through the OpenAI upstream engine."
+    )
 
 
 def attention_windows(config: Any) -> set[int | None]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ..errors import ChatStreamError
+from ..errors import ChatStreamError, ConfigurationError
 from .base import ChatMessage
 
 # the cut points of truncation lie this fraction of the context apart (see the module docstring)
@@ -81,14 +81,24 @@ class Prompt:
     dropped: int
 
 
+#: where configs keep their context length: most, GPT-2 style, MPT, some remote-code models
+CONTEXT_LEN_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_sequence_length")
+
+
 def model_context_len(model: Any, override: int | None = None) -> int:
-    """The context length: ``override`` if given, else ``model.config.max_position_embeddings``."""
+    """The context length: ``override`` if given, else the model config's (``max_position_embeddings`` or the
+    name its family uses)."""
     if override is not None:
         return override
-    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(value, int):
-        raise ChatStreamError("The model config has no max_position_embeddings; pass context_len=... explicitly.")
-    return value
+    config = getattr(model, "config", None)
+    for field in CONTEXT_LEN_FIELDS:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise ConfigurationError(
+        "The model config says no context length (none of " + ", ".join(CONTEXT_LEN_FIELDS) + "); "
+        "pass context_len=... explicitly (ALiBi models such as BLOOM have no fixed one: use what it was trained on)."
+    )
 
 
 def with_system_prompt(messages: Sequence[ChatMessage], system_prompt: str | None) -> list[ChatMessage]:

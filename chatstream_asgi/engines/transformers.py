@@ -57,7 +57,8 @@ class TransformersEngine:
         dtype: cast the model (``torch.bfloat16`` or ``"bfloat16"``); default: keep its dtype, except that a
             float32 model on a CUDA device with bf16 support runs in bfloat16 (pass ``"float32"`` to keep it).
         max_batch_size: sequences decoded together; more wait inside the engine, first come first served.
-        context_len: token budget of prompt plus reply; default ``model.config.max_position_embeddings``.
+        context_len: token budget of prompt plus reply; default the config's ``max_position_embeddings`` (or the
+            name the model's family uses: ``n_positions``, ``max_seq_len``...).
         prefill_chunk_tokens: padded prompt tokens per prefill forward; longer prompts are prefilled
             in chunks between decode steps so running streams keep flowing.
         model_name: the name served to clients; default the basename of ``model.config.name_or_path``.

@@ -271,7 +271,7 @@ async def test_sliding_window_models_past_their_window_equal_generate_on_the_dev
 ) -> None:
     # Mistral: the engine's own SDPA decode mask with the window; Gemma 3 (window and full layers): transformers'
     from tests.tiny_model import train_tokenizer
-    from tests.unit.test_sliding_window_models import check_replies_past_the_window, windowed_model
+    from tests.unit.test_attention_kinds import check_replies_past_the_window, windowed_model
 
     tokenizer = train_tokenizer()
     model = windowed_model(kind, tokenizer, "sdpa").to(device)

@@ -1,8 +1,11 @@
-"""Models with sliding-window attention layers (Mistral, Phi-3: every layer; Gemma 2/3, Qwen2: one of two here): the
-engine keeps every column and masks the ones past the window, so prompts and replies far longer than the window
-(8 tokens here) give greedy replies equal to ``model.generate`` (whose cache drops those columns) token for token,
-in a mixed batch and from the prefix cache, with SDPA (the engine's own decode mask where every layer has the window,
-transformers' masks for the mixed ones) and eager attention (transformers' masks; Gemma 2 has no SDPA)."""
+"""The attention kinds the engine serves, against ``model.generate`` token for token, and the ones it refuses.
+
+Sliding-window layers (Mistral, Phi-3: every layer; Gemma 2/3, Qwen2: one of two here): the engine keeps every
+column and masks the ones past the window, so prompts and replies far longer than the window (8 tokens here) give
+greedy replies equal to ``generate`` (whose cache drops those columns), in a mixed batch, from the prefix cache and
+prefilled in chunks, with SDPA (the engine's own decode mask where every layer has the window, transformers' masks
+for the mixed ones) and eager attention (transformers' masks; Gemma 2 has no SDPA). ALiBi (Falcon) gets the 2-D
+mask it builds its bias from; chunked attention (Llama 4) is refused by name."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 
 from chatstream_asgi.engines.base import SamplingParams
 from chatstream_asgi.engines.transformers import TransformersEngine
+from chatstream_asgi.errors import ConfigurationError
 from tests.engine_helpers import TokenLog, tokens_of
 from tests.tiny_model import train_tokenizer
 
@@ -143,3 +147,63 @@ async def test_a_prompt_prefilled_in_chunks_past_the_window_equals_generate(
     assert len(prompts[1]) > 3 * 16
     for prompt in prompts:
         assert tokens_of(token_log, prompt) == reference_greedy(model, tokenizer, prompt, GREEDY)
+
+
+@pytest.mark.asyncio
+async def test_an_alibi_model_under_sdpa_equals_generate(tokenizer: Any, token_log: TokenLog) -> None:
+    # Falcon builds its ALiBi bias from the 2-D mask (batch, length): the engine's 4-D decode mask crashed a step
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(1234)
+    config = FalconConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, alibi=True,
+        max_position_embeddings=512, initializer_range=0.2, attn_implementation="sdpa",
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )  # fmt: skip
+    model = FalconForCausalLM(config).eval()
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4, prefix_cache_bytes=0)
+    conversations = [[{"role": "user", "content": text}] for text in TEXTS]
+    try:
+        await asyncio.gather(*(_reply(engine, c) for c in conversations))
+    finally:
+        await engine.close()
+    for conversation in conversations:
+        prompt = engine.fit_prompt(conversation, GREEDY).token_ids
+        assert tokens_of(token_log, prompt) == reference_greedy(model, tokenizer, prompt, GREEDY)
+
+
+def test_chunked_attention_is_refused_by_name(tokenizer: Any) -> None:
+    # transformers 5 gives Llama 4's chunked layers the sliding-window cache layer: served as a window, its replies
+    # were wrong from the second token
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    config = Llama4TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_chunk_size=8,
+        no_rope_layers=[1, 1], num_local_experts=2, num_experts_per_tok=1, interleave_moe_layer_step=1,
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="chunked attention"):
+        TransformersEngine(Llama4ForCausalLM(config).eval(), tokenizer)
+
+
+def test_the_context_length_is_read_under_the_name_the_family_uses(tokenizer: Any) -> None:
+    from transformers import MptConfig, MptForCausalLM
+
+    config = MptConfig(vocab_size=len(tokenizer), d_model=64, n_heads=4, n_layers=2, max_seq_len=300)
+    assert TransformersEngine(MptForCausalLM(config).eval(), tokenizer).context_len == 300  # was "no context length"
+
+
+def test_models_the_batch_layout_cannot_serve_exactly_are_refused_at_construction(tokenizer: Any) -> None:
+    # both were accepted and failed later: GPT-1 keeps no cache (an opaque shape error at the first decode step);
+    # BART-style decoders derive positions from the cache length, so a left-padded row's reply was wrong
+    from transformers import BartConfig, BartForCausalLM, OpenAIGPTConfig, OpenAIGPTLMHeadModel
+
+    gpt = OpenAIGPTLMHeadModel(OpenAIGPTConfig(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4))
+    with pytest.raises(ConfigurationError, match="keeps no KV cache"):
+        TransformersEngine(gpt.eval(), tokenizer)
+    bart = BartForCausalLM(
+        BartConfig(vocab_size=len(tokenizer), d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                   decoder_ffn_dim=128, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=128)
+    )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="takes no position_ids"):
+        TransformersEngine(bart.eval(), tokenizer)
