@@ -168,13 +168,14 @@ async def read_chunks(response: httpx.Response) -> AsyncIterator[GenerationChunk
         text, reason, usage = parse_chunk(payload)
         if text:
             sent += 1
-            yield GenerationChunk(text)
+            # the chunks so far stand for the completion tokens until the usage comes (a cut reply keeps them)
+            yield GenerationChunk(text, None, 0, sent)
         finish_reason = reason or finish_reason
         counts = usage or counts
     if finish_reason is None:
         raise protocol_error("the stream ended before a finish_reason")
     prompt_tokens, completion_tokens = counts.get("prompt_tokens", 0), counts.get("completion_tokens", sent)
-    yield GenerationChunk("", finish_reason, prompt_tokens, completion_tokens)
+    yield GenerationChunk("", finish_reason, prompt_tokens, completion_tokens, counts.get("cached_tokens", 0))
 
 
 async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
@@ -228,6 +229,10 @@ def parse_chunk(payload: str) -> tuple[str, FinishReason | None, dict[str, int] 
         raise protocol_error(f"an event has no 'choices' list: {payload[:200]!r}")
     raw_usage = data.get("usage")
     usage = {str(k): v for k, v in raw_usage.items() if isinstance(v, int)} if isinstance(raw_usage, dict) else None
+    details = raw_usage.get("prompt_tokens_details") if isinstance(raw_usage, dict) else None
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    if usage is not None and isinstance(cached, int):  # what the upstream's prefix cache supplied (vLLM, OpenAI)
+        usage["cached_tokens"] = cached
     text = ""
     reason: FinishReason | None = None
     for choice in choices:

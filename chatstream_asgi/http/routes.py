@@ -4,6 +4,7 @@ the middleware turns it into a JSON error."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,7 +170,8 @@ class ChatRoutes:
             encoder = choose_encoder(scope, self.settings.ping_interval, self.hooks.wire)
             options = self.stream_options(headers, {"request_id": request_id, "queue_wait_s": ticket.queue_wait})
             options.on_token = probe.on_token
-            probe.done(await stream_reply(send, receive, chunks, encoder, options), turn.user_input)
+            options.on_end = functools.partial(probe.done, user_input=turn.user_input)
+            await stream_reply(send, receive, chunks, encoder, options)
         finally:
             ticket.release()
 

@@ -43,6 +43,8 @@ class StreamOptions:
     summary: dict[str, Any] = field(default_factory=dict)  # extra fields for the ``done`` event
     send_error: ErrorSender = send_error  # how an error before the first byte is answered (OpenAI routes: their shape)
     on_token: Callable[[], None] | None = None  # per text chunk: metrics, and a drain that ends streams may raise
+    # once, however the reply ended (also when the server cancels the request): metrics and the request log
+    on_end: Callable[[StreamResult], object] | None = None
 
 
 async def stream_reply(
@@ -52,22 +54,28 @@ async def stream_reply(
     encoder: StreamEncoder,
     options: StreamOptions,
 ) -> StreamResult:
-    """Stream ``chunks`` to the client until done, failed, timed out or disconnected."""
+    """Stream ``chunks`` to the client until done, failed, timed out, disconnected or cancelled."""
     result = StreamResult()
     sender = ReplySender(send, encoder, options, result)
     producer = asyncio.create_task(sender.run(chunks))
     listener = asyncio.create_task(listen_for_disconnect(receive))
+    cancelled = False
     try:
         await asyncio.wait({producer, listener}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server cancelled this request: a shutdown past its graceful timeout
+        cancelled = True
+        raise
     finally:
         listener.cancel()
         if not producer.done():
-            result.outcome = "disconnected"
+            result.outcome = "cancelled" if cancelled else "disconnected"
             producer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await producer
         with contextlib.suppress(asyncio.CancelledError):
             await listener
+        if options.on_end is not None:
+            options.on_end(result)
     return result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from ..engines.base import Engine, GenerationChunk
@@ -154,7 +154,7 @@ class OpenAIRoutes:
             headers = [(b"x-request-id", reply.id.encode()), *queue_headers(ticket.position)]
             chunks = finish_before_last_byte(self.engine.stream(request.messages, request.params), released(ticket))
             if request.stream:
-                probe.done(await self.stream(send, receive, chunks, request, reply, headers, probe.on_token))
+                await self.stream(send, receive, chunks, request, reply, headers, probe)
             else:
                 await self.complete(send, receive, chunks, reply, headers, probe)
         finally:
@@ -168,11 +168,13 @@ class OpenAIRoutes:
         request: CompletionRequest,
         reply: ReplyHeader,
         headers: list[tuple[bytes, bytes]],
-        on_token: Callable[[], None] | None = None,
+        probe: GenerationProbe | None = None,
     ) -> StreamResult:
         encoder = OpenAIStreamEncoder(reply, request.include_usage, self.settings.ping_interval)
         options = self.stream_options(headers)
-        options.send_error, options.on_token = send_openai_error, on_token
+        options.send_error = send_openai_error
+        if probe is not None:
+            options.on_token, options.on_end = probe.on_token, probe.done
         return await stream_reply(send, receive, chunks, encoder, options)
 
     async def complete(
@@ -185,10 +187,9 @@ class OpenAIRoutes:
         probe: GenerationProbe | None = None,
     ) -> None:
         options = self.stream_options([])
-        options.on_token = None if probe is None else probe.on_token
-        result = await collect_reply(receive, chunks, options)
         if probe is not None:
-            probe.done(result)
+            options.on_token, options.on_end = probe.on_token, probe.done
+        result = await collect_reply(receive, chunks, options)
         if result.outcome == "disconnected":
             return
         if result.outcome == "timeout":

@@ -300,6 +300,23 @@ async def test_a_finished_reply_is_not_held_by_an_upstream_that_keeps_its_stream
         await wait_for_load(client, running=0)
 
 
+@pytest.mark.asyncio
+async def test_the_upstreams_cached_tokens_reach_the_usage_and_the_log(serve: Serve, caplog: Any) -> None:
+    # prompt_tokens_details.cached_tokens (vLLM's and OpenAI's prefix cache) was dropped: usage and log said 0
+    details = '"prompt_tokens_details": {"cached_tokens": 96}'
+    usage = f'data: {{"choices": [], "usage": {{"prompt_tokens": 120, "completion_tokens": 2, {details}}}}}\n\n'
+    body = (delta_event("two words") + "\n\n" + FINISH.split("data: [DONE]")[0] + usage + "data: [DONE]\n\n").encode()
+    with caplog.at_level("INFO", logger="chatstream_asgi.requests"):
+        async with client_for(serve(chat_app(not_found_app, engine_on(serve, body)))) as client:
+            messages = [{"role": "user", "content": "hi"}]
+            response = await client.post("/v1/chat/completions", json={"model": "m", "messages": messages})
+    counts = response.json()["usage"]
+    assert (counts["prompt_tokens"], counts["completion_tokens"]) == (120, 2)
+    assert counts["prompt_tokens_details"] == {"cached_tokens": 96}
+    logged = next(r.chatstream for r in caplog.records if getattr(r, "chatstream", None))
+    assert logged["cached_tokens"] == 96
+
+
 def engine_on(serve: Serve, body: bytes, headers: Sequence[tuple[bytes, bytes]] = ()) -> OpenAIUpstreamEngine:
     upstream = serve(scripted_upstream(200, b"text/event-stream", body, headers))
     return OpenAIUpstreamEngine(f"{upstream.url}/v1", model="m", timeout=2.0)

@@ -207,6 +207,37 @@ async def test_a_client_leaving_mid_stream_is_counted_as_a_disconnect() -> None:
     assert values['chatstream_request_outcome_total{outcome="disconnected"}'] == 1
 
 
+@pytest.mark.parametrize("path", ["/chat_stream", "/v1/chat/completions"])
+async def test_a_request_the_server_cancels_mid_reply_is_logged_and_counted(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn's timeout_graceful_shutdown, hypercorn's graceful timeout: the request task is cancelled; it left no log
+    # line and no counts
+    app = build(MockEngine(" ".join(["word"] * 200), token_delay=0.01))
+    payload: dict[str, Any] = {"user_input": "hi"}
+    if path != "/chat_stream":
+        payload = {"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    two_chunks = asyncio.Event()
+
+    def after_two_chunks(send: RecordingSend) -> None:
+        if len(send.body_chunks) >= 2:
+            two_chunks.set()
+
+    with caplog.at_level(logging.INFO, logger="chatstream_asgi.requests"):
+        send = RecordingSend(hook=after_two_chunks)
+        request = asyncio.create_task(call(app, "POST", path, payload=payload, send=send))
+        await asyncio.wait_for(two_chunks.wait(), 5)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    await wait_until(lambda: app.admission.running == 0)
+    logged = next(r.chatstream for r in caplog.records if r.name == "chatstream_asgi.requests")  # type: ignore[attr-defined]
+    assert logged["outcome"] == "cancelled" and logged["completion_tokens"] >= 2
+    values = samples(app)
+    assert values['chatstream_request_outcome_total{outcome="cancelled"}'] == 1
+    assert values["chatstream_generation_tokens_total"] == logged["completion_tokens"]
+
+
 async def test_openai_route_is_measured_too() -> None:
     app = build()
     payload = {"model": "mock", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
