@@ -207,3 +207,59 @@ def test_models_the_batch_layout_cannot_serve_exactly_are_refused_at_constructio
     )  # fmt: skip
     with pytest.raises(ConfigurationError, match="takes no position_ids"):
         TransformersEngine(bart.eval(), tokenizer)
+
+
+def family_model(model_type: str, tokenizer: Any) -> Any:
+    """A tiny random model of one architecture, in the shape its config class takes."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    ids["bos_token_id"] = tokenizer.bos_token_id
+    shape: dict[str, Any] = {
+        "vocab_size": len(tokenizer), "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512, "initializer_range": 0.2,
+        "tie_word_embeddings": False, **ids,
+    }  # fmt: skip
+    extra: dict[str, dict[str, Any]] = {
+        "qwen3": {"head_dim": 16, "sliding_window": WINDOW, "use_sliding_window": True, "max_window_layers": 1},
+        "starcoder2": {"sliding_window": WINDOW},
+        "mixtral": {"sliding_window": WINDOW, "num_local_experts": 4, "num_experts_per_tok": 2},
+        "cohere2": {"head_dim": 16, "sliding_window": WINDOW, "layer_types": ["sliding_attention", "full_attention"]},
+    }
+    if model_type in ("gpt2", "gpt_bigcode"):
+        shape = {"vocab_size": len(tokenizer), "n_embd": 64, "n_layer": 3, "n_head": 4, "n_positions": 512, **ids}
+        shape["initializer_range"] = 0.2
+    elif model_type == "opt":
+        shape = {"vocab_size": len(tokenizer), "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4}
+        shape.update(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=512, init_std=0.2, **ids)
+    elif model_type in ("gpt_neox", "phi"):
+        del shape["num_key_value_heads"]
+    if model_type == "cohere2":
+        shape["num_hidden_layers"] = 2
+    torch.manual_seed(1234)
+    config = CONFIG_MAPPING[model_type](**shape, **extra.get(model_type, {}))
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+FAMILIES = ["qwen3", "mixtral", "starcoder2", "cohere2", "olmo2", "phi", "gpt2", "gpt_neox", "gpt_bigcode", "opt"]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.asyncio
+async def test_other_architectures_equal_generate_in_a_mixed_batch(
+    model_type: str, tokenizer: Any, token_log: TokenLog
+) -> None:
+    # a regression guard drawn from a sweep of ~60 architectures (window, MoE, MQA, learned positions, parallel blocks)
+    model = family_model(model_type, tokenizer)
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4, prefix_cache_bytes=0)
+    conversations = [[{"role": "user", "content": text}] for text in TEXTS]
+    try:
+        first = asyncio.create_task(_reply(engine, conversations[0]))
+        await asyncio.sleep(0.02)  # the others join while it decodes
+        await asyncio.gather(first, *(_reply(engine, c) for c in conversations[1:]))
+    finally:
+        await engine.close()
+    for conversation in conversations:
+        prompt = engine.fit_prompt(conversation, GREEDY).token_ids
+        assert tokens_of(token_log, prompt) == reference_greedy(model, tokenizer, prompt, GREEDY)
