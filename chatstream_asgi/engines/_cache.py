@@ -1,4 +1,4 @@
-"""The batch's KV cache: full-attention layers whose rows come and go without copying the whole cache.
+"""The batch's KV cache: attention layers (full or sliding-window) whose rows come and go cheaply.
 
 ``DynamicLayer.update`` concatenates, so every decode step copies every layer's whole cache (what
 ``generate`` does too): O(batch x width) bytes per step, O(width^2) per reply. A ``GrowingLayer``

@@ -50,7 +50,8 @@ class TransformersEngine:
     """Streams chat replies from a transformers causal LM, batching requests at the iteration level.
 
     Args:
-        model: a loaded ``AutoModelForCausalLM`` with a full-attention KV cache.
+        model: a loaded ``AutoModelForCausalLM`` whose attention layers are full or sliding-window (others are
+            refused, with the reason).
         tokenizer: its tokenizer; its chat template renders the prompts.
         device: move the model there (``"cpu"``, ``"cuda:0"``; ``"auto"``: CUDA when available); default: where it
             already is.
