@@ -99,6 +99,7 @@ class ClientConnection:
 
     def send_hello(self) -> None:
         engine = self.engine
+        self._cache_sent = engine.prefix_cache_stats()  # with the hello: /get_load shows the cache before any step
         info = {
             "model_name": engine.model_name,
             "max_batch_size": engine.max_batch_size,
@@ -109,6 +110,7 @@ class ClientConnection:
             "torch_threads": torch.get_num_threads(),
             "wire": WIRE_VERSION,
             "serves": self.serves,
+            "cache": astuple(self._cache_sent),
         }
         self._send(encode(("hello", info)))
 

@@ -62,7 +62,8 @@ class EngineLink:
         self.reader, self.writer, self.info = reader, writer, info
         self.decoder = DecoderSpec(info["tokenizer"])
         self.replies: dict[int, OpenReply] = {}
-        self.cache_stats = PrefixCacheStats()  # the engine's prefix cache, as of its last frame that changed it
+        # the engine's prefix cache, as of its hello or its last frame that changed it (an older engine sends none)
+        self.cache_stats = PrefixCacheStats(*info["cache"]) if info.get("cache") else PrefixCacheStats()
         self.closed = False
         self._ids = itertools.count()
         self._on_lost = on_lost

@@ -408,6 +408,8 @@ async def test_a_web_process_refuses_an_engine_of_another_wire_version(
 async def test_the_engine_process_prefix_cache_reports_cached_tokens_and_its_figures(
     process_engine: ProcessEngine, tiny_engine_parts: tuple[Any, Any]
 ) -> None:
+    # the budget is known from the engine's hello: /get_load showed all zeros, capacity too, until a first step
+    assert process_engine.prefix_cache_stats().capacity_bytes > 0
     history = [{"role": "user", "content": "What is the capital of France?"}]
     ends = []
     for follow_up in ("Hello, world! How are you today?", "Tell me about cats."):
