@@ -3,8 +3,8 @@
 ChatStream's README quickstart runs with only ``from chatstream import ...`` changed to
 ``from chatstream_asgi.compat import ...``: ``await chat_stream.handle_starlette_request(request)`` (or 0.3's
 ``handle_chat_stream_request``) returns a response that does admission, the session, history and
-streaming. ``fastsession`` is not needed: the session is our own signed cookie; a ``FastSessionMiddleware``
-the app still adds is harmless. Where ChatStream misbehaved, this keeps the fix: a full queue is a real
+streaming. ``fastsession`` is not needed: the session is our own signed cookie; under a ``FastSessionMiddleware``
+the app still adds, the history follows fastsession's session (``routes.fastsession_scope``). Where ChatStream misbehaved, this keeps the fix: a full queue is a real
 429 with ``Retry-After``, decided before any header, and the model never runs on the event loop.
 """
 
@@ -141,7 +141,7 @@ class ChatStream:
                     logger.exception("the ChatStream callback failed")
 
         guard = self.middleware.guard.check if path in self.middleware.guarded else None
-        return ChatStreamResponse(route[1], body, done, guard)
+        return ChatStreamResponse(route[1], body, done, guard, self.middleware.routes.sessions.set_cookie_header)
 
     async def handle_chat_stream_request(
         self, request: Any, request_body: bytes | str | None = None, callback: Callback | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
         Send,
     )
 
+SESSION_ID_CHARS = 24  # the shape of the middleware's own session ids (secrets.token_urlsafe(18))
 API_METHODS = {
     "chat_stream": "POST",
     "clear_context": "POST",
@@ -52,8 +55,10 @@ class ChatStreamResponse(Response):
         body: bytes | None,
         done: Callable[[str], None],
         guard: Callable[[Scope], None] | None = None,
+        session_cookie: Callable[[str], tuple[bytes, bytes]] | None = None,
     ):
         self.handler, self.replay, self.done, self.guard = handler, body, done, guard
+        self.session_cookie = session_cookie
         self.background = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body = b""
@@ -72,6 +77,8 @@ class ChatStreamResponse(Response):
         # ChatStream 0.3 calls back for a request that streamed; one refused before that (full queue, bad input)
         # gets its error response and no callback, and one whose client left while it waited is "..._before_streaming".
         outcome: str | None = None
+        if self.session_cookie is not None:
+            scope = fastsession_scope(scope, self.session_cookie)
         try:
             if self.guard is not None:  # API keys and the CSRF check, as the middleware applies them
                 self.guard(scope)
@@ -101,6 +108,25 @@ class ChatStreamResponse(Response):
             return pending.pop() if pending else await receive()
 
         return replay
+
+
+def fastsession_scope(scope: Scope, session_cookie: Callable[[str], tuple[bytes, bytes]]) -> Scope:
+    """``scope`` with our session cookie for the ``FastSessionMiddleware`` session it runs in, if any.
+
+    ChatStream's quickstart adds fastsession, which replaces every ``Set-Cookie`` of the response on which it starts
+    a session: our cookie never reached the browser and the first turn's history was lost. Under fastsession the
+    history follows its session instead (one of ours per fastsession id, derived from it).
+    """
+    state = scope.get("state")
+    fast = state.get("session") if isinstance(state, dict) else None
+    fast_id = getattr(fast, "session_id", None)
+    if not isinstance(fast_id, str) or not fast_id:
+        return scope
+    digest = hashlib.sha256(b"chatstream_asgi/fastsession\0" + fast_id.encode()).digest()
+    ours = base64.urlsafe_b64encode(digest).decode()[:SESSION_ID_CHARS]
+    _, set_cookie = session_cookie(ours)
+    # first: the first valid session cookie of a request is the one read
+    return {**scope, "headers": [(b"cookie", set_cookie.split(b";", 1)[0]), *scope.get("headers", [])]}
 
 
 def chosen_apis(opts: dict[str, Any]) -> list[str]:

@@ -97,6 +97,7 @@ def test_readme_quickstart_runs_with_only_imports_changed(
 ) -> None:
     caplog.set_level(logging.WARNING, "chatstream_asgi.compat")
     app, chat_stream = quickstart_app(tiny_model_dir, with_fastsession, handler)
+    chat_stream.append_apis(app, {"include": ["get_prompt"]})
     assert "random key" in caplog.text  # no secret given: a per-process key, and a warning that says so
     assert chat_stream.default_params.stop == ("<human>:", "<|endoftext|>")
 
@@ -110,6 +111,12 @@ def test_readme_quickstart_runs_with_only_imports_changed(
                 assert chunks and all(chunk.endswith(MARKER) for chunk in chunks), chunks
                 replies = [chunk[: -len(MARKER)] for chunk in chunks]
                 assert all(b.startswith(a) for a, b in zip(replies, replies[1:], strict=False))  # cumulative
+            # both turns kept: fastsession replaced our cookie on its first response, and the first turn was lost
+            history = (await client.get("/get_prompt")).json()["messages"]
+            assert [m["content"] for m in history if m["role"] == "user"] == [
+                "Who is Alan Turing",
+                "And who was Ada Lovelace?",
+            ]
             prompt = chat_stream.engine.render_prompt(
                 [{"role": "user", "content": "Who is Alan Turing"}], chat_stream.default_params
             )
