@@ -4,8 +4,9 @@ ChatStream's README quickstart runs with only ``from chatstream import ...`` cha
 ``from chatstream_asgi.compat import ...``: ``await chat_stream.handle_starlette_request(request)`` (or 0.3's
 ``handle_chat_stream_request``) returns a response that does admission, the session, history and
 streaming. ``fastsession`` is not needed: the session is our own signed cookie; under a ``FastSessionMiddleware``
-the app still adds, the history follows fastsession's session (``routes.fastsession_scope``). Where ChatStream misbehaved, this keeps the fix: a full queue is a real
-429 with ``Retry-After``, decided before any header, and the model never runs on the event loop.
+the app still adds, the history follows fastsession's session (``routes.fastsession_scope``). Where ChatStream
+misbehaved, this keeps the fix: a full queue is a real 429 with ``Retry-After``, decided before any header, and
+the model never runs on the event loop.
 """
 
 from __future__ import annotations
