@@ -84,6 +84,7 @@ class ChatStream:
         middleware_options: dict[str, Any] | None = None,
         **ignored: Any,
     ) -> None:
+        self.logger = logging.getLogger("chatstream_asgi")  # ChatStream's doc: chat_stream.logger.setLevel(...)
         if ignored:
             logger.warning("ChatStream options not used by chatstream_asgi, ignored: %s", sorted(ignored))
         if secret_key is None:
@@ -173,6 +174,9 @@ class ChatStream:
         return self.response_for("get_generation_params", request)
 
     async def handle_set_feedback_request(self, request: Any, opts: dict[str, Any] | None = None) -> ChatStreamResponse:
+        if opts:  # 0.3's per-call on_feedback_received: here a hook of the middleware, set once
+            hint = "pass middleware_options={'on_feedback': fn}"
+            logger.warning("set_feedback opts are not used (%s); %s", sorted(opts), hint)
         return self.response_for("set_feedback", request)
 
     async def handle_get_feedback_request(self, request: Any) -> ChatStreamResponse:

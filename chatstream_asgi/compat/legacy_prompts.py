@@ -35,6 +35,22 @@ class ChatContent:
     message: str | None
     child_messages: list[str] | None = None
 
+    # ChatStream's accessors: prompt classes written from its docs read contents through them
+    def get_role(self) -> str:
+        return self.role
+
+    def get_role_type(self) -> RoleType:
+        return self.role_type
+
+    def get_message(self) -> str | None:
+        return self.message
+
+    def get_child_messages(self) -> list[str] | None:
+        return self.child_messages
+
+    def has_child_messages(self) -> bool:
+        return bool(self.child_messages)
+
 
 class AbstractChatPrompt:
     """ChatStream's prompt builder: subclass it and override ``format_content`` (and ``head``) for a new model."""
@@ -79,10 +95,17 @@ class AbstractChatPrompt:
         requests = [c for c in self.chat_contents if c.role_type is RoleType.REQUESTER]
         return requests[-1].message if requests else None
 
-    def get_contents(self) -> list[ChatContent]:
-        if self.prompt_ttl_mode is PromptTTL.SINGLE_TURN:
-            return self.chat_contents[-2:]
-        return list(self.chat_contents)
+    def get_contents(self, opts: Mapping[str, Any] | None = None) -> list[ChatContent]:
+        """The contents a prompt is built from; ``{"omit_last_message": True}`` leaves the last one out, as in
+        ChatStream (whose ``to_message_id`` needs message ids, which this history does not keep)."""
+        contents = self.chat_contents[-2:] if self.prompt_ttl_mode is PromptTTL.SINGLE_TURN else self.chat_contents
+        if opts and opts.get("omit_last_message"):
+            contents = contents[:-1]
+        return list(contents)
+
+    def build_initial_prompt(self, chat_prompt: AbstractChatPrompt) -> None:
+        """Add an initial context (ChatStream calls it once on a new conversation's prompt): override to add
+        requester/responder messages that every conversation starts from."""
 
     def set_prefix_as_stop_str_enabled(self, enabled: bool) -> None:
         """Stop generating where the model starts the requester's next turn (for models unsteady at EOS)."""
@@ -120,10 +143,10 @@ class AbstractChatPrompt:
             return ""
         return f"{content.role}: {content.message}\n" if content.message else f"{content.role}:"
 
-    def create_prompt(self) -> str:
+    def create_prompt(self, opts: Mapping[str, Any] | None = None) -> str:
         if not self.chat_mode:
             return self.get_requester_last_msg() or ""
-        return self.head() + "".join(self.format_content(c) for c in self.get_contents())
+        return self.head() + "".join(self.format_content(c) for c in self.get_contents(opts))
 
 
 def replace_all(text: str, pairs: Sequence[tuple[str, str]] | None) -> str:
@@ -133,8 +156,10 @@ def replace_all(text: str, pairs: Sequence[tuple[str, str]] | None) -> str:
 
 
 def render_legacy(prompt_class: type[AbstractChatPrompt], messages: Sequence[Mapping[str, str]]) -> str:
-    """The prompt ``prompt_class`` builds for ``messages`` (a system message replaces the preset's system text)."""
+    """The prompt ``prompt_class`` builds for ``messages`` (a system message replaces the preset's system text),
+    after the initial context its ``build_initial_prompt`` adds."""
     prompt = prompt_class()
+    prompt.build_initial_prompt(prompt)
     for message in messages:
         role, content = message["role"], message["content"]
         if role == "system":

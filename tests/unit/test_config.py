@@ -254,6 +254,7 @@ def test_the_chatstream_facade_maps_its_arguments_onto_the_config_objects() -> N
     assert config.limits == Limits(max_concurrency=3, max_queue=7, queue_timeout=5.0)
     assert config.generation.wire == "chatstream-0.3" and config.routes.ui_path == "/"
     assert config.openai == OpenAIConfig(prefix="/v1") and config.observability.metrics_path is None
+    assert chat_stream.logger.name == "chatstream_asgi"  # ChatStream's logging doc: chat_stream.logger.setLevel(...)
 
 
 def test_a_printed_config_shows_no_api_key() -> None:

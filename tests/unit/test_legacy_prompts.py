@@ -221,3 +221,36 @@ async def test_output_replacement_holds_back_a_split_pattern(pieces: list[str]) 
     assert text == "".join(pieces).replace("<NL>", "\n")
     assert all("<NL>" not in chunk.text for chunk in chunks)
     assert chunks[-1].finish_reason == "stop" and engine.model_name == "mock"
+
+
+class DocumentedCustomPrompt(AbstractChatPrompt):
+    """The shape of ChatStream's "how to implement a chat prompt" doc: ``create_prompt(opts)`` over
+    ``get_contents(opts)`` and the contents' getters, and an initial context from ``build_initial_prompt``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.set_requester("User")
+        self.set_responder("System")
+
+    def create_prompt(self, opts: Any = None) -> str:
+        text = self.system
+        for content in self.get_contents(opts or {}):
+            role, message = content.get_role(), content.get_message()
+            if role:
+                text += f"{role}: {message}<NL>" if message else f"{role}: "
+        return text
+
+    def build_initial_prompt(self, chat_prompt: AbstractChatPrompt) -> None:
+        chat_prompt.add_requester_msg("Do you know about the Titanic movie?")
+        chat_prompt.add_responder_msg("Yes.")
+
+
+def test_a_prompt_class_written_from_chatstreams_docs_renders_with_its_initial_context() -> None:
+    # get_contents() took no opts and the contents had no getters: every chat was a 500; build_initial_prompt was
+    # never called, so the initial context was silently missing
+    rendered = render_legacy(DocumentedCustomPrompt, [{"role": "user", "content": "Who starred?"}])
+    assert rendered == "User: Do you know about the Titanic movie?<NL>System: Yes.<NL>User: Who starred?<NL>System: "
+    prompt = DocumentedCustomPrompt()
+    prompt.add_requester_msg("a")
+    prompt.add_responder_msg("b")
+    assert prompt.create_prompt({"omit_last_message": True}) == "User: a<NL>"
