@@ -249,4 +249,4 @@ def build_engine(
     device = None if device is None else str(device)
     engine = TransformersEngine(model, tokenizer, device=device, max_batch_size=batch, context_len=context_len)
     replacements = prompt_class().get_replacement_when_output() if prompt_class is not None else None
-    return OutputReplacingEngine(engine, replacements) if replacements else engine
+    return OutputReplacingEngine(engine, replacements or [], strip=True)  # ChatStream stripped every reply

@@ -194,14 +194,18 @@ class LegacyPromptTokenizer:
 
 
 class OutputReplacingEngine:
-    """An engine whose streamed text has ``replacements`` applied (rinna's ``<NL>`` becomes a newline).
+    """An engine whose streamed text has ``replacements`` applied (rinna's ``<NL>`` becomes a newline) and, with
+    ``strip``, no whitespace around the reply: what ChatStream did to every reply, so that history renders as in
+    its prompt docs (``<bot>: He was...``, where a model's leading space made ``<bot>:  He``).
 
-    Text that could be the start of a pattern is held back until the next chunk decides it.
+    Text that could be the start of a pattern is held back until the next chunk decides it; with ``strip``, so is
+    whitespace at the end of a chunk, until text follows it (or the reply ends and it is dropped).
     """
 
-    def __init__(self, engine: Engine, replacements: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, engine: Engine, replacements: Sequence[tuple[str, str]], strip: bool = False) -> None:
         self.engine = engine
         self.replacements = list(replacements)
+        self.strip = strip
         self.model_name = engine.model_name
         self.max_batch_size = engine.max_batch_size
 
@@ -219,14 +223,20 @@ class OutputReplacingEngine:
         return self.engine.render_prompt(messages, params)
 
     async def stream(self, messages: Sequence[ChatMessage], params: SamplingParams) -> AsyncIterator[GenerationChunk]:
-        pending = ""
+        pending, spaces, started = "", "", not self.strip  # held for a pattern; trailing whitespace; text began
         chunks = self.engine.stream(messages, params)
         try:
             async for chunk in chunks:
                 text = replace_all(pending + chunk.text, self.replacements)
-                keep = 0 if chunk.finish_reason is not None else self.held_back(text)
-                pending = text[len(text) - keep :] if keep else ""
-                yield dataclasses.replace(chunk, text=text[: len(text) - keep])
+                last = chunk.finish_reason is not None
+                keep = 0 if last else self.held_back(text)
+                pending, text = (text[len(text) - keep :] if keep else ""), text[: len(text) - keep]
+                if self.strip:
+                    text = spaces + text if started else text.lstrip()
+                    started = started or bool(text)
+                    kept = text.rstrip()
+                    spaces, text = ("" if last else text[len(kept) :]), kept
+                yield dataclasses.replace(chunk, text=text)
         finally:
             closer = getattr(chunks, "aclose", None)
             if closer is not None:

@@ -254,3 +254,17 @@ def test_a_prompt_class_written_from_chatstreams_docs_renders_with_its_initial_c
     prompt.add_requester_msg("a")
     prompt.add_responder_msg("b")
     assert prompt.create_prompt({"omit_last_message": True}) == "User: a<NL>"
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [[" He", " was", " here. "], ["  ", " He<", "NL> was ", " ", "here.", "  "], ["\n", "He", " ", " ", "was here.\n"]],
+)
+@pytest.mark.asyncio
+async def test_stripped_replies_stream_without_surrounding_whitespace(pieces: list[str]) -> None:
+    # ChatStream stripped every reply: a model's leading space made the next prompt "<bot>:  He" here
+    engine = OutputReplacingEngine(PiecesEngine(pieces), [("<NL>", "\n")], strip=True)
+    chunks: list[Any] = [chunk async for chunk in engine.stream(ONE_TURN, SamplingParams())]
+    text = "".join(chunk.text for chunk in chunks)
+    assert text == "".join(pieces).replace("<NL>", "\n").strip()
+    assert not chunks[0].text[:1].isspace() and chunks[-1].finish_reason == "stop"
