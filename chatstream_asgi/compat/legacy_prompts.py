@@ -184,13 +184,30 @@ class LegacyPromptTokenizer:
         self._tokenizer = tokenizer
         self.prompt_class = prompt_class
         self.chat_template = f"chatstream legacy prompt: {prompt_class.__name__}"
+        # ChatStream encoded the prompt with the tokenizer's special tokens: a BOS where the tokenizer adds one
+        # (Llama, OpenLLaMA). The engine encodes rendered text without them, so the text starts with it instead.
+        self._bos = bos_text(tokenizer)
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], **kwargs: Any) -> Any:
         text = render_legacy(self.prompt_class, messages)
+        if self._bos and not text.startswith(self._bos):  # the Llama-2 preset writes its own "<s>"
+            text = self._bos + text
         return self._tokenizer.encode(text, add_special_tokens=False) if kwargs.get("tokenize") else text
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._tokenizer, name)
+
+
+def bos_text(tokenizer: Any) -> str:
+    """The BOS token's text if ``tokenizer`` puts it before what it encodes by default, else ""."""
+    bos_id, bos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos_id is None or not isinstance(bos, str):
+        return ""
+    try:
+        ids = list(tokenizer.encode("a", add_special_tokens=True))
+    except Exception:  # a tokenizer that cannot say: as before, no BOS added
+        return ""
+    return bos if ids[:1] == [bos_id] else ""
 
 
 class OutputReplacingEngine:

@@ -268,3 +268,23 @@ async def test_stripped_replies_stream_without_surrounding_whitespace(pieces: li
     text = "".join(chunk.text for chunk in chunks)
     assert text == "".join(pieces).replace("<NL>", "\n").strip()
     assert not chunks[0].text[:1].isspace() and chunks[-1].finish_reason == "stop"
+
+
+def test_a_tokenizer_that_adds_bos_gets_one_bos_before_the_legacy_prompt() -> None:
+    # ChatStream encoded presets with the tokenizer's special tokens: Llama/OpenLLaMA prompts began with BOS; ours
+    # were encoded without it
+    from tokenizers.processors import TemplateProcessing
+
+    from chatstream_asgi.compat import ChatPromptOpenlmrOpenLlama
+    from chatstream_asgi.engines.prompts import fit_prompt
+    from tests.tiny_model import BOS, train_tokenizer
+
+    plain: Any = train_tokenizer()
+    with_bos: Any = train_tokenizer()
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, with_bos.bos_token_id)]
+    )
+    for tokenizer, bos_first in ((with_bos, True), (plain, False)):
+        legacy = LegacyPromptTokenizer(tokenizer, ChatPromptOpenlmrOpenLlama)
+        ids = fit_prompt(legacy, ONE_TURN, max_new_tokens=8, context_len=512).token_ids
+        assert (ids[0] == tokenizer.bos_token_id) is bos_first and ids[1] != tokenizer.bos_token_id
