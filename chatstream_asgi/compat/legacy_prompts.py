@@ -259,6 +259,11 @@ class OutputReplacingEngine:
             if closer is not None:
                 await closer()
 
+    def __getattr__(self, name: str) -> Any:
+        # the rest is the wrapped engine's: its tokenizer and context for token limits and /get_token_count, its
+        # prefix cache figures, its load
+        return getattr(self.engine, name)
+
     def held_back(self, text: str) -> int:
         """Length of the longest tail of ``text`` that is a proper prefix of a pattern."""
         longest = 0

@@ -268,6 +268,7 @@ async def test_stripped_replies_stream_without_surrounding_whitespace(pieces: li
     text = "".join(chunk.text for chunk in chunks)
     assert text == "".join(pieces).replace("<NL>", "\n").strip()
     assert not chunks[0].text[:1].isspace() and chunks[-1].finish_reason == "stop"
+    assert engine.running == 0  # the wrapped engine's own attributes show through (its tokenizer, its load...)
 
 
 def test_a_tokenizer_that_adds_bos_gets_one_bos_before_the_legacy_prompt() -> None:
