@@ -9,6 +9,7 @@ Engines never run model code on the event loop.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -136,6 +137,19 @@ class SchedulerStats:
     batch_rows: int
     steps: int
     cache_width: int
+
+
+#: Set by a stream's consumer (the HTTP layer) to a list: an engine that counts as it goes appends the object that
+#: holds its reply's counts (``prompt_tokens``, ``completion_tokens``, ``cached_tokens``) when the reply starts, so
+#: that a reply cut before its first text (a deadline in a long prefill, a Stop) still has its prompt counted.
+live_counts: ContextVar[list[Any] | None] = ContextVar("chatstream_live_counts", default=None)
+
+
+def announce_counts(counts: object) -> None:
+    """Hand ``counts`` to the consumer that asked for them through ``live_counts``, if any."""
+    holder = live_counts.get()
+    if holder is not None:
+        holder.append(counts)
 
 
 def first_engine(engine: object) -> object:

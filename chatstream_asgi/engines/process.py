@@ -28,7 +28,7 @@ from ..errors import ConfigurationError, EngineError, EngineNotReady, EngineUnav
 from ._launcher import Launcher
 from ._link import EngineLink
 from ._wire import spec_identity
-from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, check_params
+from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, announce_counts, check_params
 from .prompts import Prompt, fit_prompt, render_off_loop_if_long, with_system_prompt
 from .torch_threads import engine_threads
 
@@ -182,6 +182,7 @@ class ProcessEngine:
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered
         rid, replies = link.submit(prompt.token_ids, params)
+        announce_counts(replies.counts)
         sent = False
         try:
             async for chunk in replies.chunks():

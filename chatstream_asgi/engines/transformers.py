@@ -23,7 +23,15 @@ from ._model_setup import as_dtype, default_name, eos_token_ids, placed, positiv
 from ._prefix_cache import PrefixCache, default_prefix_cache_bytes
 from ._scheduler import Scheduler
 from ._sequence import Sequence
-from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats, check_params
+from .base import (
+    ChatMessage,
+    GenerationChunk,
+    PrefixCacheStats,
+    SamplingParams,
+    SchedulerStats,
+    announce_counts,
+    check_params,
+)
 from .detokenizer import DecoderSpec
 from .prompts import Prompt, fit_prompt, model_context_len, render_off_loop_if_long, with_system_prompt
 from .torch_threads import engine_threads
@@ -224,6 +232,7 @@ class TransformersEngine:
         replies = ReplyBuffer()
         seq = self.new_sequence(prompt.token_ids, params, self._loop_channel(), replies)
         replies.counts = seq
+        announce_counts(seq)
         scheduler.submit(seq)
         try:
             async for chunk in replies.chunks():

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engines.base import GenerationChunk
+from ..engines.base import GenerationChunk, live_counts
 from ..errors import ChatStreamError, HTTPError
 from ..ops.metrics import StreamResult
 from .asgi import listen_for_disconnect, send_error
@@ -57,7 +57,12 @@ async def stream_reply(
     """Stream ``chunks`` to the client until done, failed, timed out, disconnected or cancelled."""
     result = StreamResult()
     sender = ReplySender(send, encoder, options, result)
-    producer = asyncio.create_task(sender.run(chunks))
+    counting: list[Any] = []  # the engine's live counts object, if it announces one (engines.base.live_counts)
+    asked = live_counts.set(counting)
+    try:
+        producer = asyncio.create_task(sender.run(chunks))  # the task copies the context, and the list with it
+    finally:
+        live_counts.reset(asked)
     listener = asyncio.create_task(listen_for_disconnect(receive))
     cancelled = False
     try:
@@ -74,9 +79,18 @@ async def stream_reply(
             await producer
         with contextlib.suppress(asyncio.CancelledError):
             await listener
+        if result.finish_reason is None and counting:  # cut short: the counts as far as the engine got
+            take_counts(result, counting[-1])
         if options.on_end is not None:
             options.on_end(result)
     return result
+
+
+def take_counts(result: StreamResult, counts: Any) -> None:
+    """``result``'s token counts from an engine's live ones (a reply cut before, or between, its chunks)."""
+    result.prompt_tokens = counts.prompt_tokens
+    result.completion_tokens = max(result.completion_tokens, counts.completion_tokens)
+    result.cached_tokens = counts.cached_tokens
 
 
 class ClientGone(ChatStreamError):

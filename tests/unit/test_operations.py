@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import logging
+import time
 from typing import Any
 
 import pytest
@@ -236,6 +237,34 @@ async def test_a_request_the_server_cancels_mid_reply_is_logged_and_counted(
     values = samples(app)
     assert values['chatstream_request_outcome_total{outcome="cancelled"}'] == 1
     assert values["chatstream_generation_tokens_total"] == logged["completion_tokens"]
+
+
+async def test_a_reply_cut_before_its_first_text_still_counts_its_prompt(
+    tiny_engine_parts: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # counts rode on text chunks only: a deadline during a long prefill (or a Stop before the first text) was logged
+    # and counted with prompt_tokens 0
+    from chatstream_asgi import TransformersEngine
+
+    model, tokenizer = tiny_engine_parts
+    forward = model.forward
+
+    def slow_forward(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.5)  # a prefill longer than the deadline
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    engine = TransformersEngine(model, tokenizer, max_batch_size=2)
+    app = build(engine, generation_timeout=0.2)  # type: ignore[arg-type]
+    try:
+        with caplog.at_level(logging.INFO, logger="chatstream_asgi.requests"):
+            send = await call(app, "POST", "/chat_stream", payload={"user_input": "count my prompt"})
+        assert send.status == 504
+        logged = next(r.chatstream for r in caplog.records if r.name == "chatstream_asgi.requests")  # type: ignore[attr-defined]
+        assert logged["outcome"] == "timeout" and logged["prompt_tokens"] > 3
+        assert samples(app)["chatstream_prompt_tokens_total"] == logged["prompt_tokens"]
+    finally:
+        await engine.close()
 
 
 async def test_openai_route_is_measured_too() -> None:
