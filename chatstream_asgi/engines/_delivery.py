@@ -40,19 +40,6 @@ Reply = str | GenerationChunk | BaseException  # what a stream's consumer gets
 Event = Reply | int | FirstToken  # ids: posted for a consumer that detokenizes itself (an engine process's)
 
 
-class TokenCounts(Protocol):
-    """A reply's token counts so far (read on the loop; an engine's worker thread may be writing them)."""
-
-    @property
-    def prompt_tokens(self) -> int: ...
-
-    @property
-    def completion_tokens(self) -> int: ...
-
-    @property
-    def cached_tokens(self) -> int: ...
-
-
 class Channel(Protocol):
     """Where a sequence's events go; ``post`` and ``flush`` are called on the worker thread only."""
 
@@ -147,12 +134,9 @@ class ReplyBuffer:
     ``take``, on the consumer's own turn: the link hands a whole step frame over in one cheap pass, and
     detokenizing, the larger part of a stream's cost, falls under the loop's fair wake-ups with the rest
     of that stream's work (a write to its client).
-
-    ``counts`` (the sequence, or an engine process's open reply) gives every text chunk the token counts so
-    far, so that a reply cut short (a client gone, a drain) is still logged and counted with its figures.
     """
 
-    __slots__ = ("_events", "_raw", "_waiter", "_wakes", "decode", "counts")
+    __slots__ = ("_events", "_raw", "_waiter", "_wakes", "decode")
 
     def __init__(self, decode: Callable[[list[Any]], None] | None = None) -> None:
         self._events: list[Reply] = []
@@ -160,7 +144,6 @@ class ReplyBuffer:
         self._waiter: asyncio.Future[None] | None = None
         self._wakes: FairWakes | None = None
         self.decode = decode
-        self.counts: TokenCounts | None = None
 
     def push(self, event: Reply) -> None:
         """Called on the loop: store ``event`` and wake the consumer (through the loop's fair wake-ups)."""
@@ -216,7 +199,7 @@ class ReplyBuffer:
             if isinstance(event, BaseException):
                 if texts:
                     del events[:index]
-                    return self._text_chunk("".join(texts))
+                    return GenerationChunk("".join(texts))
                 del events[: index + 1]
                 raise event
             del events[: index + 1]
@@ -225,10 +208,4 @@ class ReplyBuffer:
                 return dataclasses.replace(event, text="".join(texts))
             return event
         events.clear()
-        return self._text_chunk("".join(texts))
-
-    def _text_chunk(self, text: str) -> GenerationChunk:
-        counts = self.counts
-        if counts is None:
-            return GenerationChunk(text)
-        return GenerationChunk(text, None, counts.prompt_tokens, counts.completion_tokens, counts.cached_tokens)
+        return GenerationChunk("".join(texts))

@@ -97,7 +97,6 @@ class EngineLink:
         rid = next(self._ids)
         reply = OpenReply(ReplyBuffer(), ReplyText(self.decoder, params.stop), len(prompt_ids))
         reply.buffer.decode = functools.partial(self._decode, rid, reply)
-        reply.buffer.counts = reply
         self.replies[rid] = reply
         # a flat copy of the fields: dataclasses.asdict deep-copies them, ten times slower for the same dict
         self.writer.write(encode(("submit", rid, prompt_ids, dict(vars(params)))))

@@ -78,9 +78,11 @@ class GenerationChunk:
 
     Every chunk but the last has ``finish_reason is None``; the last one carries the reason and
     the token counts of the whole request (its ``text`` may be empty): ``cached_tokens`` of the
-    ``prompt_tokens`` were read from the engine's prefix cache instead of computed. An engine that
-    counts as it goes gives the other chunks the counts so far (``completion_tokens`` > 0), so a
-    reply cut short still has them; 0 means not counted.
+    ``prompt_tokens`` were read from the engine's prefix cache instead of computed. The other chunks
+    may carry the counts so far (``completion_tokens`` > 0: the mock, an upstream's chunk count), so
+    a reply cut short still has them; 0 means not counted. The in-thread and process engines
+    announce a live counts object instead (``live_counts``), which covers a reply cut before its
+    first text too.
     """
 
     text: str

@@ -182,7 +182,7 @@ class ProcessEngine:
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         link = await self._usable_link()  # again: the engine may have gone while the prompt was rendered
         rid, replies = link.submit(prompt.token_ids, params)
-        announce_counts(replies.counts)
+        announce_counts(link.replies[rid])  # its counts, for a reply cut short (base.live_counts)
         sent = False
         try:
             async for chunk in replies.chunks():

@@ -231,7 +231,6 @@ class TransformersEngine:
         prompt = await render_off_loop_if_long(self.fit_prompt, messages, params)
         replies = ReplyBuffer()
         seq = self.new_sequence(prompt.token_ids, params, self._loop_channel(), replies)
-        replies.counts = seq
         announce_counts(seq)
         scheduler.submit(seq)
         try:

@@ -179,7 +179,7 @@ class ReplySender:
             raise TimeoutError
 
     async def on_chunk(self, chunk: GenerationChunk) -> None:
-        # the counts so far ride on every chunk of engines that count: a reply cut before its last keeps them
+        # counts so far, where an engine puts them on its chunks (the mock, an upstream): a cut reply keeps them
         if chunk.finish_reason is not None or chunk.completion_tokens:
             self.result.prompt_tokens = chunk.prompt_tokens
             self.result.completion_tokens = chunk.completion_tokens
