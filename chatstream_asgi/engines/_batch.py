@@ -52,7 +52,7 @@ class ModelRunner:
         # ALiBi models (Falcon with alibi=True) build their position bias from the 2-D mask itself.
         windows = attention_windows(model.config)
         sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
-        self.sdpa = sdpa and len(windows) == 1 and not getattr(model.config, "alibi", False)
+        self.sdpa = sdpa and len(windows) == 1 and not uses_alibi(model.config)
         self.window = next(iter(windows)) if len(windows) == 1 else None
 
     def new_cache(self) -> DynamicCache:
@@ -69,8 +69,13 @@ class ModelRunner:
         return cast(torch.Tensor, out.logits[:, -1, :].float())
 
 
-#: ALiBi models: no positions at all (the bias follows the mask), so left padding moves nothing
+#: ALiBi models (beside Falcon's ``alibi=True``): no positions at all, the bias follows the mask, so left padding
+#: moves nothing; and they build that bias from the 2-D mask
 ALIBI_MODEL_TYPES = frozenset({"bloom", "mpt"})
+
+
+def uses_alibi(config: Any) -> bool:
+    return bool(getattr(config, "alibi", False)) or getattr(config, "model_type", None) in ALIBI_MODEL_TYPES
 
 
 def check_batchable(model: Any, forward_params: Any) -> None:
@@ -83,8 +88,7 @@ def check_batchable(model: Any, forward_params: Any) -> None:
     config = model.config
     if "cache" not in forward_params and "past_key_values" not in forward_params:
         raise ConfigurationError(f"{type(model).__name__} keeps no KV cache (its forward takes none); it cannot stream")
-    alibi = getattr(config, "alibi", False) or getattr(config, "model_type", None) in ALIBI_MODEL_TYPES
-    if "position_ids" not in forward_params and not alibi:
+    if "position_ids" not in forward_params and not uses_alibi(config):
         raise ConfigurationError(
             f"{type(model).__name__} takes no position_ids, and the engine batches left-padded rows, whose "
             "positions it must set; serve this model with a dedicated engine through the OpenAI upstream engine"
