@@ -28,7 +28,7 @@ from ..errors import HTTPError
 from ..sessions.state import SessionStateStore
 from .encoders import WIRES, Wire
 from .requests import parse_json_object
-from .turns import TurnMessages
+from .turns import TurnMessages, reply_count
 from .types import HTTPReceive, HTTPReceiveEvent, HTTPSend, HTTPSendEvent, Scope, response_body
 
 logger = logging.getLogger("chatstream_asgi")
@@ -126,7 +126,7 @@ class ChatHooks:
         try:
             if saved:
                 first = self.extras.first_reply_number(session_id, messages.stored_replies)
-                before = sum(1 for m in messages.history if m["role"] == "assistant")
+                before = reply_count(messages.history)
                 self.extras.record_reply(session_id, reply_id, first + before)
         except Exception:
             logger.exception("could not record the reply id")

@@ -23,7 +23,7 @@ from .requests import ChatTurn, parse_chat_turn, previous_turns, require_json, u
 from .security import check_input_tokens, token_counter
 from .slots import finish_before_last_byte, queue_headers, wait_for_slot
 from .streaming import StreamOptions, stream_reply
-from .turns import EndTurn, SessionTurns, TurnMessages
+from .turns import EndTurn, SessionTurns, TurnMessages, reply_count
 from .types import Handler, HTTPReceive, HTTPSend, Scope
 
 DEFAULT_PATHS = {
@@ -119,7 +119,7 @@ class ChatRoutes:
                 messages = TurnMessages(
                     history=[*base, asked],
                     prompt=[*trim_turns(base, s.max_history_turns), asked],
-                    stored_replies=sum(1 for m in loaded if m["role"] == "assistant"),
+                    stored_replies=reply_count(loaded),
                 )
                 await self.generate(scope, receive, send, session_id, messages, turn, headers, end_turn)
 

@@ -29,6 +29,7 @@ from .asgi import read_body, send_json
 from .hooks import call_hook
 from .requests import SAMPLING_FIELDS, invalid, parse_json_object, parse_sampling, require_json
 from .routes import ChatRoutes
+from .turns import reply_count
 from .types import Handler, HTTPReceive, HTTPSend, Scope, response_body, response_start
 
 logger = logging.getLogger("chatstream_asgi")
@@ -157,7 +158,7 @@ class SessionRoutes:
         feedback: list[dict[str, Any] | None] = []
         if session_id is not None:
             history = await self.chat.turns.load(session_id)
-            replies = sum(1 for m in history if m["role"] == "assistant")
+            replies = reply_count(history)
             first = self.chat.hooks.extras.first_reply_number(session_id, replies)
             given = self.chat.hooks.extras.feedback(session_id)
             for index in range(replies):

@@ -8,7 +8,7 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 from ..engines.base import ChatMessage
@@ -103,6 +103,11 @@ class SessionTurns:
 
     async def clear(self, session_id: str) -> None:
         await store_call(self.store.clear(session_id))
+
+
+def reply_count(messages: Sequence[ChatMessage]) -> int:
+    """How many of ``messages`` are the assistant's replies (what reply numbers and feedback count by)."""
+    return sum(1 for m in messages if m["role"] == "assistant")
 
 
 def turn_in_progress() -> HTTPError:
