@@ -91,15 +91,18 @@ class RedisHistoryStore:
 
     async def claim_turn(self, session_id: str, holder: str, seconds: float) -> bool:
         """The session's turn lock (``TurnLock``): ``SET ... NX PX``, so replicas refuse a second concurrent turn."""
-        key = self.key_prefix + LOCK_INFIX + session_id
-        return bool(await self._call(self._client.set(key, holder, nx=True, px=max(1, int(seconds * 1000)))))
+        key = self._lock_key(session_id)
+        return bool(await self._call(self._client.set(key, holder, nx=True, px=milliseconds(seconds))))
 
     async def renew_turn(self, session_id: str, holder: str, seconds: float) -> bool:
-        key, ms = self.key_prefix + LOCK_INFIX + session_id, max(1, int(seconds * 1000))
-        return bool(await self._call(self._client.eval(RENEW_SCRIPT, 1, key, holder, ms)))
+        key = self._lock_key(session_id)
+        return bool(await self._call(self._client.eval(RENEW_SCRIPT, 1, key, holder, milliseconds(seconds))))
 
     async def release_turn(self, session_id: str, holder: str) -> None:
-        await self._call(self._client.eval(RELEASE_SCRIPT, 1, self.key_prefix + LOCK_INFIX + session_id, holder))
+        await self._call(self._client.eval(RELEASE_SCRIPT, 1, self._lock_key(session_id), holder))
+
+    def _lock_key(self, session_id: str) -> str:
+        return self.key_prefix + LOCK_INFIX + session_id
 
     async def ping(self) -> bool:
         """True when Redis answers (for readiness checks of your own)."""
@@ -154,3 +157,8 @@ def _check_args(ttl: float | None, max_turns: int | None, timeout: float) -> Non
         raise ConfigurationError(f"max_turns must be an int >= 1 or None to keep all (got {max_turns!r})")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
         raise ConfigurationError(f"timeout must be seconds > 0 (got {timeout!r}); pass e.g. 2.0")
+
+
+def milliseconds(seconds: float) -> int:
+    """A Redis expiry in ms (at least 1: PX 0 is an error)."""
+    return max(1, int(seconds * 1000))
