@@ -99,8 +99,9 @@ class Hooks:
     """The host app's callbacks; each may be a plain or an ``async`` function.
 
     Args:
-        on_finish: ``on_finish(session_id, user_input, reply, stats)`` after every turn (completed or cut), once
-            the slot is free, as its own task; what it raises is logged.
+        on_finish: ``on_finish(session_id, user_input, reply, stats)`` after every turn that streamed, once its
+            stream is over, as its own task; what it raises is logged. ``stats["outcome"]`` is the request log's
+            (``completed``, ``disconnected``, ``stopped``, ``error``, ``timeout``, ``drained``, ``cancelled``).
         request_interceptor: ``request_interceptor(scope, session_id, body)`` sees each ``/chat_stream`` body
             before validation; returns a replacement dict (None keeps it) or raises ``HTTPError`` to refuse.
         on_feedback: ``on_feedback(session_id, feedback)`` for each ``POST /set_feedback``.

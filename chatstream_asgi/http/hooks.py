@@ -76,6 +76,11 @@ class ChatHooks:
         if switch is not None:
             switch.armed = True
 
+    def stopped(self, session_id: str) -> bool:
+        """True when ``stop(session_id)`` ended the session's running turn."""
+        switch = self.stops.get(session_id)
+        return switch is not None and switch.stopped.is_set()
+
     def stop(self, session_id: str) -> bool:
         """End the session's running turn (``POST /stop_generation``); False if none runs."""
         switch = self.stops.get(session_id)
@@ -119,17 +124,19 @@ class ChatHooks:
             raise HTTPError(500, "interceptor_error", "the request interceptor must return a dict or None")
         return json.dumps(dict(result)).encode()
 
-    def turn_ended(
-        self, session_id: str, messages: TurnMessages, reply: str, reply_id: str, stats: dict[str, Any], *, saved: bool
-    ) -> None:
-        """Remember the reply's id (when it was saved) and tell ``on_finish``, never raising."""
+    def reply_saved(self, session_id: str, messages: TurnMessages, reply_id: str) -> None:
+        """Remember the id of a reply saved to the history (feedback names it), never raising; before the last
+        byte goes out, so that the client's very next request (its rating) finds it."""
         try:
-            if saved:
-                first = self.extras.first_reply_number(session_id, messages.stored_replies)
-                before = reply_count(messages.history)
-                self.extras.record_reply(session_id, reply_id, first + before)
+            first = self.extras.first_reply_number(session_id, messages.stored_replies)
+            self.extras.record_reply(session_id, reply_id, first + reply_count(messages.history))
         except Exception:
             logger.exception("could not record the reply id")
+
+    def turn_ended(
+        self, session_id: str, messages: TurnMessages, reply: str, reply_id: str, stats: dict[str, Any]
+    ) -> None:
+        """Tell ``on_finish`` (as a task of its own), once the turn's stream is over."""
         if self.on_finish is None:
             return
         user_input = messages.history[-1]["content"] if messages.history else ""

@@ -13,7 +13,7 @@ from typing import Any
 from ..engines.base import ChatMessage, Engine, SamplingParams, prefix_cache_stats
 from ..errors import ConfigurationError
 from ..ops.admission import Admission
-from ..ops.metrics import Observer
+from ..ops.metrics import GenerationProbe, Observer, StreamResult, outcome_of
 from ..sessions.cookie import SessionCookie
 from ..sessions.history import HistoryStore, trim_turns
 from .asgi import read_body, send_json
@@ -138,24 +138,32 @@ class ChatRoutes:
         ticket = self.admission.try_enter()
         request_id = uuid.uuid4().hex  # also the reply's id (ChatStream's X-ChatStream-Last-Generated-Message-Id)
 
-        def ended(reply: str, outcome: str, saved: bool) -> None:
-            stats = {"outcome": outcome, "request_id": request_id, "queue_wait_s": ticket.queue_wait}
-            self.hooks.turn_ended(session_id, messages, reply, request_id, stats, saved=saved)
+        kept: list[str] = []  # the reply as kept, once finish or cut has run
 
         async def finish(reply: str) -> None:
-            saved = False
             try:
-                saved = await self.turns.save_reply(session_id, messages.history, reply)
+                if await self.turns.save_reply(session_id, messages.history, reply):
+                    self.hooks.reply_saved(session_id, messages, request_id)
             finally:
                 await end_turn()
                 ticket.release()
-                ended(reply, "completed", saved)
+                kept.append(reply)
 
         async def cut(reply: str) -> None:
-            saved = await self.turns.save_cut_reply(session_id, messages.history, reply)
+            if await self.turns.save_cut_reply(session_id, messages.history, reply):
+                self.hooks.reply_saved(session_id, messages, request_id)
             await end_turn()
             ticket.release()
-            ended(reply, "drained" if self.observer.cancelling else "cut", saved)  # cancelling: a drain ended it
+            kept.append(reply)
+
+        def ended(probe: GenerationProbe, result: StreamResult) -> None:
+            # once the stream is over, however it ended: on_finish hears the outcome the log and metrics record
+            if result.outcome == "disconnected" and self.hooks.stopped(session_id):
+                result.outcome = "stopped"  # POST /stop_generation, not the client leaving
+            probe.done(result, user_input=turn.user_input)
+            if kept:
+                stats = {"outcome": outcome_of(result), "request_id": request_id, "queue_wait_s": ticket.queue_wait}
+                self.hooks.turn_ended(session_id, messages, kept[0], request_id, stats)
 
         try:
             if not await wait_for_slot(ticket, receive):
@@ -170,7 +178,7 @@ class ChatRoutes:
             encoder = choose_encoder(scope, self.settings.ping_interval, self.hooks.wire)
             options = self.stream_options(headers, {"request_id": request_id, "queue_wait_s": ticket.queue_wait})
             options.on_token = probe.on_token
-            options.on_end = functools.partial(probe.done, user_input=turn.user_input)
+            options.on_end = functools.partial(ended, probe)
             await stream_reply(send, receive, chunks, encoder, options)
         finally:
             ticket.release()

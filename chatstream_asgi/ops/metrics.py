@@ -32,7 +32,7 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 REJECTION_STATUSES = frozenset({401, 403, 409, 413, 429, 503})  # refusals worth a rate alert, unlike a 400
 Send = Callable[[Any], Awaitable[None]]
-Outcome = Literal["completed", "disconnected", "error", "timeout", "cancelled"]
+Outcome = Literal["completed", "disconnected", "stopped", "error", "timeout", "cancelled"]
 
 
 def metrics_available() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -226,18 +227,36 @@ async def test_on_finish_gets_the_turn_and_a_raising_callback_breaks_nothing(
 
 
 @pytest.mark.asyncio
-async def test_on_finish_hears_about_a_cut_reply(make_chat: Callable[..., Chat]) -> None:
+@pytest.mark.parametrize("ending", ["disconnected", "stopped", "error", "timeout"])
+async def test_on_finish_hears_how_a_cut_reply_ended(
+    make_chat: Callable[..., Chat], ending: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``stats["outcome"]`` is the request log's: the client leaving, a Stop, an engine failure and the deadline
+    were all ``"cut"`` before, so an app could not tell its users' aborts from its model's failures."""
     calls: list[dict[str, Any]] = []
 
     async def on_finish(session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
         calls.append({"reply": reply, **stats})
 
-    chat = make_chat(CountingEngine(" ".join(f"w{i}" for i in range(500)), token_delay=0.01), on_finish=on_finish)
-    turn = chat.start_turn()
+    caplog.set_level(logging.INFO, logger="chatstream_asgi.requests")
+    words = " ".join(f"w{i}" for i in range(500))
+    engine = CountingEngine(words, token_delay=0.01, fail_after=5 if ending == "error" else None)
+    timeout = 0.1 if ending == "timeout" else None
+    chat = make_chat(engine, on_finish=on_finish, generation_timeout=timeout)
+    cookie = session_cookie(await chat.request("POST", "/set_generation_params", {}))
+    turn = chat.start_turn(cookie=cookie)
     await turn.streaming()
-    await turn.stop()
+    if ending == "disconnected":
+        await turn.stop()
+    elif ending == "stopped":
+        assert (await chat.request("POST", "/stop_generation", cookie=cookie)).json()["stopped"] is True
+    await turn.finish()
     await wait_until(lambda: bool(calls))
-    assert calls[0]["outcome"] == "cut" and calls[0]["reply"].startswith("w0")
+    assert calls[0]["outcome"] == ending
+    # the reply as saved: as far as it was sent, nothing of a failed engine's
+    assert calls[0]["reply"] == "" if ending == "error" else calls[0]["reply"].startswith("w0")
+    logged = [r.chatstream for r in caplog.records if hasattr(r, "chatstream")]  # the request log says the same
+    assert [entry["outcome"] for entry in logged] == [ending]
 
 
 @pytest.mark.asyncio
