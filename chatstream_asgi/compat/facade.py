@@ -11,16 +11,19 @@ the model never runs on the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from chatstream_asgi import (
+    ChatMessage,
     ChatStreamConfig,
     ChatStreamMiddleware,
     Engine,
     GenerationConfig,
+    Hooks,
     Limits,
     MockEngine,
     ObservabilityConfig,
@@ -32,10 +35,18 @@ from chatstream_asgi.errors import ConfigurationError
 from .legacy_presets import *  # noqa: F403 - ChatStream's preset names, importable from here as from chatstream
 from .legacy_presets import PRESETS
 from .legacy_prompts import AbstractChatPrompt, LegacyPromptTokenizer, OutputReplacingEngine
-from .routes import API_METHODS, ChatStreamResponse, chosen_apis, no_app
+from .routes import API_METHODS, ChatStreamResponse, TurnEndings, chosen_apis, no_app
 
 logger = logging.getLogger("chatstream_asgi.compat")
 MOCK_REPLY = "This is a mock response from ChatStream compatibility mode. Pass a model to get real replies."
+# mock_params={"type": "round"}: these in turn, one per turn of the conversation
+MOCK_ROUND = (
+    "This is a mock reply: the model is not loaded, so every turn gets one of a few fixed sentences.",
+    "Mock replies start at once and cost nothing, which makes them handy for building the page around the chat.",
+    "Here is the third fixed sentence; the next turn starts the round again from the first one.",
+)
+MOCK_LONG = " ".join(MOCK_ROUND * 4)  # mock_params={"type": "long"}
+FINISH_TOKEN = "<::EOS::>"  # what ChatStream appended to every response text
 Callback = Callable[[Any, str], Any]
 __all__ = ["AbstractChatPrompt", "ChatStream", *(preset.__name__ for preset in PRESETS)]
 
@@ -51,7 +62,10 @@ class ChatStream:
         chat_prompt_clazz: a ChatStream prompt class for models without a chat template; its stop strings apply.
         max_new_tokens, context_len, temperature, top_k, top_p, repetition_penalty: generation defaults
             (``GenerationConfig.default_params``; ``context_len`` goes to the engine).
-        use_mock_response: stream a fixed reply without a model (starts at once).
+        use_mock_response: stream a fixed reply without a model (starts at once), 20 ms a word.
+        mock_params: the mock's replies as ChatStream's mock made them: ``type`` ``"round"`` (a few fixed sentences
+            in turn), ``"long"`` or ``"echo"`` (the user's message back), ``time_per_token_sec`` (default 0.1),
+            ``initial_wait_sec`` (before the first token).
         secret_key: signs the session cookie; without one a random key per process is used (with a warning).
         wire: ``"chatstream-0.3"`` (default: whole reply + ``<::EOS::>`` per chunk, for ChatStream's UI) or ``"delta"``
             (``GenerationConfig.wire``).
@@ -71,6 +85,7 @@ class ChatStream:
         num_of_concurrent_executions: int = 2,
         max_queue_size: int = 5,
         use_mock_response: bool = False,
+        mock_params: dict[Any, Any] | None = None,
         chat_prompt_clazz: type[AbstractChatPrompt] | None = None,
         max_new_tokens: int = 256,
         context_len: int | None = 1024,
@@ -100,9 +115,12 @@ class ChatStream:
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
             stop=stops,
         )
+        if engine is None and use_mock_response:
+            engine = mock_engine(mock_params, num_of_concurrent_executions)
         self.engine = engine or build_engine(
-            model, tokenizer, device, chat_prompt_clazz, num_of_concurrent_executions, context_len, use_mock_response
+            model, tokenizer, device, chat_prompt_clazz, num_of_concurrent_executions, context_len
         )
+        self.console_history: list[ChatMessage] = []  # handle_console_input's one conversation
         # never in the ASGI stack itself: its route table is what the handlers below run (the page at "/")
         config = ChatStreamConfig(
             limits=Limits(max_concurrency=num_of_concurrent_executions, max_queue=max_queue_size),
@@ -114,6 +132,10 @@ class ChatStream:
         # middleware_options: config objects or shorthands, on top of the above (``queue_timeout=...`` changes one
         # field of the Limits, ``openai_prefix="/v1"`` turns the OpenAI routes on)
         self.config = config.replace(**(middleware_options or {}))
+        # ChatStream's per-request callbacks hear how each turn ended through on_finish (the app's own runs after)
+        hooks = self.config.hooks or Hooks()
+        self.endings = TurnEndings(hooks.on_finish)
+        self.config = self.config.replace(hooks=dataclasses.replace(hooks, on_finish=self.endings.on_finish))
         configs = self.config.objects()
         self.middleware = ChatStreamMiddleware(no_app, engine=self.engine, secret_key=secret_key, **configs)
 
@@ -143,20 +165,40 @@ class ChatStream:
                     logger.exception("the ChatStream callback failed")
 
         guard = self.middleware.guard.check if path in self.middleware.guarded else None
-        return ChatStreamResponse(route[1], body, done, guard, self.middleware.routes.sessions.set_cookie_header)
+        cookie = self.middleware.routes.sessions.set_cookie_header
+        return ChatStreamResponse(route[1], body, done, guard, cookie, self.endings if path == "/chat_stream" else None)
 
     async def handle_chat_stream_request(
         self, request: Any, request_body: bytes | str | None = None, callback: Callback | None = None
     ) -> ChatStreamResponse:
         """Stream one chat turn; ``callback(request, message)`` at its end, as ChatStream 0.3 calls it.
 
-        ``message``: ``"success"``, ``"client_disconnected_while_streaming"``, or
-        ``"client_disconnected_before_streaming"`` (the client left while queued). A request refused with an error
-        response (a full queue, bad input) gets none.
+        ``message``: ``"success"``, ``"client_disconnected_while_streaming"`` (also a ``/stop_generation``),
+        ``"client_disconnected_before_streaming"`` (the client left while queued), or
+        ``"unknown_error_occurred,while chat_generator.generate"`` (the engine failed or the generation deadline
+        passed mid-stream; the reply ends with an in-band error). A request refused with an error response (a full
+        queue, bad input) gets none.
         """
         return self.response_for("chat_stream", request, request_body, callback)
 
     handle_starlette_request = handle_chat_stream_request  # the README's (pre-0.3) name
+
+    async def handle_console_input(self, user_input: str) -> AsyncIterator[tuple[str, str, str]]:
+        """One turn of a console chat (one conversation per facade), as ChatStream's console doc uses it: yields
+        ``(response_text, updated_text, pos)``, ``pos`` being ``"begin"`` for the first piece of the reply, ``"mid"``
+        for the next ones and ``"end"`` once after the last (with ``updated_text`` empty); ``response_text`` is the
+        reply so far with ChatStream's ``<::EOS::>`` after it. The reply joins the conversation when it completes.
+        """
+        if not self.engine.ready:
+            await self.engine.start()
+        messages: list[ChatMessage] = [*self.console_history, {"role": "user", "content": user_input}]
+        reply = ""
+        async for chunk in self.engine.stream(messages, self.default_params):
+            if chunk.text:
+                reply += chunk.text
+                yield reply + FINISH_TOKEN, chunk.text, "mid" if len(reply) > len(chunk.text) else "begin"
+        self.console_history = [*messages, {"role": "assistant", "content": reply}]
+        yield reply + FINISH_TOKEN, "", "end"
 
     async def handle_clear_context_request(self, request: Any, *args: Any, **kwargs: Any) -> ChatStreamResponse:
         return self.response_for("clear_context", request)
@@ -229,6 +271,27 @@ class ChatStream:
         )
 
 
+def mock_engine(params: dict[Any, Any] | None, batch: int) -> MockEngine:
+    """The mock: one fixed sentence, or ChatStream's from its ``mock_params``."""
+    if params is None:
+        return MockEngine(MOCK_REPLY, token_delay=0.02, max_batch_size=batch, model_name="mock")
+    kind = params.get("type", params.get(type, "round"))  # 0.3's own default was {type: "round"}: the builtin as key
+    if kind not in ("round", "long", "echo"):
+        raise ConfigurationError(f'mock_params "type" must be "round", "long" or "echo", got {kind!r}')
+
+    def reply(messages: Sequence[ChatMessage]) -> str:
+        asked = [m["content"] for m in messages if m.get("role") == "user"]
+        if kind == "echo":
+            return asked[-1] if asked else ""
+        return MOCK_LONG if kind == "long" else MOCK_ROUND[(len(asked) - 1) % len(MOCK_ROUND)]
+
+    each, first = params.get("time_per_token_sec", 0.1), params.get("initial_wait_sec", 0)
+    for name, delay in (("time_per_token_sec", each), ("initial_wait_sec", first)):
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or delay < 0:
+            raise ConfigurationError(f"mock_params {name!r} must be seconds >= 0, got {delay!r}")
+    return MockEngine(reply, token_delay=each, first_token_delay=first, max_batch_size=batch, model_name="mock")
+
+
 def build_engine(
     model: Any,
     tokenizer: Any,
@@ -236,10 +299,7 @@ def build_engine(
     prompt_class: type[AbstractChatPrompt] | None,
     batch: int,
     context_len: int | None,
-    mock: bool,
 ) -> Engine:
-    if mock:
-        return MockEngine(MOCK_REPLY, token_delay=0.02, max_batch_size=batch, model_name="mock")
     if model is None or tokenizer is None:
         raise ConfigurationError("pass model= and tokenizer= (or use_mock_response=True, or engine=...)")
     from chatstream_asgi import TransformersEngine

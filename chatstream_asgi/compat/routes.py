@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 from collections.abc import Callable
@@ -11,7 +12,8 @@ from starlette.responses import Response
 
 from chatstream_asgi import QueueFull, Rejected
 from chatstream_asgi.errors import ClientDisconnected, ConfigurationError, HTTPError
-from chatstream_asgi.http.asgi import send_error, send_json  # the one internal import (see pyproject.toml)
+from chatstream_asgi.http.asgi import send_error, send_json  # internal imports: see pyproject.toml
+from chatstream_asgi.http.hooks import OnFinish, call_hook
 
 if TYPE_CHECKING:
     from chatstream_asgi.http.types import (
@@ -40,6 +42,56 @@ API_METHODS = {
     "webui_index": "GET",
 }
 
+#: ChatStream 0.3's callback message for each outcome of a streamed turn (the request log's outcomes)
+CALLBACK_MESSAGES = {
+    "completed": "success",
+    "disconnected": "client_disconnected_while_streaming",
+    "stopped": "client_disconnected_while_streaming",
+    "cancelled": "client_disconnected_while_streaming",
+    "error": "unknown_error_occurred,while chat_generator.generate",
+    "timeout": "unknown_error_occurred,while chat_generator.generate",
+    "drained": "unknown_error_occurred,while chat_generator.generate",
+}
+#: how long a response waits for its turn's outcome after its last byte (on_finish is a task of the same loop)
+OUTCOME_WAIT = 5.0
+
+
+class TurnEndings:
+    """How each streamed turn ended, heard through the middleware's ``on_finish`` hook, by request id.
+
+    A response whose engine failed mid-stream still ends its body normally (the error goes in-band), so only the
+    outcome the middleware records tells ChatStream's callback "unknown_error_occurred" from "success". The app's
+    own ``on_finish`` (``middleware_options``) is called after, as the middleware would call it.
+    """
+
+    def __init__(self, then: OnFinish | None) -> None:
+        self.then = then
+        self.waiting: dict[str, asyncio.Future[str]] = {}
+
+    def expect(self, request_id: str) -> None:
+        """Listen for this request's outcome (its response started)."""
+        self.waiting[request_id] = asyncio.get_running_loop().create_future()
+
+    async def outcome(self, request_id: str) -> str | None:
+        """The outcome of an expected request once its handler returned; None if not heard in time."""
+        try:
+            return await asyncio.wait_for(self.waiting[request_id], OUTCOME_WAIT)
+        except TimeoutError:
+            return None
+        finally:
+            self.forget(request_id)
+
+    def forget(self, request_id: str) -> None:
+        self.waiting.pop(request_id, None)
+
+    async def on_finish(self, session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
+        waiter = self.waiting.get(stats["request_id"])
+        if waiter is not None and not waiter.done():
+            waiter.set_result(stats["outcome"])
+        if self.then is not None:
+            await call_hook(self.then, session_id, user_input, reply, stats)
+
+
 async def no_app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "http":
         not_found = {"error": {"type": "not_found", "message": "not a ChatStream route"}}
@@ -56,9 +108,10 @@ class ChatStreamResponse(Response):
         done: Callable[[str], None],
         guard: Callable[[Scope], None] | None = None,
         session_cookie: Callable[[str], tuple[bytes, bytes]] | None = None,
+        endings: TurnEndings | None = None,
     ):
         self.handler, self.replay, self.done, self.guard = handler, body, done, guard
-        self.session_cookie = session_cookie
+        self.session_cookie, self.endings = session_cookie, endings
         self.background = None
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.body = b""
@@ -68,9 +121,14 @@ class ChatStreamResponse(Response):
         # The framework hands its own loosely typed channels; for an HTTP scope they carry HTTP events.
         send = cast("HTTPSend", loose_send)
         ended = False
+        request_id: str | None = None  # a streamed turn's (its X-Request-Id): how it ended comes from on_finish
 
         async def tracking_send(message: HTTPSendEvent) -> None:
-            nonlocal ended
+            nonlocal ended, request_id
+            if message["type"] == "http.response.start" and self.endings is not None:
+                request_id = dict(message.get("headers", [])).get(b"x-request-id", b"").decode() or None
+                if request_id is not None:
+                    self.endings.expect(request_id)
             await send(message)
             ended = ended or (message["type"] == "http.response.body" and not message.get("more_body", False))
 
@@ -84,6 +142,8 @@ class ChatStreamResponse(Response):
                 self.guard(scope)
             await self.handler(scope, self.replaying(receive), tracking_send)
             outcome = "success" if ended else "client_disconnected_while_streaming"
+            if request_id is not None and self.endings is not None:
+                outcome = CALLBACK_MESSAGES.get(await self.endings.outcome(request_id) or "", outcome)
         except QueueFull as rejection:  # ChatStream's body, with a real status and Retry-After
             retry_after = [(b"retry-after", str(rejection.retry_after).encode())]
             await send_json(send, 429, {"error": "too_many_requests"}, retry_after)
@@ -94,6 +154,8 @@ class ChatStreamResponse(Response):
         except ClientDisconnected:
             outcome = "client_disconnected_before_streaming"
         finally:
+            if request_id is not None and self.endings is not None:
+                self.endings.forget(request_id)  # the handler raised (a cancel): nobody waits for it any more
             if outcome is not None:
                 self.done(outcome)
 

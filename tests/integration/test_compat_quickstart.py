@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,12 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
+from chatstream_asgi import MockEngine
 from chatstream_asgi.compat import ChatStream
 
 from .servers import UvicornThread
 
-QUICKSTART = '''
+QUICKSTART = """
 import torch
 from fastapi import FastAPI, Request
 {fastsession_import}
@@ -58,7 +60,7 @@ async def stream_api(request: Request):
 @app.on_event("startup")
 async def startup():
     await chat_stream.start_queue_worker()
-'''
+"""
 
 FASTSESSION_IMPORT = "from fastsession import FastSessionMiddleware, MemoryStore"
 FASTSESSION_MIDDLEWARE = """
@@ -177,6 +179,49 @@ def test_intercepted_body_and_callback(tiny_model_dir: Path) -> None:
     with UvicornThread(app) as server:
         asyncio.run(talk(server.url))
     assert messages == ["success"]  # ChatStream 0.3 calls back for a refused request neither
+
+
+def test_callback_hears_a_mid_stream_failure_and_the_apps_on_finish_still_runs() -> None:
+    """An engine failing mid-stream ends the body normally (its error goes in-band); ChatStream 0.3 called back
+    ``unknown_error_occurred`` there, this facade said ``success``. The app's own ``on_finish`` runs too."""
+    finished: list[str] = []
+    chat_stream = ChatStream(
+        engine=MockEngine("a b c d e f", token_delay=0.01, fail_after=3),
+        secret_key="k" * 32,
+        middleware_options={
+            "on_finish": lambda session_id, user_input, reply, stats: finished.append(stats["outcome"])
+        },
+    )
+    messages: list[str] = []
+    app = FastAPI()
+
+    @app.post("/chat_stream")
+    async def stream_api(request: Request) -> Any:
+        callback = lambda req, message: messages.append(message)  # noqa: E731 - as ChatStream's docs write it
+        return await chat_stream.handle_chat_stream_request(request, callback=callback)
+
+    async def talk(url: str) -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            await chat_stream.start_queue_worker()
+            failed = await client.post("/chat_stream", json={"user_input": "hi"})
+            assert failed.status_code == 200 and "[error: generation_error]" in failed.text
+            chat_stream.engine.fail_after = None  # type: ignore[attr-defined]
+            assert (await client.post("/chat_stream", json={"user_input": "again"})).text.endswith(MARKER)
+            async with client.stream("POST", "/chat_stream", json={"user_input": "bye"}) as response:
+                await anext(response.aiter_raw())  # the first chunk, then the client leaves
+
+    with UvicornThread(app) as server:
+        asyncio.run(talk(server.url))
+        deadline = time.monotonic() + 5
+        while len(messages) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert messages == [
+        "unknown_error_occurred,while chat_generator.generate",
+        "success",
+        "client_disconnected_while_streaming",
+    ]
+    assert finished == ["error", "completed", "disconnected"]
+    assert not chat_stream.endings.waiting
 
 
 def test_append_apis_adds_only_the_included_routes() -> None:
