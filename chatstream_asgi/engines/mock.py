@@ -22,6 +22,7 @@ class MockEngine:
         reply: the reply to every request, or a function of the messages that returns it.
         replies: replies used in turn, cycling (overrides ``reply``).
         token_delay: seconds between two tokens, to imitate a model's speed.
+        first_token_delay: seconds more before the first token, to imitate a prefill.
         fail_after: raise ``EngineError`` after this many tokens (to test error paths).
         model_name: the name served by ``/v1/models``.
         max_batch_size: how many streams the mock accepts at once.
@@ -33,15 +34,17 @@ class MockEngine:
         *,
         replies: Iterable[str] | None = None,
         token_delay: float = 0.0,
+        first_token_delay: float = 0.0,
         fail_after: int | None = None,
         model_name: str = "mock",
         max_batch_size: int = 64,
     ) -> None:
-        if token_delay < 0:
-            raise ConfigurationError("token_delay must be >= 0 seconds")
+        if token_delay < 0 or first_token_delay < 0:
+            raise ConfigurationError("token_delay and first_token_delay must be >= 0 seconds")
         self._replies = itertools.cycle(list(replies)) if replies is not None else None
         self._reply = reply
         self.token_delay = token_delay
+        self.first_token_delay = first_token_delay
         self.fail_after = fail_after
         self.model_name = model_name
         self.max_batch_size = max_batch_size
@@ -81,7 +84,7 @@ class MockEngine:
                     break
                 if self.fail_after is not None and count >= self.fail_after:
                     raise EngineError(f"mock failure after {self.fail_after} tokens")
-                await asyncio.sleep(self.token_delay)
+                await asyncio.sleep(self.token_delay + (self.first_token_delay if count == 0 else 0.0))
                 count += 1
                 candidate = sent + token
                 cut = first_stop(candidate, params.stop)
