@@ -22,7 +22,7 @@ from ._delivery import Event, FirstToken, StreamHold
 from ._scheduler import Scheduler
 from ._sequence import Sequence
 from ._wire import WIRE_VERSION, encode, recv_message, step_frame, wire_event
-from .base import PrefixCacheStats, SamplingParams
+from .base import PrefixCacheStats, SamplingParams, SchedulerStats
 from .transformers import TransformersEngine
 
 WRITER_EXIT_S = 5.0  # the writer thread's last sendall fails at once on a shut-down socket
@@ -40,12 +40,14 @@ class ClientConnection:
         self._sequences: dict[int, Sequence] = {}
         self._hold = StreamHold(engine.stream_interval)  # wire events by request id
         self._cache_sent: PrefixCacheStats | None = None
+        self._load_sent = SchedulerStats(0, 0, 0, 0, 0)
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued = 0  # frames handed to the writer thread and not yet sent
         self._send_lock = threading.Lock()
         self._writer = threading.Thread(target=self._write_loop, name="engine-writer", daemon=True)
 
     def serve(self, on_close: Any) -> None:
+        self.scheduler.attach(self)
         self._writer.start()
         threading.Thread(target=self._read_loop, args=(on_close,), name="engine-reader", daemon=True).start()
 
@@ -64,10 +66,13 @@ class ClientConnection:
         return True
 
     def flush(self) -> bool:
-        batch = {} if self.closed else self._hold.take_due()
-        if batch:
-            self._send(step_frame(batch, self._cache_changes()))
-        return not self.closed
+        if self.closed:
+            return False
+        batch = self._hold.take_due()
+        load = self._load_changes(with_events=bool(batch))
+        if batch or load is not None:
+            self._send(step_frame(batch, self._cache_changes(), load))
+        return True
 
     def _send(self, frame: bytes) -> None:
         """Write now when nothing is queued and the socket takes it, else leave it to the writer thread.
@@ -97,9 +102,20 @@ class ClientConnection:
         self._cache_sent = stats
         return astuple(stats)
 
+    def _load_changes(self, with_events: bool) -> tuple[int, ...] | None:
+        """The batch's figures for a frame: with events whenever they changed; alone (a connection with nothing due,
+        its web process idle while others use the engine) when running or waiting did, not just the step count."""
+        stats = self.scheduler.stats
+        last = self._load_sent
+        if stats == last or (not with_events and (stats.running, stats.waiting) == (last.running, last.waiting)):
+            return None
+        self._load_sent = stats
+        return astuple(stats)
+
     def send_hello(self) -> None:
         engine = self.engine
         self._cache_sent = engine.prefix_cache_stats()  # with the hello: /get_load shows the cache before any step
+        self._load_sent = self.scheduler.stats
         info = {
             "model_name": engine.model_name,
             "max_batch_size": engine.max_batch_size,
@@ -111,6 +127,7 @@ class ClientConnection:
             "wire": WIRE_VERSION,
             "serves": self.serves,
             "cache": astuple(self._cache_sent),
+            "stats": astuple(self._load_sent),
         }
         self._send(encode(("hello", info)))
 

@@ -40,6 +40,11 @@ class Intake:
                 raise EngineNotReady("The engine is closed; call start() again before streaming.")
             self._queue.put(seq)
 
+    def attach(self, channel: Channel) -> None:
+        """Flush ``channel`` from the next step on (any thread; the worker only reads the set or drops from it)."""
+        with self._lock:
+            self._channels[channel] = None
+
     def wake(self) -> None:
         """Unblock a worker waiting in ``take_new``."""
         self._queue.put(None)

@@ -24,7 +24,7 @@ from typing import Any
 from ..errors import EngineError, EngineNotReady
 from ._delivery import FirstToken, ReplyBuffer
 from ._wire import WIRE_VERSION, encode, local_event, read_message
-from .base import GenerationChunk, PrefixCacheStats, SamplingParams
+from .base import GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats
 from .detokenizer import DecoderSpec, ReplyText
 
 logger = logging.getLogger("chatstream_asgi")
@@ -64,6 +64,8 @@ class EngineLink:
         self.replies: dict[int, OpenReply] = {}
         # the engine's prefix cache, as of its hello or its last frame that changed it (an older engine sends none)
         self.cache_stats = PrefixCacheStats(*info["cache"]) if info.get("cache") else PrefixCacheStats()
+        # the engine's whole batch (every web process's sequences), as of its hello or its last frame that changed it
+        self.engine_stats = SchedulerStats(*info.get("stats", (0, 0, 0, 0, 0)))
         self.closed = False
         self._ids = itertools.count()
         self._on_lost = on_lost
@@ -119,11 +121,13 @@ class EngineLink:
     async def _read_loop(self) -> None:
         try:
             while True:
-                kind, batch, *cache = await read_message(self.reader)
+                kind, batch, cache, load = await read_message(self.reader)
                 if kind == "step":
                     self._deliver(batch)
-                    if cache and cache[0] is not None:
-                        self.cache_stats = PrefixCacheStats(*cache[0])
+                    if cache is not None:
+                        self.cache_stats = PrefixCacheStats(*cache)
+                    if load is not None:
+                        self.engine_stats = SchedulerStats(*load)
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except Exception:  # a frame this side cannot handle: lose the link (its streams fail), never hang them

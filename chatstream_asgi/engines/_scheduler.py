@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from ..errors import EngineNotReady
 from ._batch import KVBatch, ModelRunner, prefill, prefill_chunk
 from ._cache import row_kv
+from ._delivery import Channel
 from ._intake import Intake
 from ._prefix_cache import PrefixCache
 from ._prefix_reuse import PrefixReuse, left_to_compute
@@ -75,6 +76,11 @@ class Scheduler:
 
     def submit(self, seq: Sequence) -> None:
         self._intake.submit(seq)
+
+    def attach(self, channel: Channel) -> None:
+        """Flush ``channel`` every step from now on, before any sequence of its own (an engine process's connection,
+        so that its web process hears the batch change while it has nothing running)."""
+        self._intake.attach(channel)
 
     def stop(self) -> None:
         """Ask the worker to finish its current step, fail what is left and exit."""

@@ -31,7 +31,7 @@ from .base import GenerationChunk
 
 HEADER = struct.Struct("!I")
 #: bumped whenever a message changes shape: a web process never talks to an engine of another version
-WIRE_VERSION = 4
+WIRE_VERSION = 5
 MAX_FRAME = 1 << 30
 
 
@@ -104,6 +104,8 @@ def local_event(event: Any) -> int | str | GenerationChunk | FirstToken | tuple[
     return GenerationChunk(*event[1:])
 
 
-def step_frame(batch: dict[int, list[Any]], cache: tuple[int, ...] | None = None) -> bytes:
-    """One step's events, and the prefix cache's figures when they changed."""
-    return encode(("step", batch, cache))
+def step_frame(
+    batch: dict[int, list[Any]], cache: tuple[int, ...] | None = None, load: tuple[int, ...] | None = None
+) -> bytes:
+    """One step's events (maybe none), the prefix cache's figures when they changed, and the batch's (``stats``)."""
+    return encode(("step", batch, cache, load))

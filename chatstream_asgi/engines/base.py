@@ -140,6 +140,16 @@ class SchedulerStats:
     steps: int
     cache_width: int
 
+    def __add__(self, other: SchedulerStats) -> SchedulerStats:
+        """The sum over replicas (the widest cache of them)."""
+        return SchedulerStats(
+            running=self.running + other.running,
+            waiting=self.waiting + other.waiting,
+            batch_rows=self.batch_rows + other.batch_rows,
+            steps=self.steps + other.steps,
+            cache_width=max(self.cache_width, other.cache_width),
+        )
+
 
 #: Set by a stream's consumer (the HTTP layer) to a list: an engine that counts as it goes appends the object that
 #: holds its reply's counts (``prompt_tokens``, ``completion_tokens``, ``cached_tokens``) when the reply starts, so
@@ -158,6 +168,21 @@ def first_engine(engine: object) -> object:
     """The engine itself, or the first of ``EngineReplicas``: where the tokenizer and the context length are read."""
     engines = getattr(engine, "engines", None)
     return engines[0] if engines else engine
+
+
+def engine_stats(engine: object) -> SchedulerStats | None:
+    """The figures of the engine's batch (all its clients: every web process sharing an engine process), or None
+    for an engine without one (mock, OpenAI upstream)."""
+    stats = getattr(engine, "stats", None)
+    return stats if isinstance(stats, SchedulerStats) else None
+
+
+def engine_restarts(engine: object) -> int | None:
+    """How often the engine's process was restarted after it went away (summed over replicas), or None for an engine
+    that runs in this process."""
+    engines = getattr(engine, "engines", None) or [engine]
+    counts = [engine.restarts for engine in engines if isinstance(getattr(engine, "restarts", None), int)]
+    return sum(counts) if counts else None
 
 
 def prefix_cache_stats(engine: object) -> PrefixCacheStats | None:

@@ -28,7 +28,15 @@ from ..errors import ConfigurationError, EngineError, EngineNotReady, EngineUnav
 from ._launcher import Launcher
 from ._link import EngineLink
 from ._wire import spec_identity
-from .base import ChatMessage, GenerationChunk, PrefixCacheStats, SamplingParams, announce_counts, check_params
+from .base import (
+    ChatMessage,
+    GenerationChunk,
+    PrefixCacheStats,
+    SamplingParams,
+    SchedulerStats,
+    announce_counts,
+    check_params,
+)
 from .prompts import Prompt, fit_prompt, render_off_loop_if_long, with_system_prompt
 from .torch_threads import engine_threads
 
@@ -144,6 +152,11 @@ class ProcessEngine:
     @property
     def running_count(self) -> int:
         return len(self._link.replies) if self._link is not None else 0
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """The engine process's batch (every web process's sequences), as of its last frame that changed it."""
+        return self._link.engine_stats if self._link is not None else SchedulerStats(0, 0, 0, 0, 0)
 
     async def start(self) -> None:
         """Connect to the engine process, starting it if nobody serves the address yet (idempotent)."""

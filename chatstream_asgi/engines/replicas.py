@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigurationError
 from ._affinity import ConversationAffinity
-from .base import ChatMessage, Engine, GenerationChunk, PrefixCacheStats, SamplingParams
+from .base import ChatMessage, Engine, GenerationChunk, PrefixCacheStats, SamplingParams, SchedulerStats, engine_stats
 
 
 class EngineReplicas:
@@ -83,6 +83,12 @@ class EngineReplicas:
         """The replicas' prefix cache figures, summed."""
         stats = [getattr(engine, "prefix_cache_stats", PrefixCacheStats)() for engine in self.engines]
         return sum(stats, PrefixCacheStats())
+
+    @property
+    def stats(self) -> SchedulerStats | None:
+        """The replicas' batch figures, summed (None when none of them has a batch to report: mocks, upstreams)."""
+        stats = [found for engine in self.engines if (found := engine_stats(engine)) is not None]
+        return sum(stats[1:], stats[0]) if stats else None
 
     def choose(self, messages: Sequence[ChatMessage]) -> int:
         """The replica for a new stream: the one that served the conversation's last turn while it has room

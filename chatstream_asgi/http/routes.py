@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..engines.base import ChatMessage, Engine, SamplingParams, prefix_cache_stats
+from ..engines.base import ChatMessage, Engine, SamplingParams, engine_restarts, engine_stats, prefix_cache_stats
 from ..errors import ConfigurationError
 from ..ops.admission import Admission
 from ..ops.metrics import GenerationProbe, Observer, StreamResult, outcome_of
@@ -231,8 +231,21 @@ class ChatRoutes:
         cache = prefix_cache_stats(self.engine)
         if cache is not None:  # cached_tokens: prompt tokens the prefix cache supplied since start
             load.update(cached_tokens=cache.hit_tokens, prefix_cache=cache.as_dict())
+        load.update(engine_load(self.engine))
         await send_json(send, 200, load)
 
     def with_system_prompt(self, messages: Sequence[ChatMessage]) -> list[ChatMessage]:
         system = self.settings.system_prompt
         return [{"role": "system", "content": system}, *messages] if system else list(messages)
+
+
+def engine_load(engine: Engine) -> dict[str, Any]:
+    """``/get_load``'s ``engine``: the engine's own batch (every web process's, for a shared engine process) and
+    restarts, where the engine has them."""
+    stats, restarts = engine_stats(engine), engine_restarts(engine)
+    figures: dict[str, Any] = {}
+    if stats is not None:
+        figures.update(running=stats.running, waiting=stats.waiting, max_batch_size=engine.max_batch_size)
+    if restarts is not None:
+        figures["restarts"] = restarts
+    return {"engine": figures} if figures else {}

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..engines.base import prefix_cache_stats
+from ..engines.base import engine_restarts, engine_stats, prefix_cache_stats
 from ..errors import ConfigurationError, HTTPError
 
 if TYPE_CHECKING:
@@ -79,6 +79,8 @@ class ChatMetrics:
         self.disconnects = counter("client_disconnects", "Clients that left, by stage (queued, streaming).", ("stage",))
         if prefix_cache_stats(engine) is not None:
             r.register(PrefixCacheCollector(engine))
+        if engine_stats(engine) is not None or engine_restarts(engine) is not None:
+            r.register(EngineCollector(engine))
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every collector, and its content type."""
@@ -108,6 +110,30 @@ class PrefixCacheCollector:
         yield GaugeMetricFamily(name + "bytes", "KV bytes held by the prefix cache.", stats.bytes)
         yield GaugeMetricFamily(name + "capacity_bytes", "The prefix cache's budget (0: off).", stats.capacity_bytes)
         yield GaugeMetricFamily(name + "entries", "Sequences held by the prefix cache.", stats.entries)
+
+
+class EngineCollector:
+    """The engine's batch and restarts, read at scrape time.
+
+    Per process, ``num_requests_running`` / ``_waiting`` count this web process's requests; these count the
+    engine's, and an engine process shared by several web workers reports every worker's sequences here.
+    """
+
+    def __init__(self, engine: object) -> None:
+        self.engine = engine
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        stats = engine_stats(self.engine)
+        if stats is not None:
+            name = "chatstream_engine_"
+            yield GaugeMetricFamily(name + "sequences_running", "Sequences in the engine's batch.", stats.running)
+            yield GaugeMetricFamily(name + "sequences_waiting", "Sequences queued inside the engine.", stats.waiting)
+            yield CounterMetricFamily(name + "steps", "Forward steps the engine took.", stats.steps)
+        restarts = engine_restarts(self.engine)
+        if restarts is not None:
+            yield CounterMetricFamily("chatstream_engine_restarts", "Engine process restarts.", restarts)
 
 
 class Observer:

@@ -109,6 +109,29 @@ async def test_engines_naming_one_address_share_one_engine_process(tiny_model_di
 
 
 @pytest.mark.asyncio
+async def test_each_web_process_sees_the_shared_engines_whole_batch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Per web process, admission counts only its own chats; an operator of 4 workers sharing an engine needs the
+    engine's load (``/metrics``' ``chatstream_engine_sequences_running``, ``/get_load``'s ``engine``): an idle
+    worker hears it change too, without a frame per step."""
+    address = tmp_path / "engine.sock"
+    busy, idle = (ProcessEngine.from_pretrained(tiny_model_dir, address=address, linger=1.0) for _ in range(2))
+    try:
+        await asyncio.gather(busy.start(), idle.start())
+        streams = [busy.stream(MESSAGES, LONG) for _ in range(3)]
+        await asyncio.gather(*(anext(aiter(stream)) for stream in streams))
+        await wait_until(lambda: idle.stats.running == 3, timeout=10)
+        assert busy.stats.running == 3 and idle.running_count == 0
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        await wait_until(lambda: idle.stats.running == 0 and busy.stats.running == 0, timeout=10)
+        assert idle.stats.steps == busy.stats.steps > 0  # the step count rides along once the batch changes
+    finally:
+        await asyncio.gather(busy.close(), idle.close())
+    starter = next(engine.launcher.process for engine in (busy, idle) if engine.launcher.process is not None)
+    await wait_until(lambda: starter.poll() is not None, timeout=10)  # idle for `linger` s, it exits by itself
+
+
+@pytest.mark.asyncio
 async def test_a_web_process_asking_for_another_model_on_a_shared_address_is_refused(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -233,7 +256,8 @@ async def test_over_http_a_killed_engine_ends_the_stream_in_band_and_new_chats_g
         again = await chat(client, "hi")
         assert again.status == 200 and again.text
         load = await wait_for_load(client, running=0, waiting=0)
-        assert load["running"] == 0
+        assert load["running"] == 0 and load["engine"]["restarts"] == 1  # what an operator alerts on
+        assert "chatstream_engine_restarts_total 1.0" in (await client.get("/metrics")).text
         assert (await get_load(client))["waiting"] == 0
 
 

@@ -22,7 +22,8 @@ async def console_turn(chat_stream: ChatStream, text: str) -> list[tuple[str, st
 
 @pytest.mark.asyncio
 async def test_console_chat_streams_begin_mid_end_and_keeps_the_conversation() -> None:
-    chat_stream = ChatStream(use_mock_response=True, mock_params={"type": "echo", "time_per_token_sec": 0}, secret_key=KEY)
+    echo = {"type": "echo", "time_per_token_sec": 0}
+    chat_stream = ChatStream(use_mock_response=True, mock_params=echo, secret_key=KEY)
     pieces = await console_turn(chat_stream, "the cat sat on the mat")
     assert [pos for _, _, pos in pieces] == ["begin", "mid", "mid", "mid", "mid", "mid", "end"]
     assert "".join(updated for _, updated, _ in pieces) == "the cat sat on the mat"

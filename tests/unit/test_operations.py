@@ -64,6 +64,32 @@ async def test_metrics_route_serves_vllm_style_names_after_a_chat() -> None:
     assert values["chatstream_num_requests_running"] == 0
 
 
+async def test_the_engines_batch_is_in_metrics_and_get_load(tiny_engine_parts: tuple[Any, Any]) -> None:
+    from chatstream_asgi import SamplingParams, TransformersEngine
+
+    model, tokenizer = tiny_engine_parts
+    engine = TransformersEngine(model, tokenizer, max_batch_size=4)
+    app = build(engine)  # type: ignore[arg-type]
+    await engine.start()
+    long = SamplingParams(max_new_tokens=400, temperature=0.0, ignore_eos=True)
+    streams = [engine.stream([{"role": "user", "content": f"q{i}"}], long) for i in range(2)]
+    try:
+        await asyncio.gather(*(anext(aiter(stream)) for stream in streams))
+        values = samples(app)
+        assert values["chatstream_engine_sequences_running"] == 2  # the engine's, not this process's admission
+        assert values["chatstream_engine_sequences_waiting"] == 0 and values["chatstream_engine_steps_total"] >= 1
+        assert "chatstream_engine_restarts_total" not in values  # an in-thread engine is never restarted
+        load = (await get(app, "/get_load")).json()
+        assert load["engine"] == {"running": 2, "waiting": 0, "max_batch_size": 4} and load["running"] == 0
+    finally:
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        await engine.close()
+    mock = build()
+    assert "engine" not in (await get(mock, "/get_load")).json()
+    assert not any(name.startswith("chatstream_engine_") for name in samples(mock))
+
+
 async def test_rejections_are_counted_by_reason() -> None:
     app = build(MockEngine(REPLY, token_delay=0.05), max_concurrency=1, max_queue=0)
     first = asyncio.ensure_future(chat(app))
