@@ -105,12 +105,11 @@ class ClientConnection:
     def _load_changes(self, with_events: bool) -> tuple[int, ...] | None:
         """The batch's figures for a frame: with events whenever they changed; alone (a connection with nothing due,
         its web process idle while others use the engine) when running or waiting did, not just the step count."""
-        stats = self.scheduler.stats
-        last = self._load_sent
-        if stats == last or (not with_events and (stats.running, stats.waiting) == (last.running, last.waiting)):
+        stats, last = self.scheduler.step_stats, self._load_sent
+        if stats is last or (not with_events and (stats.running, stats.waiting) == (last.running, last.waiting)):
             return None
         self._load_sent = stats
-        return astuple(stats)
+        return (stats.running, stats.waiting, stats.batch_rows, stats.steps, stats.cache_width)
 
     def send_hello(self) -> None:
         engine = self.engine

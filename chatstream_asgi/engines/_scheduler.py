@@ -68,6 +68,7 @@ class Scheduler:
         self._partial: _Partial | None = None
         self._batch: KVBatch | None = None
         self._steps = 0
+        self.step_stats = SchedulerStats(0, 0, 0, 0, 0)  # as of the last step's end (set on the worker thread)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
 
@@ -119,10 +120,14 @@ class Scheduler:
                         self._step()
                     except Exception as exc:  # a bug outside a forward: lose the batch, not the worker
                         self._recover(exc)
-                    self._intake.flush()
+                    self._flush()
         finally:
             self._shutdown()
-            self._intake.flush()
+            self._flush()
+
+    def _flush(self) -> None:
+        self.step_stats = self.stats  # once per step, for the channels that pass the figures on (engine process)
+        self._intake.flush()
 
     def _step(self) -> None:
         self._drop_finished()
