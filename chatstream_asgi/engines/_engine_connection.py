@@ -13,6 +13,7 @@ import pickle
 import queue
 import socket
 import threading
+import time
 from dataclasses import astuple
 from typing import Any
 
@@ -26,6 +27,9 @@ from .base import PrefixCacheStats, SamplingParams, SchedulerStats
 from .transformers import TransformersEngine
 
 WRITER_EXIT_S = 5.0  # the writer thread's last sendall fails at once on a shut-down socket
+#: a connection that sent nothing for this long gets an empty frame at the next flush, so that its web process can
+#: tell an engine with nothing to say from a hung or stopped one (ProcessEngine's hang_timeout)
+HEARTBEAT_S = 1.0
 
 
 class ClientConnection:
@@ -41,6 +45,7 @@ class ClientConnection:
         self._hold = StreamHold(engine.stream_interval)  # wire events by request id
         self._cache_sent: PrefixCacheStats | None = None
         self._load_sent = SchedulerStats(0, 0, 0, 0, 0)
+        self._last_send = time.monotonic()
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued = 0  # frames handed to the writer thread and not yet sent
         self._send_lock = threading.Lock()
@@ -70,7 +75,7 @@ class ClientConnection:
             return False
         batch = self._hold.take_due()
         load = self._load_changes(with_events=bool(batch))
-        if batch or load is not None:
+        if batch or load is not None or time.monotonic() - self._last_send > HEARTBEAT_S:
             self._send(step_frame(batch, self._cache_changes(), load))
         return True
 
@@ -80,6 +85,7 @@ class ClientConnection:
         A step's frame is small and the socket buffer nearly always has room: sending here saves a thread
         hand-over (and its GIL round trip) per step, while a client that does not read never blocks the model.
         """
+        self._last_send = time.monotonic()
         with self._send_lock:
             if self._queued == 0:
                 try:

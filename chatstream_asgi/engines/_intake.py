@@ -49,10 +49,11 @@ class Intake:
         """Unblock a worker waiting in ``take_new``."""
         self._queue.put(None)
 
-    def take_new(self, *, block: bool) -> None:
-        """Move every submitted sequence to ``pending``; with ``block``, wait for the first one (or a ``wake``)."""
+    def take_new(self, *, block: bool, timeout: float | None = None) -> None:
+        """Move every submitted sequence to ``pending``; with ``block``, wait for the first one (or a ``wake``), at
+        most ``timeout`` seconds."""
         try:
-            item = self._queue.get(block=block)
+            item = self._queue.get(block=block, timeout=timeout if block else None)
             while True:
                 if item is not None:
                     self.pending.append(item)

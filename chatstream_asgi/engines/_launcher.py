@@ -27,6 +27,7 @@ from typing import Any
 from ..errors import EngineError
 
 POLL = 0.05
+ENGINE_MODULE = "chatstream_asgi.engines._engine_server"  # what an engine process runs (python -m ...)
 
 
 class Launcher:
@@ -66,7 +67,7 @@ class Launcher:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.address)  # a dead engine's socket
         started = time.monotonic()
-        command = [sys.executable, "-m", "chatstream_asgi.engines._engine_server", self.address, str(self.linger)]
+        command = [sys.executable, "-m", ENGINE_MODULE, self.address, str(self.linger)]
         process = subprocess.Popen(command, stdin=subprocess.PIPE, start_new_session=True, env=engine_environment())
         assert process.stdin is not None
         process.stdin.write(pickle.dumps({**self.spec, "sys_path": list(sys.path)}))

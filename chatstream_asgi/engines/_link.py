@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +31,7 @@ from .detokenizer import DecoderSpec, ReplyText
 logger = logging.getLogger("chatstream_asgi")
 LINK_BUFFER = 1 << 22  # bytes the reader may take in one read: a step of many streams is one read
 LOST = "The engine process ended while generating this reply; it is being restarted."
+HELLO_TIMEOUT_S = 10.0  # an engine's reader thread answers at once; one that does not is stopped or hung
 
 
 def ids_only(events: list[Any]) -> bool:
@@ -67,19 +69,25 @@ class EngineLink:
         # the engine's whole batch (every web process's sequences), as of its hello or its last frame that changed it
         self.engine_stats = SchedulerStats(*info.get("stats", (0, 0, 0, 0, 0)))
         self.closed = False
+        self.last_heard = time.monotonic()  # the engine sends a frame at least every second
         self._ids = itertools.count()
         self._on_lost = on_lost
         self._task = asyncio.get_running_loop().create_task(self._read_loop())
 
     @classmethod
-    async def open(cls, address: str, on_lost: Callable[[EngineLink], None]) -> EngineLink:
+    async def open(
+        cls, address: str, on_lost: Callable[[EngineLink], None], hello_timeout: float = HELLO_TIMEOUT_S
+    ) -> EngineLink:
         reader, writer = await asyncio.open_unix_connection(address, limit=LINK_BUFFER)
         try:
             writer.write(encode(("hello",)))
-            kind, info = await read_message(reader)
+            kind, info = await asyncio.wait_for(read_message(reader), hello_timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             writer.close()
             raise ConnectionError(f"the engine on {address} closed the connection before answering") from exc
+        except TimeoutError as exc:  # a stopped process still accepts connections (the kernel's listen backlog)
+            writer.close()
+            raise ConnectionError(f"the engine on {address} did not answer within {hello_timeout:.0f} s") from exc
         if kind != "hello":
             writer.close()
             raise ConnectionError(f"the engine on {address} answered {kind!r} instead of hello")
@@ -122,6 +130,7 @@ class EngineLink:
         try:
             while True:
                 kind, batch, cache, load = await read_message(self.reader)
+                self.last_heard = time.monotonic()
                 if kind == "step":
                     self._deliver(batch)
                     if cache is not None:
@@ -215,6 +224,10 @@ class EngineLink:
         text = reply.text.finish()
         reason = "stop" if reply.text.stopped else end.finish_reason
         return dataclasses.replace(end, text=text, finish_reason=reason)
+
+    def abort(self) -> None:
+        """Drop the connection as if the engine had gone (its streams fail; the engine restarts it)."""
+        self._task.cancel()  # its finally loses the link
 
     def _lose(self) -> None:
         """The engine is gone: fail what was running here, then let the engine restart it."""

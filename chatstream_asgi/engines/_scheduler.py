@@ -34,6 +34,7 @@ from .base import SchedulerStats
 from .torch_threads import use_in_this_thread
 
 logger = logging.getLogger(__name__)
+IDLE_WAKE_S = 1.0  # the longest an idle worker sleeps between two flushes
 
 
 @dataclass
@@ -115,7 +116,8 @@ class Scheduler:
             with torch.inference_mode():
                 while not self._stopping.is_set():
                     idle = self._batch is None and self._partial is None and not self._intake.pending
-                    self._intake.take_new(block=idle)
+                    # idle, it still flushes every IDLE_WAKE_S: an engine process's connections send a heartbeat
+                    self._intake.take_new(block=idle, timeout=IDLE_WAKE_S)
                     try:
                         self._step()
                     except Exception as exc:  # a bug outside a forward: lose the batch, not the worker

@@ -57,9 +57,11 @@ def recv_message(sock: socket.socket) -> Any:
     if header is None:
         return None
     (size,) = HEADER.unpack(header)
+    if size > MAX_FRAME:  # checked before reading: it would be held in memory whole
+        raise ConnectionError("the peer sent an oversized frame")
     payload = _recv_exactly(sock, size)
-    if payload is None or size > MAX_FRAME:
-        raise ConnectionError("the peer sent a truncated or oversized frame")
+    if payload is None:
+        raise ConnectionError("the peer sent a truncated frame")
     return pickle.loads(payload)
 
 

@@ -17,7 +17,9 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import time
 import weakref
 from collections.abc import AsyncIterator
 from collections.abc import Sequence as Seq
@@ -25,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigurationError, EngineError, EngineNotReady, EngineUnavailable
-from ._launcher import Launcher
-from ._link import EngineLink
+from ._launcher import ENGINE_MODULE, Launcher
+from ._link import HELLO_TIMEOUT_S, EngineLink
 from ._wire import spec_identity
 from .base import (
     ChatMessage,
@@ -45,6 +47,7 @@ RESTART_BACKOFF = (0.05, 1.0)  # first and longest wait between reconnection att
 # after a failed restart (the model folder gone, the GPU lost): 1 s, doubling to a minute, so a process that cannot
 # start does not spend a core on a new interpreter and torch import every second
 FAILED_RESTART_BACKOFF = (1.0, 60.0)
+WATCH_INTERVAL_S = 1.0  # how often the hang watchdog looks
 
 
 class ProcessEngine:
@@ -56,6 +59,10 @@ class ProcessEngine:
             (the first to start it, under a lock); default: a private socket in a new temporary folder.
         linger: seconds the engine process stays up with no web process connected (a worker restart keeps it).
         start_timeout: seconds to wait for the model to load.
+        hang_timeout: seconds without a word from a running engine process (it sends at least one frame a second,
+            and one per step) after which it is taken for hung or stopped: it is killed, so that its streams end
+            with an in-band error and it restarts as after a crash. Raise it for a model whose single forward pass
+            may take longer (a large model on a CPU); None never does this.
         torch_threads: torch's intra-op threads in the engine process. Default: every core this process may run
             on but one, which is left to the web process(es) (with ``OMP_NUM_THREADS`` set, torch's own choice;
             ``torch_threads.py`` says why).
@@ -71,6 +78,7 @@ class ProcessEngine:
         address: str | Path | None = None,
         linger: float = 10.0,
         start_timeout: float = 600.0,
+        hang_timeout: float | None = 60.0,
         torch_threads: int | None = None,
         tokenizer: Any = None,
         context_len: int | None = None,
@@ -89,6 +97,10 @@ class ProcessEngine:
         self.address = str(address)
         spec = {**spec, "torch_threads": engine_threads(torch_threads)}
         self.launcher = Launcher(spec, self.address, 0.5 if self.private else linger, start_timeout)
+        if hang_timeout is not None and not (isinstance(hang_timeout, (int, float)) and hang_timeout >= 2):
+            raise ConfigurationError(f"hang_timeout must be seconds >= 2 (or None), got {hang_timeout!r}")
+        self.hang_timeout = hang_timeout
+        self._watchdog: asyncio.Task[None] | None = None
         self.tokenizer, self.context_len, self.system_prompt = tokenizer, context_len, system_prompt
         self.model_name, self.max_batch_size = model_name, max_batch_size
         self._link: EngineLink | None = None
@@ -105,6 +117,7 @@ class ProcessEngine:
         address: str | Path | None = None,
         linger: float = 10.0,
         start_timeout: float = 600.0,
+        hang_timeout: float | None = 60.0,
         torch_threads: int | None = None,
         **kwargs: Any,
     ) -> ProcessEngine:
@@ -121,6 +134,7 @@ class ProcessEngine:
             address=address,
             linger=linger,
             start_timeout=start_timeout,
+            hang_timeout=hang_timeout,
             torch_threads=torch_threads,
             context_len=kwargs.get("context_len"),
             model_name=name,
@@ -143,7 +157,12 @@ class ProcessEngine:
 
     @property
     def ready(self) -> bool:
-        return self._link is not None and not self._link.closed
+        link = self._link
+        return link is not None and not link.closed and not self._silent(link)
+
+    def _silent(self, link: EngineLink) -> bool:
+        """The engine process sent nothing for ``hang_timeout`` (it sends a frame at least every second)."""
+        return self.hang_timeout is not None and time.monotonic() - link.last_heard > self.hang_timeout
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """The engine process's prefix cache figures, as of its last step that changed them."""
@@ -168,10 +187,12 @@ class ProcessEngine:
 
     async def close(self) -> None:
         self._closed = True
-        if self._reconnecting is not None:
-            self._reconnecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reconnecting
+        for task in (self._reconnecting, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._watchdog = None
         link, self._link = self._link, None
         if link is not None:
             await link.close()
@@ -225,11 +246,12 @@ class ProcessEngine:
         wait = RESTART_BACKOFF[0]
         while True:
             try:
-                link = await EngineLink.open(self.address, on_lost=self._lost)
+                hello_timeout = min(HELLO_TIMEOUT_S, max(1.0, deadline - loop.time()))
+                link = await EngineLink.open(self.address, on_lost=self._lost, hello_timeout=hello_timeout)
                 break
-            except OSError:
+            except OSError as exc:
                 if loop.time() > deadline:
-                    raise EngineNotReady(f"No engine answered on {self.address}") from None
+                    raise EngineNotReady(f"No engine answered on {self.address}: {exc}") from None
                 await asyncio.to_thread(self.launcher.ensure_started)
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, RESTART_BACKOFF[1])
@@ -246,6 +268,29 @@ class ProcessEngine:
         self.model_name, self.max_batch_size = info["model_name"], info["max_batch_size"]
         self.system_prompt = info["system_prompt"]
         self._link = link
+        if self.hang_timeout is not None and self._watchdog is None:
+            self._watchdog = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Kill an engine process that went silent: stopped (``SIGSTOP``, a debugger) or stuck in a step (a hung GPU
+        kernel). Its socket stays open, so nothing else would end the streams waiting on it, or tell ``/readyz``."""
+        silent_before = False
+        while not self._closed:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            link = self._link
+            silent = link is not None and not link.closed and self._silent(link)
+            if link is not None and silent and silent_before:  # twice in a row: not a stall of this event loop
+                pid = link.info.get("pid")
+                logger.error(
+                    "the engine process on %s (pid %s) sent nothing for over %.0f s (hang_timeout): taken for hung; "
+                    "killing it to restart it",
+                    self.address,
+                    pid,
+                    self.hang_timeout,
+                )
+                if not kill_engine_process(pid, self.address):
+                    link.abort()  # not ours to kill (or gone): its streams fail, and a reconnect starts
+            silent_before = silent
 
     def _lost(self, link: EngineLink) -> None:
         """The engine process went away: its streams already got an error; reconnect (restarting it) in the back."""
@@ -271,3 +316,17 @@ class ProcessEngine:
 
     def __repr__(self) -> str:
         return f"ProcessEngine({self.model_name!r}, address={self.address!r}, ready={self.ready})"
+
+
+def kill_engine_process(pid: Any, address: str) -> bool:
+    """SIGKILL the engine process ``pid`` if it is the one serving ``address`` (its command line says so: a pid
+    may have been reused); False if it is not, is gone, or this system cannot tell (no ``/proc``)."""
+    try:
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as cmdline:
+            args = cmdline.read().split(b"\0")
+        if ENGINE_MODULE.encode() not in args or os.fsencode(address) not in args:
+            return False
+        os.kill(int(pid), signal.SIGKILL)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True

@@ -5,6 +5,7 @@ restarts, and comes back by itself."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import pickle
@@ -195,6 +196,65 @@ async def test_a_killed_engine_fails_running_replies_answers_503_then_restarts(
     await wait_until(lambda: process_engine.ready, timeout=60)
     assert await reply(process_engine)
     assert process_engine.restarts == 1
+
+
+def gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            return "\nState:\tZ" in status.read()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.asyncio
+async def test_a_stopped_engine_is_taken_for_hung_killed_and_restarted(tiny_model_dir: Path) -> None:
+    """A stopped (or stuck) engine process keeps its socket open: nothing ended the streams waiting on it before
+    generation_timeout (300 s), and /readyz said ready all along."""
+    engine = ProcessEngine.from_pretrained(tiny_model_dir, max_batch_size=4, hang_timeout=2, stream_interval=0)
+    await engine.start()
+    stopped = engine_pid(engine)
+    try:
+        running = engine.stream(MESSAGES, LONG)
+        await anext(aiter(running))
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.monotonic()
+        await wait_until(lambda: not engine.ready, timeout=10)  # /readyz: 503 from hang_timeout on
+        with pytest.raises(EngineError, match="engine process ended"):
+            async for _ in running:
+                pass
+        assert 2 <= time.monotonic() - started < 15
+        await wait_until(lambda: gone_or_zombie(stopped), timeout=10)  # killed, not left holding the model
+        await wait_until(lambda: engine.ready, timeout=60)
+        assert engine_pid(engine) != stopped and engine.restarts == 1
+        assert await reply(engine)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stopped, signal.SIGCONT)
+        await engine.close()
+
+
+@pytest.mark.asyncio
+async def test_starting_against_a_stopped_engine_fails_within_start_timeout(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A stopped process still accepts connections (the listen backlog), and the wait for its answer had no end: a
+    web worker starting beside it never finished its startup."""
+    address = tmp_path / "engine.sock"
+    first = ProcessEngine.from_pretrained(tiny_model_dir, address=address, linger=1.0, hang_timeout=None)
+    await first.start()
+    os.kill(engine_pid(first), signal.SIGSTOP)
+    try:
+        second = ProcessEngine.from_pretrained(tiny_model_dir, address=address, start_timeout=3)
+        started = time.monotonic()
+        with pytest.raises(EngineNotReady, match="did not answer"):
+            await second.start()
+        assert time.monotonic() - started < 10
+        await second.close()
+    finally:
+        os.kill(engine_pid(first), signal.SIGCONT)
+        await first.close()
+    assert first.launcher.process is not None
+    await wait_until(lambda: first.launcher.process.poll() is not None, timeout=10)  # type: ignore[union-attr]
 
 
 @pytest.mark.asyncio
