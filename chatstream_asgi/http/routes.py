@@ -187,7 +187,11 @@ class ChatRoutes:
         timeout = self.settings.generation_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         return StreamOptions(
-            headers=headers, send_timeout=self.settings.send_timeout, deadline=deadline, summary=summary
+            headers=headers,
+            send_timeout=self.settings.send_timeout,
+            deadline=deadline,
+            summary=summary,
+            running=self.observer.running,
         )
 
     async def clear_context(self, scope: Scope, receive: HTTPReceive, send: HTTPSend) -> None:

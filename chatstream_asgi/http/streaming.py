@@ -25,7 +25,7 @@ from typing import Any
 
 from ..engines.base import GenerationChunk, live_counts
 from ..errors import ChatStreamError, HTTPError
-from ..ops.metrics import StreamResult
+from ..ops.metrics import StreamDrained, StreamResult
 from .asgi import listen_for_disconnect, send_error
 from .encoders import StreamEncoder
 from .send_watchdog import SendWatchdog
@@ -45,6 +45,9 @@ class StreamOptions:
     on_token: Callable[[], None] | None = None  # per text chunk: metrics, and a drain that ends streams may raise
     # once, however the reply ended (also when the server cancels the request): metrics and the request log
     on_end: Callable[[StreamResult], object] | None = None
+    # where the sender puts its "end now" while it runs: a drain past its grace calls them all (Observer.running), so
+    # that a stream waiting on a silent engine ends too, not only one that gets a token
+    running: set[Callable[[], None]] | None = None
 
 
 async def stream_reply(
@@ -113,6 +116,8 @@ class ReplySender:
         self.last_write = asyncio.get_running_loop().time()
         self.send_lock: asyncio.Lock | None = None  # only where a keep-alive ping may send beside the chunks
         self.watchdog = SendWatchdog(options.send_timeout)
+        self.timeout: asyncio.Timeout | None = None  # the deadline around the reply, while it runs
+        self.drained = False  # a drain past its grace ended it (through the deadline)
 
     async def run(self, chunks: AsyncIterator[GenerationChunk]) -> None:
         try:
@@ -120,8 +125,13 @@ class ReplySender:
         except ClientGone:
             self.result.outcome = "disconnected"
         except TimeoutError:
-            self.result.outcome = "timeout"
-            await self.fail(HTTPError(504, "generation_timeout", "the reply took longer than the generation deadline"))
+            if self.drained:
+                self.result.outcome, self.result.error = "error", StreamDrained()
+                await self.fail(StreamDrained())
+            else:
+                self.result.outcome = "timeout"
+                message = "the reply took longer than the generation deadline"
+                await self.fail(HTTPError(504, "generation_timeout", message))
         except Exception as exc:  # an engine failure must end the stream cleanly, not crash the server
             self.result.outcome, self.result.error = "error", exc
             await self.fail(as_http_error(exc))
@@ -135,12 +145,17 @@ class ReplySender:
         # always has a chunk ready. A cancel (deadline, disconnect) lands in the engine's iterator and closes it.
         iterator = aiter(chunks)
         keep_alive = self.start_keep_alive()
+        running = self.options.running
         try:
-            async with asyncio.timeout_at(self.options.deadline):
+            async with asyncio.timeout_at(self.options.deadline) as self.timeout:
+                if running is not None:
+                    running.add(self.end_now)
                 async for chunk in iterator:
                     self.check_deadline()
                     await self.on_chunk(chunk)
         finally:
+            if running is not None:
+                running.discard(self.end_now)
             if keep_alive is not None:
                 keep_alive.cancel()
                 await asyncio.wait({keep_alive})  # no ping after this point, and none holds the send lock
@@ -148,6 +163,12 @@ class ReplySender:
             if closer is not None:
                 await closer()
         await self.finish()
+
+    def end_now(self) -> None:
+        """End the reply at once with the in-band ``draining`` error, whatever it waits for (its deadline, moved)."""
+        if self.timeout is not None and not self.drained:
+            self.drained = True
+            self.timeout.reschedule(asyncio.get_running_loop().time())
 
     def start_keep_alive(self) -> asyncio.Task[None] | None:
         if self.encoder.ping_interval is None:

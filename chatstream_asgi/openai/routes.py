@@ -204,7 +204,8 @@ class OpenAIRoutes:
     def stream_options(self, headers: list[tuple[bytes, bytes]]) -> StreamOptions:
         timeout = self.settings.generation_timeout
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        return StreamOptions(headers=headers, send_timeout=self.settings.send_timeout, deadline=deadline)
+        send_timeout, running = self.settings.send_timeout, self.observer.running
+        return StreamOptions(headers=headers, send_timeout=send_timeout, deadline=deadline, running=running)
 
 
 def released(ticket: Ticket) -> Finish:

@@ -4,8 +4,9 @@ serves ``/healthz``, ``/readyz`` and ``/metrics``).
 - ``readiness``: ready once the engine is ready and the middleware is not draining; otherwise not, so a load
   balancer stops sending new chats to a replica that is loading or shutting down.
 - ``drain(grace)``: admission stops (new generations get 503 + ``Retry-After``, the queue is emptied the
-  same way), running streams get ``grace`` seconds to finish; after that each ends at its next token
-  with an in-band ``draining`` error (the response is still completed properly, its slot freed).
+  same way), running streams get ``grace`` seconds to finish; after that each ends at once with an
+  in-band ``draining`` error (the response is still completed properly, its slot freed), also one
+  waiting on an engine that sends nothing.
 
 uvicorn waits for open connections *before* it sends the lifespan shutdown, so the middleware also starts the
 drain on SIGTERM/SIGINT (``signals.py``); with that off, call ``drain()`` from a pre-stop hook instead.
@@ -44,5 +45,7 @@ async def drain(admission: Admission, observer: Observer, grace: float) -> bool:
     admission.drain()
     if await admission.wait_idle(grace):
         return True
-    observer.cancelling = True
+    observer.cancelling = True  # a stream that gets a token ends there; every stream is also told to end now, so
+    for end_now in list(observer.running):  # that one waiting on an engine that sends nothing (a hung one) ends too
+        end_now()
     return await admission.wait_idle(CANCEL_WAIT)

@@ -148,6 +148,7 @@ class Observer:
         self.metrics = metrics
         self.log_text = log_text
         self.cancelling = False  # set by a drain whose grace period ran out: running streams end at their next token
+        self.running: set[Callable[[], None]] = set()  # each running stream's "end now" (http.streaming's senders)
 
     def start(self, route: str, request_id: str, queue_wait: float) -> GenerationProbe:
         if self.metrics is not None:

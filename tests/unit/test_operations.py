@@ -177,6 +177,30 @@ async def test_a_stream_ended_by_the_drain_is_counted_and_logged_as_drained(capl
     assert (await app.routes.store.load(session_id))[-1] == {"role": "assistant", "content": sent}
 
 
+@pytest.mark.parametrize("route", ["/chat_stream", "/v1/chat/completions"])
+async def test_the_drain_ends_a_stream_whose_engine_has_gone_silent(route: str) -> None:
+    """A stream waiting for its next token (an engine process stopped or stuck) never reached the drain's check, so
+    shutdown waited for generation_timeout (300 s): past a Kubernetes grace period, the pod was killed instead."""
+
+    class Silent(MockEngine):
+        async def stream(self, messages: Any, params: Any) -> Any:
+            async for chunk in super().stream(messages, params):
+                yield chunk
+                await asyncio.Event().wait()  # after the first token: nothing more, ever
+
+    app = build(Silent(REPLY))
+    payload = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    body = payload if route != "/chat_stream" else {"user_input": "hi"}
+    running = asyncio.ensure_future(call(app, "POST", route, payload=body, headers=SSE_HEADERS))
+    await wait_until(lambda: app.admission.running == 1)
+    started = time.perf_counter()
+    assert await with_hang_guard(app.drain(0.1))  # ended by its cancel, at once (it waited up to 5 s, in vain)
+    send = await with_hang_guard(running)
+    assert time.perf_counter() - started < 2 and send.complete and app.admission.running == 0
+    assert b"draining" in send.body and not app.observer.running
+    assert samples(app)['chatstream_request_outcome_total{outcome="drained"}'] == 1
+
+
 async def test_a_drained_completion_without_streaming_still_answers_503() -> None:
     app = build(MockEngine(" ".join(["word"] * 400), token_delay=0.01))
     payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
