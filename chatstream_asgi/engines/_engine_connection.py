@@ -35,8 +35,16 @@ HEARTBEAT_S = 1.0
 class ClientConnection:
     """One web process: its requests in, its events out (the ``Channel`` of its sequences)."""
 
-    def __init__(self, sock: socket.socket, engine: TransformersEngine, scheduler: Scheduler, serves: str = "") -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        engine: TransformersEngine,
+        scheduler: Scheduler,
+        serves: str = "",
+        load_seconds: float | None = None,
+    ) -> None:
         self.sock = sock
+        self.load_seconds = load_seconds  # how long this engine took to start (the web side's Retry-After)
         self.engine = engine
         self.serves = serves  # spec_identity of the spec it was built from: a web process asking for another refuses
         self.scheduler = scheduler
@@ -133,6 +141,7 @@ class ClientConnection:
             "serves": self.serves,
             "cache": astuple(self._cache_sent),
             "stats": astuple(self._load_sent),
+            "load_seconds": self.load_seconds,
         }
         self._send(encode(("hello", info)))
 

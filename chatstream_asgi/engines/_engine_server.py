@@ -47,6 +47,7 @@ class EngineServer:
         self.stopping = threading.Event()
         self.scheduler = engine.start_scheduler()
         self.socket_inode = -1
+        self.load_seconds: float | None = None
 
     def listen(self) -> socket.socket:
         staging = f"{self.address}.{os.getpid()}.tmp"
@@ -61,6 +62,7 @@ class EngineServer:
 
     def run(self) -> None:
         listener = self.listen()
+        self.load_seconds = seconds_since_start()  # every web process's Retry-After while this engine restarts
         # The idle clock starts now, not when the model was loaded: freezing the heap in between took 0.2-0.6 s
         # here, and a private engine (0.5 s linger) exited before its web process could connect.
         self.idle_since = time.monotonic()
@@ -82,7 +84,7 @@ class EngineServer:
             sock.close()
             return
         sock.settimeout(None)
-        client = ClientConnection(sock, self.engine, self.scheduler, self.serves)
+        client = ClientConnection(sock, self.engine, self.scheduler, self.serves, self.load_seconds)
         self.clients.add(client)
         client.serve(self.client_left)
 
@@ -123,6 +125,17 @@ def build_engine(spec: dict[str, Any]) -> TransformersEngine:
             raise TypeError(f"factory {spec['factory']} returned {type(engine).__name__}, not a TransformersEngine")
         return engine
     return TransformersEngine.from_pretrained(spec["path"], gguf_file=spec.get("gguf_file"), **spec.get("kwargs", {}))
+
+
+def seconds_since_start() -> float | None:
+    """How long ago this process started (interpreter, imports and model load), from ``/proc``; None elsewhere."""
+    try:
+        with open("/proc/self/stat") as stat:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+        with open("/proc/uptime") as uptime:
+            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def main() -> None:

@@ -98,6 +98,10 @@ async def test_engines_naming_one_address_share_one_engine_process(tiny_model_di
     try:
         await asyncio.gather(*(engine.start() for engine in engines))
         assert len({engine_pid(engine) for engine in engines}) == 1
+        # each one's Retry-After during a restart is what this engine took to start, also for those that did not
+        # start it (they said 11 s, a default, where a restart took 5)
+        loaded = [engine.launcher.load_seconds for engine in engines]
+        assert len(set(loaded)) == 1 and loaded[0] > 0 and loaded[0] != 10.0
         replies = await asyncio.gather(*(reply(engine) for engine in engines))
         assert len(set(replies)) == 1 and replies[0]
     finally:
