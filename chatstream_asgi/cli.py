@@ -79,6 +79,14 @@ def add_engine_options(engine: argparse._ArgumentGroup) -> None:
         help="run the model in its own process (one per device): the web server never shares a GIL with it",
     )
     engine.add_argument(
+        "--engine-hang-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --engine-process: seconds without a word from the engine process after which it is taken for "
+        "hung, killed and restarted (default 60; 0: never)",
+    )
+    engine.add_argument(
         "--engine-threads",
         type=int,
         default=None,
@@ -122,6 +130,10 @@ def load_model(args: argparse.Namespace, device: str | None) -> Engine:
 
     options: dict[str, Any] = {"device": device, "max_batch_size": args.max_concurrency}
     options["torch_threads"] = args.engine_threads  # the model's worker thread, or its engine process
+    if args.engine_hang_timeout is not None:
+        if not args.engine_process:
+            raise SystemExit("--engine-hang-timeout needs --engine-process (an in-thread engine cannot be killed)")
+        options["hang_timeout"] = args.engine_hang_timeout or None
     if args.prefix_cache_bytes is not None:
         options["prefix_cache_bytes"] = args.prefix_cache_bytes
     if args.model:

@@ -12,6 +12,7 @@ import torch
 
 from chatstream_asgi import EngineReplicas, GenerationConfig, Limits, MockEngine, RoutesConfig, SamplingParams, Timeouts
 from chatstream_asgi.cli import build_parser, configs, default_params, devices_of, load_engine, main
+from chatstream_asgi.errors import ConfigurationError
 
 
 def serve_args(*argv: str) -> argparse.Namespace:
@@ -40,6 +41,17 @@ def test_engine_process_serves_each_device_from_its_own_engine_process(tiny_mode
 def test_engine_threads_reach_the_engine_process(tiny_model_dir: Path) -> None:
     engine = load_engine(serve_args("--model", str(tiny_model_dir), "--engine-threads", "3", "--engine-process"))
     assert engine.launcher.spec["torch_threads"] == 3  # type: ignore[attr-defined]
+
+
+def test_the_engine_process_hang_timeout_is_an_option(tiny_model_dir: Path) -> None:
+    argv = ("--model", str(tiny_model_dir), "--engine-process")
+    assert load_engine(serve_args(*argv)).hang_timeout == 60.0  # type: ignore[attr-defined]
+    assert load_engine(serve_args(*argv, "--engine-hang-timeout", "300")).hang_timeout == 300.0  # type: ignore[attr-defined]
+    assert load_engine(serve_args(*argv, "--engine-hang-timeout", "0")).hang_timeout is None  # type: ignore[attr-defined]
+    with pytest.raises(SystemExit, match="needs --engine-process"):
+        load_engine(serve_args("--model", str(tiny_model_dir), "--engine-hang-timeout", "30"))
+    with pytest.raises(ConfigurationError, match="hang_timeout must be seconds >= 2"):
+        load_engine(serve_args(*argv, "--engine-hang-timeout", "0.5"))
 
 
 def test_the_in_thread_engine_runs_torch_on_all_cores_but_one_or_as_told(
