@@ -60,7 +60,6 @@ class ClientConnection:
         self._writer = threading.Thread(target=self._write_loop, name="engine-writer", daemon=True)
 
     def serve(self, on_close: Any) -> None:
-        self.scheduler.attach(self)
         self._writer.start()
         threading.Thread(target=self._read_loop, args=(on_close,), name="engine-reader", daemon=True).start()
 
@@ -169,6 +168,7 @@ class ClientConnection:
     def _handle(self, message: tuple[Any, ...]) -> None:
         if message[0] == "hello":  # asked for, so that a probe connection costs nothing
             self.send_hello()
+            self.scheduler.attach(self)  # after the hello: no step frame (figures, heartbeat) may go before it
         elif message[0] == "submit":
             _, rid, prompt_ids, params = message
             try:

@@ -81,16 +81,17 @@ class EngineLink:
         reader, writer = await asyncio.open_unix_connection(address, limit=LINK_BUFFER)
         try:
             writer.write(encode(("hello",)))
-            kind, info = await asyncio.wait_for(read_message(reader), hello_timeout)
+            answer = await asyncio.wait_for(read_message(reader), hello_timeout)
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             writer.close()
             raise ConnectionError(f"the engine on {address} closed the connection before answering") from exc
         except TimeoutError as exc:  # a stopped process still accepts connections (the kernel's listen backlog)
             writer.close()
             raise ConnectionError(f"the engine on {address} did not answer within {hello_timeout:.0f} s") from exc
-        if kind != "hello":
+        if not (isinstance(answer, tuple) and len(answer) == 2 and answer[0] == "hello"):
             writer.close()
-            raise ConnectionError(f"the engine on {address} answered {kind!r} instead of hello")
+            raise ConnectionError(f"the engine on {address} answered {str(answer)[:80]} instead of hello")
+        info = answer[1]
         if info.get("wire") != WIRE_VERSION:
             writer.close()
             raise EngineNotReady(
@@ -232,6 +233,7 @@ class EngineLink:
     def _lose(self) -> None:
         """The engine is gone: fail what was running here, then let the engine restart it."""
         was_closed, self.closed = self.closed, True
+        self.engine_stats = SchedulerStats(0, 0, 0, self.engine_stats.steps, 0)  # its batch went with it
         self.writer.close()
         replies, self.replies = self.replies, {}
         for reply in replies.values():
