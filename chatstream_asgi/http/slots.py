@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from .asgi import listen_for_disconnect
 from .types import HTTPReceive
 
 Finish = Callable[[str], Awaitable[None]]
+logger = logging.getLogger("chatstream_asgi")
 
 
 async def finish_before_last_byte(
@@ -29,14 +31,28 @@ async def finish_before_last_byte(
             yield chunk
             parts.append(chunk.text)  # the sender came back for more: this chunk was written
     except Exception:  # the engine failed: its reply is not kept
-        await (cut or finish)("")
+        await to_the_end((cut or finish)(""))
         raise
     except BaseException:
         with contextlib.suppress(Exception):
             await aclose(chunks)  # stop the engine before anything else
-        await (cut or finish)("".join(parts))
+        await to_the_end((cut or finish)("".join(parts)))
         raise
-    await finish("".join(parts))
+    await to_the_end(finish("".join(parts)))
+
+
+async def to_the_end(bookkeeping: Awaitable[None]) -> None:
+    """Run a turn's bookkeeping (save the reply, free the slot) to its end even if this task is cancelled meanwhile
+    (the client leaving, the deadline, a drain, while the history store is slow), then let the cancel through: a
+    cancel in the middle lost the reply and the on_finish call."""
+    task = asyncio.ensure_future(bookkeeping)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait({task})  # a second cancel of this task would end this wait, never the bookkeeping
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("a cancelled turn's bookkeeping failed", exc_info=task.exception())
+        raise
 
 
 async def aclose(chunks: AsyncIterator[GenerationChunk]) -> None:

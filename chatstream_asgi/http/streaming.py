@@ -165,8 +165,9 @@ class ReplySender:
         await self.finish()
 
     def end_now(self) -> None:
-        """End the reply at once with the in-band ``draining`` error, whatever it waits for (its deadline, moved)."""
-        if self.timeout is not None and not self.drained:
+        """End the reply at once with the in-band ``draining`` error, whatever it waits for (its deadline, moved);
+        nothing if its deadline already fired (it is ending: a Timeout that expires cannot be moved)."""
+        if self.timeout is not None and not self.drained and not self.timeout.expired():
             self.drained = True
             self.timeout.reschedule(asyncio.get_running_loop().time())
 

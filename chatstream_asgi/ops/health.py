@@ -15,6 +15,7 @@ A reply ended by the drain is counted and logged with the outcome ``drained``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ..engines.base import Engine
@@ -22,6 +23,7 @@ from ..errors import ConfigurationError
 from .admission import Admission
 from .metrics import Observer
 
+logger = logging.getLogger("chatstream_asgi")
 CANCEL_WAIT = 5.0  # seconds streams get to notice a cancelling drain before the caller goes on
 
 
@@ -47,5 +49,8 @@ async def drain(admission: Admission, observer: Observer, grace: float) -> bool:
         return True
     observer.cancelling = True  # a stream that gets a token ends there; every stream is also told to end now, so
     for end_now in list(observer.running):  # that one waiting on an engine that sends nothing (a hung one) ends too
-        end_now()
+        try:
+            end_now()
+        except Exception:  # one stream's state must not stop the drain (and the shutdown after it)
+            logger.exception("could not end a stream for the drain")
     return await admission.wait_idle(CANCEL_WAIT)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from chatstream_asgi import ChatStreamMiddleware, MockEngine
+from chatstream_asgi.sessions.history import MemoryHistoryStore
 
 from .apps import build_middleware, call, chat, client_sending, get
 from .asgi_fakes import SSE_HEADERS, RecordingSend, wait_until, with_hang_guard
@@ -199,6 +200,61 @@ async def test_the_drain_ends_a_stream_whose_engine_has_gone_silent(route: str) 
     assert time.perf_counter() - started < 2 and send.complete and app.admission.running == 0
     assert b"draining" in send.body and not app.observer.running
     assert samples(app)['chatstream_request_outcome_total{outcome="drained"}'] == 1
+
+
+class SlowStore(MemoryHistoryStore):
+    """A network store: a save takes ``delay`` seconds."""
+
+    def __init__(self, delay: float = 0.3) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def save(self, session_id: str, messages: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await super().save(session_id, messages)
+
+
+async def test_a_drain_while_a_cut_reply_is_saved_loses_neither_the_reply_nor_on_finish() -> None:
+    """The drain's "end now" reached a stream whose client had left while its cut reply was being saved: the second
+    cancel landed in the save, and the reply and the on_finish call were lost."""
+    finished: list[str] = []
+
+    async def on_finish(session_id: str, user_input: str, reply: str, stats: dict[str, Any]) -> None:
+        finished.append(stats["outcome"])
+
+    store = SlowStore()
+    app = build(MockEngine("word " * 500, token_delay=0.05), history_store=store, on_finish=on_finish)
+    receive = client_sending({"user_input": "talk"})
+    running = asyncio.ensure_future(call(app, "POST", "/chat_stream", receive=receive, headers=SSE_HEADERS))
+    await asyncio.sleep(0.5)
+    receive.disconnect()
+    await asyncio.sleep(0.1)  # the cut reply is being saved until 0.8 s
+    assert await with_hang_guard(app.drain(0))
+    await with_hang_guard(running)
+    await wait_until(lambda: bool(finished))
+    assert finished == ["disconnected"] and len(store._entries) == 1  # type: ignore[attr-defined]
+
+
+async def test_a_drain_while_a_timed_out_stream_unwinds_neither_crashes_nor_skips_the_others() -> None:
+    """A stream past its deadline was saving its cut reply when the drain's grace ended: moving its expiring deadline
+    raised out of the drain, the shutdown stopped there, and a stream waiting on a silent engine was never ended."""
+
+    class PartlySilent(MockEngine):
+        async def stream(self, messages: Any, params: Any) -> Any:
+            if messages[-1]["content"] == "silent":
+                await asyncio.Event().wait()
+            async for chunk in super().stream(messages, params):
+                yield chunk
+
+    engine = PartlySilent("word " * 500, token_delay=0.05)
+    app = build(engine, history_store=SlowStore(delay=0.6), generation_timeout=2.0)
+    talking = asyncio.ensure_future(chat(app, "talk"))  # its deadline at 2.0 s, its cut reply saved until 2.6 s
+    await asyncio.sleep(1.5)
+    silent = asyncio.ensure_future(chat(app, "silent"))  # its deadline at 3.5 s
+    await asyncio.sleep(0.7)
+    assert await with_hang_guard(app.drain(0))
+    assert (await with_hang_guard(silent)).status == 503  # ended by the drain, long before its own deadline
+    assert (await with_hang_guard(talking)).complete and app.admission.running == 0
 
 
 async def test_a_drained_completion_without_streaming_still_answers_503() -> None:
