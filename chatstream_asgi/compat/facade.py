@@ -11,6 +11,7 @@ the model never runs on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import secrets
@@ -121,6 +122,7 @@ class ChatStream:
             model, tokenizer, device, chat_prompt_clazz, num_of_concurrent_executions, context_len
         )
         self.console_history: list[ChatMessage] = []  # handle_console_input's one conversation
+        self._console_turn = asyncio.Lock()  # one turn of it at a time: two at once lost the first one's exchange
         # never in the ASGI stack itself: its route table is what the handlers below run (the page at "/")
         config = ChatStreamConfig(
             limits=Limits(max_concurrency=num_of_concurrent_executions, max_queue=max_queue_size),
@@ -189,15 +191,16 @@ class ChatStream:
         for the next ones and ``"end"`` once after the last (with ``updated_text`` empty); ``response_text`` is the
         reply so far with ChatStream's ``<::EOS::>`` after it. The reply joins the conversation when it completes.
         """
-        if not self.engine.ready:
-            await self.engine.start()
-        messages: list[ChatMessage] = [*self.console_history, {"role": "user", "content": user_input}]
-        reply = ""
-        async for chunk in self.engine.stream(messages, self.default_params):
-            if chunk.text:
-                reply += chunk.text
-                yield reply + FINISH_TOKEN, chunk.text, "mid" if len(reply) > len(chunk.text) else "begin"
-        self.console_history = [*messages, {"role": "assistant", "content": reply}]
+        async with self._console_turn:
+            if not self.engine.ready:
+                await self.engine.start()
+            messages: list[ChatMessage] = [*self.console_history, {"role": "user", "content": user_input}]
+            reply = ""
+            async for chunk in self.engine.stream(messages, self.default_params):
+                if chunk.text:
+                    reply += chunk.text
+                    yield reply + FINISH_TOKEN, chunk.text, "mid" if len(reply) > len(chunk.text) else "begin"
+            self.console_history = [*messages, {"role": "assistant", "content": reply}]
         yield reply + FINISH_TOKEN, "", "end"
 
     async def handle_clear_context_request(self, request: Any, *args: Any, **kwargs: Any) -> ChatStreamResponse:

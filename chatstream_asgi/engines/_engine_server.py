@@ -133,9 +133,10 @@ def seconds_since_start() -> float | None:
         with open("/proc/self/stat") as stat:
             started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
         with open("/proc/uptime") as uptime:
-            return float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
+            seconds = float(uptime.read().split()[0]) - started_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+    return seconds if seconds > 0 else None  # a container's faked /proc/uptime (lxcfs) can make it negative
 
 
 def main() -> None:

@@ -267,8 +267,9 @@ class ProcessEngine:
         self.tokenizer, self.context_len = info["tokenizer"], info["context_len"]
         self.model_name, self.max_batch_size = info["model_name"], info["max_batch_size"]
         self.system_prompt = info["system_prompt"]
-        if isinstance(info.get("load_seconds"), (int, float)):  # also for a worker that did not start it
-            self.launcher.load_seconds = info["load_seconds"]
+        load_seconds = info.get("load_seconds")
+        if isinstance(load_seconds, (int, float)) and load_seconds > 0:  # also for a worker that did not start it
+            self.launcher.load_seconds = load_seconds
         self._link = link
         if self.hang_timeout is not None and self._watchdog is None:
             self._watchdog = asyncio.get_running_loop().create_task(self._watch())

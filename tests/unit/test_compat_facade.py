@@ -3,6 +3,7 @@ docs use them (its console chat and mock-response pages)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,14 @@ async def test_console_chat_streams_begin_mid_end_and_keeps_the_conversation() -
     assert [text for text, _, _ in pieces][-2:] == ["the cat sat on the mat<::EOS::>"] * 2  # the end repeats it
     await console_turn(chat_stream, "again")
     assert [m["content"] for m in chat_stream.console_history] == ["the cat sat on the mat"] * 2 + ["again"] * 2
+
+
+@pytest.mark.asyncio
+async def test_two_console_turns_at_once_take_their_turns() -> None:
+    chat_stream = ChatStream(use_mock_response=True, mock_params={"type": "echo", "time_per_token_sec": 0.01})
+    await asyncio.gather(console_turn(chat_stream, "first question"), console_turn(chat_stream, "second question"))
+    contents = [m["content"] for m in chat_stream.console_history]
+    assert contents == ["first question"] * 2 + ["second question"] * 2  # the first exchange was lost
 
 
 @pytest.mark.asyncio
