@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ._delivery import Event, FirstToken, StreamHold
-from ._scheduler import Scheduler
+from ._scheduler import IDLE_WAKE_S, Scheduler
 from ._sequence import Sequence
 from ._wire import WIRE_VERSION, encode, recv_message, step_frame, wire_event
 from .base import PrefixCacheStats, SamplingParams, SchedulerStats
@@ -28,8 +28,10 @@ from .transformers import TransformersEngine
 
 WRITER_EXIT_S = 5.0  # the writer thread's last sendall fails at once on a shut-down socket
 #: a connection that sent nothing for this long gets an empty frame at the next flush, so that its web process can
-#: tell an engine with nothing to say from a hung or stopped one (ProcessEngine's hang_timeout)
-HEARTBEAT_S = 1.0
+#: tell an engine with nothing to say from a hung or stopped one (ProcessEngine's hang_timeout). Half the idle
+#: worker's wake-up period, so that every idle wake-up sends one: at the full period, a wake-up that came a hair
+#: early sent nothing, and the gap doubled
+HEARTBEAT_S = IDLE_WAKE_S / 2
 
 
 class ClientConnection:
