@@ -54,7 +54,7 @@ class ClientConnection:
         self._sequences: dict[int, Sequence] = {}
         self._hold = StreamHold(engine.stream_interval)  # wire events by request id
         self._cache_sent: PrefixCacheStats | None = None
-        self._load_sent = SchedulerStats(0, 0, 0, 0, 0)
+        self._load_sent = SchedulerStats()
         self._last_send = time.monotonic()
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._queued = 0  # frames handed to the writer thread and not yet sent

@@ -67,7 +67,7 @@ class EngineLink:
         # the engine's prefix cache, as of its hello or its last frame that changed it (an older engine sends none)
         self.cache_stats = PrefixCacheStats(*info["cache"]) if info.get("cache") else PrefixCacheStats()
         # the engine's whole batch (every web process's sequences), as of its hello or its last frame that changed it
-        self.engine_stats = SchedulerStats(*info.get("stats", (0, 0, 0, 0, 0)))
+        self.engine_stats = SchedulerStats(*info.get("stats", ()))
         self.closed = False
         self.last_heard = time.monotonic()  # the engine sends a frame at least every second
         self._ids = itertools.count()
@@ -233,7 +233,7 @@ class EngineLink:
     def _lose(self) -> None:
         """The engine is gone: fail what was running here, then let the engine restart it."""
         was_closed, self.closed = self.closed, True
-        self.engine_stats = SchedulerStats(0, 0, 0, self.engine_stats.steps, 0)  # its batch went with it
+        self.engine_stats = SchedulerStats(steps=self.engine_stats.steps)  # its batch went with it
         self.writer.close()
         replies, self.replies = self.replies, {}
         for reply in replies.values():

@@ -69,7 +69,7 @@ class Scheduler:
         self._partial: _Partial | None = None
         self._batch: KVBatch | None = None
         self._steps = 0
-        self.step_stats = SchedulerStats(0, 0, 0, 0, 0)  # as of the last step's end (set on the worker thread)
+        self.step_stats = SchedulerStats()  # as of the last step's end (set on the worker thread)
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="chatstream-engine", daemon=True)
 

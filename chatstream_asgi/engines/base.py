@@ -134,11 +134,11 @@ class SchedulerStats:
         cache_width: columns in the running batch's KV cache (max real length of its rows).
     """
 
-    running: int
-    waiting: int
-    batch_rows: int
-    steps: int
-    cache_width: int
+    running: int = 0
+    waiting: int = 0
+    batch_rows: int = 0
+    steps: int = 0
+    cache_width: int = 0
 
     def __add__(self, other: SchedulerStats) -> SchedulerStats:
         """The sum over replicas (the widest cache of them)."""

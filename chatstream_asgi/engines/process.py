@@ -175,7 +175,7 @@ class ProcessEngine:
     @property
     def stats(self) -> SchedulerStats:
         """The engine process's batch (every web process's sequences), as of its last frame that changed it."""
-        return self._link.engine_stats if self._link is not None else SchedulerStats(0, 0, 0, 0, 0)
+        return self._link.engine_stats if self._link is not None else SchedulerStats()
 
     async def start(self) -> None:
         """Connect to the engine process, starting it if nobody serves the address yet (idempotent)."""

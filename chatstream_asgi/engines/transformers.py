@@ -165,7 +165,7 @@ class TransformersEngine:
     def stats(self) -> SchedulerStats:
         """Running and waiting sequences, steps taken and KV-cache width (all zero before ``start``)."""
         scheduler = self._scheduler
-        return scheduler.stats if scheduler is not None else SchedulerStats(0, 0, 0, 0, 0)
+        return scheduler.stats if scheduler is not None else SchedulerStats()
 
     @property
     def running_count(self) -> int:
