@@ -147,7 +147,7 @@ class Observer:
     def __init__(self, metrics: ChatMetrics | None = None, *, log_text: bool = False) -> None:
         self.metrics = metrics
         self.log_text = log_text
-        self.cancelling = False  # set by a drain whose grace period ran out: running streams end at their next token
+        self.cancelling = False  # set by a drain whose grace period ran out: a stream's next token ends it
         self.running: set[Callable[[], None]] = set()  # each running stream's "end now" (http.streaming's senders)
 
     def start(self, route: str, request_id: str, queue_wait: float) -> GenerationProbe:
